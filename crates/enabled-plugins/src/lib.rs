@@ -1,0 +1,3 @@
+//! The StarlingX enabled-plugins file (`enabled_kube_plugins`).
+//!
+//! Status: skeleton. Parsing, rendering and watching land with their issue.

@@ -1,0 +1,100 @@
+//! `cargo xtask ci`: exactly what CI runs, one timed step after another.
+//!
+//! Every step runs even when an earlier one failed, so one run shows every
+//! problem; the task fails when any step failed.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use crate::util::{cargo, run, secs, succeeds};
+
+/// The steps, in order, with what each checks.
+pub(crate) const STEPS: &[(&str, &str)] = &[
+    ("fmt", "cargo fmt --check"),
+    ("clippy", "clippy on all targets, warnings denied"),
+    ("test", "every test of the workspace"),
+    ("tidy", "repository rules (xtask's own tests)"),
+    ("deny", "cargo deny: bans, licenses, sources"),
+];
+
+pub(crate) fn task(args: &[String]) -> Result<()> {
+    let selected: Vec<&str> = if args.is_empty() {
+        STEPS.iter().map(|(name, _)| *name).collect()
+    } else {
+        for a in args {
+            if !STEPS.iter().any(|(name, _)| name == a) {
+                let known: Vec<&str> = STEPS.iter().map(|(n, _)| *n).collect();
+                bail!("unknown ci step `{a}`; the steps are {}", known.join(", "));
+            }
+        }
+        args.iter().map(String::as_str).collect()
+    };
+
+    let total = Instant::now();
+    let mut results: Vec<(&str, Duration, Result<()>)> = Vec::new();
+    for step in selected {
+        eprintln!("\n==> ci step `{step}`");
+        let start = Instant::now();
+        let outcome = run_step(step);
+        let took = start.elapsed();
+        match &outcome {
+            Ok(()) => eprintln!("==> `{step}` passed in {}", secs(took)),
+            Err(e) => eprintln!("==> `{step}` FAILED in {}: {e:#}", secs(took)),
+        }
+        results.push((step, took, outcome));
+    }
+
+    eprintln!("\nci summary:");
+    for (step, took, outcome) in &results {
+        let verdict = if outcome.is_ok() { "ok" } else { "FAILED" };
+        eprintln!("  {step:<8} {verdict:<7} {:>8}", secs(*took));
+    }
+    eprintln!("  total            {:>8}", secs(total.elapsed()));
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, _, r)| r.is_err())
+        .map(|(s, _, _)| *s)
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!("ci steps failed: {}", failed.join(", "))
+    }
+}
+
+fn run_step(step: &str) -> Result<()> {
+    match step {
+        "fmt" => run(cargo().args(["fmt", "--all", "--", "--check"])).map(drop),
+        "clippy" => run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+        .map(drop),
+        "test" => {
+            run(cargo().args(["test", "--workspace", "--locked", "--exclude", "xtask"])).map(drop)
+        }
+        "tidy" => run(cargo().args(["test", "--locked", "-p", "xtask"])).map(drop),
+        "deny" => {
+            ensure_cargo_deny()?;
+            run(cargo().args(["deny", "--locked", "check", "bans", "licenses", "sources"]))
+                .map(drop)
+        }
+        other => bail!("no such step `{other}`"),
+    }
+}
+
+/// Installs `cargo-deny` from crates.io when `cargo deny` does not run.
+fn ensure_cargo_deny() -> Result<()> {
+    if succeeds(cargo().args(["deny", "--version"])) {
+        return Ok(());
+    }
+    eprintln!("cargo-deny is missing: installing it from crates.io (a few minutes, once)");
+    run(cargo().args(["install", "--locked", "cargo-deny"]))?;
+    Ok(())
+}

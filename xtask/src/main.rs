@@ -1,0 +1,49 @@
+//! Project automation, run as `cargo xtask <task>`.
+//!
+//! Tasks:
+//! - `ci [STEP…]`: everything CI checks (see [`ci::STEPS`]), each step timed.
+//! - `bench`: every benchmark target, merged into `target/bench/report.json`.
+
+mod bench;
+mod ci;
+mod util;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <task> [args]
+
+tasks:
+  ci [STEP...]   run what CI runs (steps: fmt clippy test tidy deny); all steps by default
+  bench          run every benchmark and write target/bench/report.json
+  help           this text
+";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let task = args.next();
+    let rest: Vec<String> = args.collect();
+    let result = match task.as_deref() {
+        Some("ci") => ci::task(&rest),
+        Some("bench") => bench::task(&rest),
+        Some("help" | "--help" | "-h") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprint!("xtask: unknown task `{other}`\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+        None => {
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

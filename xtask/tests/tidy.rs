@@ -1,0 +1,314 @@
+//! Repository rules, checked as ordinary tests ("tidy").
+//!
+//! Each test names the rule it enforces; a failure lists every offending
+//! place, so one run shows all of them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
+
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Every file below `dir` (relative to the root) whose name ends in `ext`.
+fn files(dir: &str, ext: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            if name == "target" || name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if path.is_dir() {
+                walk(&path, ext, out);
+            } else if path.to_string_lossy().ends_with(ext) {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&root().join(dir), ext, &mut out);
+    out.sort();
+    out
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn rel(path: &Path) -> String {
+    path.strip_prefix(root())
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+/// The manifests of every workspace member.
+fn member_manifests() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for group in ["crates", "bins"] {
+        for entry in std::fs::read_dir(root().join(group)).unwrap().flatten() {
+            let m = entry.path().join("Cargo.toml");
+            if m.exists() {
+                out.push(m);
+            }
+        }
+    }
+    out.push(root().join("xtask/Cargo.toml"));
+    out.sort();
+    out
+}
+
+fn manifest(path: &Path) -> toml::Table {
+    read(path)
+        .parse::<toml::Table>()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn dependency_tables(m: &toml::Table) -> Vec<(&'static str, &toml::Table)> {
+    ["dependencies", "dev-dependencies", "build-dependencies"]
+        .into_iter()
+        .filter_map(|k| m.get(k).and_then(toml::Value::as_table).map(|t| (k, t)))
+        .collect()
+}
+
+fn assert_none(rule: &str, offenders: Vec<String>) {
+    assert!(
+        offenders.is_empty(),
+        "rule broken: {rule}\n  {}",
+        offenders.join("\n  ")
+    );
+}
+
+#[test]
+fn every_lib_rs_opens_with_a_crate_doc() {
+    let offenders = files("crates", "/src/lib.rs")
+        .into_iter()
+        .filter(|p| !read(p).starts_with("//!"))
+        .map(|p| rel(&p))
+        .collect();
+    assert_none("every lib.rs starts with a `//!` crate doc", offenders);
+}
+
+#[test]
+fn every_member_inherits_workspace_lints_and_package_fields() {
+    let mut offenders = Vec::new();
+    for path in member_manifests() {
+        let m = manifest(&path);
+        let lints_ok = m
+            .get("lints")
+            .and_then(|l| l.get("workspace"))
+            .and_then(toml::Value::as_bool)
+            == Some(true);
+        if !lints_ok {
+            offenders.push(format!(
+                "{}: missing `[lints] workspace = true`",
+                rel(&path)
+            ));
+        }
+        let package = m.get("package").and_then(toml::Value::as_table);
+        for field in ["edition", "rust-version", "license", "version"] {
+            let inherited = package
+                .and_then(|p| p.get(field))
+                .and_then(|f| f.get("workspace"))
+                .and_then(toml::Value::as_bool)
+                == Some(true);
+            if !inherited {
+                offenders.push(format!(
+                    "{}: `{field}` not inherited from the workspace",
+                    rel(&path)
+                ));
+            }
+        }
+        if package.and_then(|p| p.get("description")).is_none() {
+            offenders.push(format!("{}: no description", rel(&path)));
+        }
+    }
+    assert_none("members inherit lints and package fields", offenders);
+}
+
+#[test]
+fn every_dependency_version_is_set_once_in_the_workspace() {
+    let mut offenders = Vec::new();
+    for path in member_manifests() {
+        let m = manifest(&path);
+        for (section, deps) in dependency_tables(&m) {
+            for (name, spec) in deps {
+                let inherited = spec.get("workspace").and_then(toml::Value::as_bool) == Some(true);
+                if !inherited {
+                    offenders.push(format!("{} [{section}] {name}", rel(&path)));
+                }
+            }
+        }
+    }
+    assert_none("dependencies use `workspace = true`", offenders);
+}
+
+#[test]
+fn libraries_do_not_use_binary_only_crates() {
+    const BINARY_ONLY: &[&str] = &["anyhow", "clap", "tracing-subscriber"];
+    let mut offenders = Vec::new();
+    for path in files("crates", "Cargo.toml") {
+        let m = manifest(&path);
+        if let Some(deps) = m.get("dependencies").and_then(toml::Value::as_table) {
+            for name in BINARY_ONLY {
+                if deps.contains_key(*name) {
+                    offenders.push(format!("{} depends on {name}", rel(&path)));
+                }
+            }
+        }
+    }
+    assert_none(
+        "no anyhow, clap or tracing-subscriber in crates/*",
+        offenders,
+    );
+}
+
+/// Crates that exist for tests, benchmarks and the demo only.
+const TEST_ONLY_CRATES: &[&str] = &["bench-report"];
+
+#[test]
+fn shipped_binaries_carry_no_test_code() {
+    let mut offenders = Vec::new();
+    for path in files("bins", "Cargo.toml") {
+        let m = manifest(&path);
+        let deps = m.get("dependencies").and_then(toml::Value::as_table);
+        for (name, spec) in deps.into_iter().flatten() {
+            if TEST_ONLY_CRATES.contains(&name.as_str()) {
+                offenders.push(format!("{}: depends on test-only crate {name}", rel(&path)));
+            }
+            let features = spec.get("features").and_then(toml::Value::as_array);
+            for f in features.into_iter().flatten() {
+                let f = f.as_str().unwrap_or_default();
+                if f.contains("test") || f.contains("emulator") || f.contains("fake") {
+                    offenders.push(format!("{}: enables feature {name}/{f}", rel(&path)));
+                }
+            }
+        }
+    }
+    assert_none(
+        "shipped binaries contain no emulator or fixture code",
+        offenders,
+    );
+}
+
+#[test]
+fn no_unfinished_code_markers() {
+    let mut offenders = Vec::new();
+    for dir in ["crates", "bins", "xtask/src"] {
+        for path in files(dir, ".rs") {
+            for (i, line) in read(&path).lines().enumerate() {
+                for marker in ["todo!(", "unimplemented!(", "dbg!("] {
+                    if line.contains(marker) && !line.trim_start().starts_with("//") {
+                        offenders.push(format!("{}:{}: {marker}", rel(&path), i + 1));
+                    }
+                }
+            }
+        }
+    }
+    assert_none("no todo!, unimplemented! or dbg! in the code", offenders);
+}
+
+#[test]
+fn unsafe_blocks_carry_a_safety_comment() {
+    let mut offenders = Vec::new();
+    for dir in ["crates", "bins", "xtask/src"] {
+        for path in files(dir, ".rs") {
+            let text = read(&path);
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                let code = line.split("//").next().unwrap_or_default();
+                if !code.contains("unsafe {") && !code.contains("unsafe impl") {
+                    continue;
+                }
+                let window = &lines[i.saturating_sub(6)..=i];
+                if !window.iter().any(|l| l.contains("SAFETY:")) {
+                    offenders.push(format!("{}:{}", rel(&path), i + 1));
+                }
+            }
+        }
+    }
+    assert_none(
+        "every unsafe block has a `// SAFETY:` comment just above it",
+        offenders,
+    );
+}
+
+#[test]
+fn library_code_takes_filesystem_roots_as_parameters() {
+    const HOST_PATHS: &[&str] = &[
+        "\"/sys",
+        "\"/dev",
+        "\"/var/lib/kubelet",
+        "\"/var/run/cdi",
+        "\"/etc/",
+    ];
+    let mut offenders = Vec::new();
+    for path in files("crates", ".rs") {
+        if !rel(&path).contains("/src/") {
+            continue;
+        }
+        for (i, line) in read(&path).lines().enumerate() {
+            if line.trim_start().starts_with("//") {
+                continue;
+            }
+            for lit in HOST_PATHS {
+                if line.contains(lit) {
+                    offenders.push(format!("{}:{}: {}", rel(&path), i + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert_none(
+        "no host path literals in library code (roots are parameters)",
+        offenders,
+    );
+}
+
+#[test]
+fn ci_runs_the_readme_test_command() {
+    let ci = read(&root().join(".ci/run"));
+    let commands: Vec<&str> = ci
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("set "))
+        .collect();
+    assert_eq!(
+        commands,
+        ["cargo xtask ci"],
+        ".ci/run must run exactly `cargo xtask ci`"
+    );
+    let readme = read(&root().join("README.md"));
+    assert!(
+        readme.contains("cargo xtask ci"),
+        "README.md must show `cargo xtask ci`"
+    );
+    assert!(
+        readme.contains("cargo xtask demo"),
+        "README.md must show `cargo xtask demo`"
+    );
+}
+
+#[test]
+fn architecture_names_every_crate() {
+    let arch = read(&root().join("ARCHITECTURE.md"));
+    let mut offenders = Vec::new();
+    for path in member_manifests() {
+        let dir = path.parent().unwrap();
+        let shown = rel(dir);
+        if !arch.contains(&format!("`{shown}`")) {
+            offenders.push(shown);
+        }
+    }
+    assert_none(
+        "ARCHITECTURE.md's code map names every member as `dir`",
+        offenders,
+    );
+}
