@@ -1,0 +1,312 @@
+//! Following the file: created, replaced (atomic rename), edited, removed,
+//! or its directory appearing later.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use tokio::io::unix::AsyncFd;
+use tokio::time::Instant;
+
+use crate::file::{ReadError, read_capped};
+use crate::model::EnabledPlugins;
+use crate::parse::{ParseError, parse};
+
+/// What the watcher learned about the file.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Update {
+    /// The file parsed, and its content differs from the last update.
+    Loaded(EnabledPlugins),
+    /// The file (or a directory on its path) does not exist: the decision
+    /// is unknown.
+    Missing,
+    /// The file exists but cannot be read: the decision is unknown.
+    Unreadable(ReadError),
+    /// The file's content is invalid. The last good content, if there was
+    /// one, stays in force.
+    Invalid {
+        /// What is wrong with it.
+        error: ParseError,
+        /// The last content that parsed, still in force.
+        last_good: Option<EnabledPlugins>,
+    },
+}
+
+/// How the watcher behaves.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    path: PathBuf,
+    resync: Duration,
+    settle: Duration,
+}
+
+impl WatchConfig {
+    /// Watches `path`, re-reading it every 30 s even without an event
+    /// (a shared `/opt/platform` may change without a local event).
+    #[must_use]
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            resync: Duration::from_secs(30),
+            settle: Duration::from_millis(10),
+        }
+    }
+
+    /// How often the file is re-read without an event.
+    #[must_use]
+    pub fn resync(mut self, every: Duration) -> Self {
+        self.resync = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long to wait after an event for the rest of its burst before
+    /// reading.
+    #[must_use]
+    pub fn settle(mut self, wait: Duration) -> Self {
+        self.settle = wait;
+        self
+    }
+}
+
+/// Comparable summary of what was last reported.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Loaded(EnabledPlugins),
+    Missing,
+    Unreadable(String),
+    Invalid(ParseError),
+}
+
+/// Follows one enabled-plugins file. Call [`FileWatcher::next`] in a loop:
+/// the first call reports the current state at once, later calls return
+/// when the state differs from the last one reported.
+#[derive(Debug)]
+pub struct FileWatcher {
+    config: WatchConfig,
+    inotify: Option<AsyncFd<InotifyFd>>,
+    watched: Option<(PathBuf, WatchDescriptor)>,
+    last: Option<Seen>,
+    last_good: Option<EnabledPlugins>,
+    next_resync: Instant,
+}
+
+#[derive(Debug)]
+struct InotifyFd(Inotify);
+
+impl AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+const MASK: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE
+    .union(AddWatchFlags::IN_MOVED_TO)
+    .union(AddWatchFlags::IN_MOVED_FROM)
+    .union(AddWatchFlags::IN_CREATE)
+    .union(AddWatchFlags::IN_DELETE)
+    .union(AddWatchFlags::IN_ATTRIB)
+    .union(AddWatchFlags::IN_DELETE_SELF)
+    .union(AddWatchFlags::IN_MOVE_SELF);
+
+impl FileWatcher {
+    /// Starts watching. Must be called inside a tokio runtime. When inotify
+    /// is not available the watcher still works, by periodic re-reads only
+    /// (logged once).
+    #[must_use]
+    pub fn new(config: WatchConfig) -> Self {
+        let inotify = match open_inotify() {
+            Ok(fd) => Some(fd),
+            Err(error) => {
+                tracing::warn!(
+                    path = %config.path.display(),
+                    %error,
+                    every = ?config.resync,
+                    "inotify is unavailable; re-reading the enabled-plugins file periodically only"
+                );
+                None
+            }
+        };
+        let next_resync = Instant::now() + config.resync;
+        Self {
+            config,
+            inotify,
+            watched: None,
+            last: None,
+            last_good: None,
+            next_resync,
+        }
+    }
+
+    /// Whether file events are watched (otherwise only periodic re-reads).
+    #[must_use]
+    pub fn is_event_driven(&self) -> bool {
+        self.inotify.is_some()
+    }
+
+    /// The last content that parsed.
+    #[must_use]
+    pub fn last_good(&self) -> Option<&EnabledPlugins> {
+        self.last_good.as_ref()
+    }
+
+    /// The path watched.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.config.path
+    }
+
+    /// The next change of state (the current state on the first call).
+    pub async fn next(&mut self) -> Update {
+        loop {
+            if self.last.is_some() {
+                self.wait_for_change().await;
+            }
+            self.rearm();
+            if let Some(update) = self.read() {
+                return update;
+            }
+        }
+    }
+
+    /// Waits for a relevant event (then lets its burst settle) or for the
+    /// periodic re-read.
+    async fn wait_for_change(&mut self) {
+        let resync = tokio::time::sleep_until(self.next_resync);
+        tokio::pin!(resync);
+        let Some(fd) = self.inotify.as_ref() else {
+            resync.await;
+            self.next_resync = Instant::now() + self.config.resync;
+            return;
+        };
+        let usable = loop {
+            tokio::select! {
+                () = &mut resync => {
+                    self.next_resync = Instant::now() + self.config.resync;
+                    return;
+                }
+                relevant = drain(fd) => match relevant {
+                    Some(true) => break true,
+                    Some(false) => {}
+                    None => break false,
+                },
+            }
+        };
+        if !usable {
+            tracing::warn!(path = %self.config.path.display(), "inotify failed; re-reading the enabled-plugins file periodically only");
+            self.inotify = None;
+            self.watched = None;
+            return;
+        }
+        // Let the rest of the burst arrive, then drop it: one read follows.
+        tokio::time::sleep(self.config.settle).await;
+        let _ = fd.get_ref().0.read_events();
+    }
+
+    /// Watches the file's directory, or its nearest existing ancestor
+    /// while the directory does not exist.
+    fn rearm(&mut self) {
+        let Some(fd) = self.inotify.as_ref() else {
+            return;
+        };
+        let dir = self.config.path.parent().unwrap_or(Path::new("."));
+        let target = dir
+            .ancestors()
+            .find(|a| a.is_dir())
+            .unwrap_or(dir)
+            .to_path_buf();
+        if self.watched.as_ref().is_some_and(|(p, _)| *p == target) {
+            return;
+        }
+        if let Some((_, wd)) = self.watched.take() {
+            // The watch may be gone already (directory removed).
+            let _ = fd.get_ref().0.rm_watch(wd);
+        }
+        match fd.get_ref().0.add_watch(&target, MASK) {
+            Ok(wd) => {
+                tracing::debug!(dir = %target.display(), "watching");
+                self.watched = Some((target, wd));
+            }
+            Err(error) => {
+                tracing::warn!(dir = %target.display(), %error, "could not watch directory; relying on periodic re-reads");
+            }
+        }
+    }
+
+    /// Reads the file; returns an update when the state changed.
+    fn read(&mut self) -> Option<Update> {
+        let path = &self.config.path;
+        let (seen, update) = match read_capped(path) {
+            Ok(bytes) => match parse(&path.display().to_string(), &bytes) {
+                Ok(set) => {
+                    self.last_good = Some(set.clone());
+                    (Seen::Loaded(set.clone()), Update::Loaded(set))
+                }
+                Err(error) => (
+                    Seen::Invalid(error.clone()),
+                    Update::Invalid {
+                        error,
+                        last_good: self.last_good.clone(),
+                    },
+                ),
+            },
+            Err(ReadError::Missing { .. }) => (Seen::Missing, Update::Missing),
+            Err(ReadError::Invalid(error)) => (
+                Seen::Invalid(error.clone()),
+                Update::Invalid {
+                    error,
+                    last_good: self.last_good.clone(),
+                },
+            ),
+            Err(error) => (
+                Seen::Unreadable(error_chain(&error)),
+                Update::Unreadable(error),
+            ),
+        };
+        if self.last.as_ref() == Some(&seen) {
+            return None;
+        }
+        self.last = Some(seen);
+        Some(update)
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn open_inotify() -> io::Result<AsyncFd<InotifyFd>> {
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+    // SAFETY: the descriptor is owned by the `Inotify` inside `InotifyFd`,
+    // which the `AsyncFd` owns for its whole life; `as_raw_fd` always
+    // returns that same open descriptor.
+    unsafe { AsyncFd::register(InotifyFd(inotify)) }.map_err(io::Error::from)
+}
+
+/// Waits until the descriptor is readable and reads what is queued.
+/// Returns whether any event may concern the file: every event except a
+/// plain file being created (its content follows with `IN_CLOSE_WRITE`;
+/// reading it now could see it empty and mean "nothing enabled"). `None`
+/// when the descriptor cannot be used any more.
+async fn drain(fd: &AsyncFd<InotifyFd>) -> Option<bool> {
+    let mut guard = fd.readable().await.ok()?;
+    match guard.try_io(|inner| inner.get_ref().0.read_events().map_err(io::Error::from)) {
+        Ok(Ok(events)) => Some(events.iter().any(|e| {
+            let created_file = e.mask.contains(AddWatchFlags::IN_CREATE)
+                && !e.mask.contains(AddWatchFlags::IN_ISDIR);
+            !created_file
+        })),
+        // A failed read (e.g. the queue overflowed): re-read to be safe.
+        Ok(Err(_)) => Some(true),
+        Err(_would_block) => Some(false),
+    }
+}
