@@ -178,6 +178,10 @@ fn entries_must_be_valid_label_keys() {
         Err(r#"f at $[""]: invalid plugin name "": it is empty"#),
     );
     check(
+        "{\"a\\tb\": \"a=b\"}",
+        Err(r#"f at $["a\tb"]: invalid plugin name "a\tb": it has control characters"#),
+    );
+    check(
         r#"{" intelgpu": "a=b"}"#,
         Err(
             r#"f at $[" intelgpu"]: invalid plugin name " intelgpu": it has leading or trailing white space"#,
