@@ -3,9 +3,11 @@
 //! Tasks:
 //! - `ci [STEP…]`: everything CI checks (see [`ci::STEPS`]), each step timed.
 //! - `bench`: every benchmark target, merged into `target/bench/report.json`.
+//! - `fuzz [CRATE/TARGET]`: a `cargo fuzz` target on nightly (opt-in).
 
 mod bench;
 mod ci;
+mod fuzz;
 mod util;
 
 use std::process::ExitCode;
@@ -16,6 +18,8 @@ usage: cargo xtask <task> [args]
 tasks:
   ci [STEP...]   run what CI runs (steps: fmt clippy test tidy deny); all steps by default
   bench          run every benchmark and write target/bench/report.json
+  fuzz [CRATE/TARGET] [--seconds N]
+                 run a cargo-fuzz target on nightly (lists the targets without one)
   help           this text
 ";
 
@@ -26,6 +30,7 @@ fn main() -> ExitCode {
     let result = match task.as_deref() {
         Some("ci") => ci::task(&rest),
         Some("bench") => bench::task(&rest),
+        Some("fuzz") => fuzz::task(&rest),
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

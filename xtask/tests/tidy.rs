@@ -312,3 +312,33 @@ fn architecture_names_every_crate() {
         offenders,
     );
 }
+
+#[test]
+fn every_fuzz_target_has_a_corpus_replayed_on_stable() {
+    let mut offenders = Vec::new();
+    for target in files("crates", ".rs") {
+        let shown = rel(&target);
+        let Some((krate, name)) = shown
+            .strip_prefix("crates/")
+            .and_then(|s| s.split_once("/fuzz/fuzz_targets/"))
+        else {
+            continue;
+        };
+        let name = name.trim_end_matches(".rs");
+        let corpus = root().join(format!("crates/{krate}/fuzz/corpus/{name}"));
+        let seeds = std::fs::read_dir(&corpus).map(|d| d.count()).unwrap_or(0);
+        if seeds == 0 {
+            offenders.push(format!("{shown}: no seeds in {}", rel(&corpus)));
+        }
+        let needle = format!("fuzz/corpus/{name}");
+        let replayed = files(&format!("crates/{krate}/tests"), ".rs")
+            .iter()
+            .any(|t| read(t).contains(&needle));
+        if !replayed {
+            offenders.push(format!(
+                "{shown}: no test in crates/{krate}/tests replays {needle}"
+            ));
+        }
+    }
+    assert_none("fuzz corpora are replayed by stable tests", offenders);
+}

@@ -1,5 +1,7 @@
 //! The command line answers `--version` and `--help`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_intel-gpu-plugin");

@@ -140,7 +140,7 @@ pub enum ParseError {
         /// Where in it (the second occurrence).
         at: Position,
         /// The conflict (names both sides).
-        error: InsertError,
+        error: Box<InsertError>,
     },
 }
 
@@ -262,7 +262,7 @@ impl Context {
             error => ParseError::Conflict {
                 origin: self.origin.clone(),
                 at,
-                error,
+                error: Box::new(error),
             },
         })
     }

@@ -41,6 +41,7 @@ pub struct WatchConfig {
     path: PathBuf,
     resync: Duration,
     settle: Duration,
+    events: bool,
 }
 
 impl WatchConfig {
@@ -52,7 +53,17 @@ impl WatchConfig {
             path: path.into(),
             resync: Duration::from_secs(30),
             settle: Duration::from_millis(10),
+            events: true,
         }
+    }
+
+    /// Re-reads periodically only, without file events: for filesystems
+    /// whose changes raise no local event (e.g. replicated from another
+    /// host).
+    #[must_use]
+    pub fn poll_only(mut self) -> Self {
+        self.events = false;
+        self
     }
 
     /// How often the file is re-read without an event.
@@ -117,7 +128,12 @@ impl FileWatcher {
     /// (logged once).
     #[must_use]
     pub fn new(config: WatchConfig) -> Self {
-        let inotify = match open_inotify() {
+        let opened = if config.events {
+            open_inotify()
+        } else {
+            Err(io::Error::other("file events are turned off"))
+        };
+        let inotify = match opened {
             Ok(fd) => Some(fd),
             Err(error) => {
                 tracing::warn!(
@@ -206,31 +222,38 @@ impl FileWatcher {
     }
 
     /// Watches the file's directory, or its nearest existing ancestor
-    /// while the directory does not exist.
+    /// while the directory does not exist. Repeats until the nearest
+    /// ancestor is stable, so a directory created just before the watch was
+    /// added is not missed.
     fn rearm(&mut self) {
         let Some(fd) = self.inotify.as_ref() else {
             return;
         };
         let dir = self.config.path.parent().unwrap_or(Path::new("."));
-        let target = dir
-            .ancestors()
-            .find(|a| a.is_dir())
-            .unwrap_or(dir)
-            .to_path_buf();
-        if self.watched.as_ref().is_some_and(|(p, _)| *p == target) {
-            return;
-        }
-        if let Some((_, wd)) = self.watched.take() {
-            // The watch may be gone already (directory removed).
-            let _ = fd.get_ref().0.rm_watch(wd);
-        }
-        match fd.get_ref().0.add_watch(&target, MASK) {
-            Ok(wd) => {
-                tracing::debug!(dir = %target.display(), "watching");
-                self.watched = Some((target, wd));
+        // Each round moves the watch down one or more levels or stops; the
+        // bound only guards against a directory that flaps forever.
+        for _ in 0..64 {
+            let target = dir
+                .ancestors()
+                .find(|a| a.is_dir())
+                .unwrap_or(dir)
+                .to_path_buf();
+            if self.watched.as_ref().is_some_and(|(p, _)| *p == target) {
+                return;
             }
-            Err(error) => {
-                tracing::warn!(dir = %target.display(), %error, "could not watch directory; relying on periodic re-reads");
+            if let Some((_, wd)) = self.watched.take() {
+                // The watch may be gone already (directory removed).
+                let _ = fd.get_ref().0.rm_watch(wd);
+            }
+            match fd.get_ref().0.add_watch(&target, MASK) {
+                Ok(wd) => {
+                    tracing::debug!(dir = %target.display(), "watching");
+                    self.watched = Some((target, wd));
+                }
+                Err(error) => {
+                    tracing::warn!(dir = %target.display(), %error, "could not watch directory; relying on periodic re-reads");
+                    return;
+                }
             }
         }
     }

@@ -1,5 +1,7 @@
 //! Every form, alias and error, table-driven through one `check` helper.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
 use enabled_plugins::{Form, MAX_SIZE, ParseError, detect_form, parse, render_starlingx};
 
 /// Parses `input` and compares with `expected`: `Ok(normalised StarlingX

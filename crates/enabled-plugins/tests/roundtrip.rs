@@ -1,6 +1,8 @@
 //! Rendering and reading back: property tests, and byte equality with what
 //! Python (StarlingX's Ansible) writes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
 use std::process::Command;
 
 use enabled_plugins::{EnabledPlugins, Label, parse, render_starlingx};
@@ -78,7 +80,8 @@ proptest! {
 /// `json.dumps`), byte for byte, and how it must read.
 #[test]
 fn bytes_starlingx_wrote_read_as_expected() {
-    let cases: &[(&[u8], &[(&str, &str)])] = &[
+    type Case<'a> = (&'a [u8], &'a [(&'a str, &'a str)]);
+    let cases: &[Case<'_>] = &[
         (br#"{"intel-gpu-plugin": "intelgpu=enabled"}"#, &[("intel-gpu-plugin", "intelgpu=enabled")]),
         (
             br#"{"intel-qat-plugin": "intelqat=enabled", "intel-gpu-plugin": "intelgpu=enabled"}"#,
