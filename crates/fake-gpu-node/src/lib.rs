@@ -1,0 +1,533 @@
+//! Test kit: faithful sysfs and devfs trees of Intel GPU nodes, built in a
+//! directory from a declarative [`NodeSpec`] (in code, or loaded from TOML
+//! or JSON), and changed in place to simulate hotplug.
+//!
+//! The layout follows the kernel's: `sys/devices/pci…/<bdf>/` with
+//! `vendor`, `device`, `class`, `driver`, `drm/cardN`, SR-IOV links, tiles,
+//! hwmon and MEI; `sys/class/drm/` links (cards, render nodes, connectors,
+//! `version`); `dev/dri/` nodes (plain files: no root needed) and
+//! `dev/dri/by-path/` links.
+//!
+//! ```
+//! use fake_gpu_node::{FakeNode, GpuSpec, NodeSpec};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let node = FakeNode::build(dir.path(), &NodeSpec::starlingx_edge())?;
+//! node.add_gpu(&GpuSpec::new(9).device("0xe20b").driver(Some("xe")))?;
+//! node.remove_gpu(9)?;
+//! assert!(node.sysfs_root().join("class/drm/card1").exists());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Never a dependency of a shipped binary.
+
+mod spec;
+
+use std::path::{Component, Path, PathBuf};
+
+pub use spec::{Broken, GpuSpec, NodeSpec, SriovSpec};
+
+/// Why a fake node could not be built or changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FakeNodeError {
+    /// A file system operation failed.
+    #[error("fake node: could not write {}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A description file is invalid.
+    #[error("fake node description {}: {message}", path.display())]
+    Spec {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The card does not exist in the tree.
+    #[error("fake node: no card{0}")]
+    NoSuchCard(u32),
+}
+
+type Result<T> = std::result::Result<T, FakeNodeError>;
+
+fn io<T>(path: &Path, r: std::io::Result<T>) -> Result<T> {
+    r.map_err(|source| FakeNodeError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A fake node rooted at a directory: `<root>/sys` and `<root>/dev`.
+#[derive(Debug, Clone)]
+pub struct FakeNode {
+    root: PathBuf,
+}
+
+impl FakeNode {
+    /// An empty node (DRM class directory, no GPUs).
+    ///
+    /// # Errors
+    /// When the directories cannot be created.
+    pub fn create(root: &Path) -> Result<Self> {
+        let node = Self {
+            root: root.to_owned(),
+        };
+        for dir in [
+            "sys/class/drm",
+            "sys/devices",
+            "sys/bus/pci/drivers",
+            "dev/dri/by-path",
+        ] {
+            mkdir(&root.join(dir))?;
+        }
+        write(&root.join("sys/class/drm/version"), "drm 1.1.0 20060810\n")?;
+        Ok(node)
+    }
+
+    /// A node with the GPUs of `spec` (and their VFs).
+    ///
+    /// # Errors
+    /// When the tree cannot be written.
+    pub fn build(root: &Path, spec: &NodeSpec) -> Result<Self> {
+        let node = Self::create(root)?;
+        for gpu in &spec.gpus {
+            node.add_gpu(gpu)?;
+        }
+        Ok(node)
+    }
+
+    /// Where the fake sysfs is.
+    #[must_use]
+    pub fn sysfs_root(&self) -> PathBuf {
+        self.root.join("sys")
+    }
+
+    /// Where the fake devfs is.
+    #[must_use]
+    pub fn devfs_root(&self) -> PathBuf {
+        self.root.join("dev")
+    }
+
+    /// The PCI directory of a function.
+    fn pci_dir(&self, spec: &GpuSpec) -> PathBuf {
+        let address = spec.address();
+        let domain = address.get(..4).unwrap_or("0000");
+        let mut dir = self
+            .root
+            .join("sys/devices")
+            .join(format!("pci{domain}:00"));
+        for bridge in &spec.bridges {
+            dir.push(bridge);
+        }
+        dir.join(address)
+    }
+
+    /// Adds a GPU (and, for a PF, its enabled VFs), as a hotplug would.
+    ///
+    /// # Errors
+    /// When the tree cannot be written.
+    pub fn add_gpu(&self, spec: &GpuSpec) -> Result<()> {
+        self.add_function(spec, None)?;
+        let pf_dir = self.pci_dir(spec);
+        for (i, vf) in spec.vf_specs().iter().enumerate() {
+            self.add_function(vf, Some(&pf_dir))?;
+            symlink(&self.pci_dir(vf), &pf_dir.join(format!("virtfn{i}")))?;
+        }
+        Ok(())
+    }
+
+    fn add_function(&self, spec: &GpuSpec, pf: Option<&Path>) -> Result<()> {
+        let dev = self.pci_dir(spec);
+        mkdir(&dev)?;
+        let card = format!("card{}", spec.card);
+        let render = format!("renderD{}", spec.render_number());
+        let broken = |b: Broken| spec.broken.contains(&b);
+
+        if broken(Broken::GarbageVendor) {
+            write(&dev.join("vendor"), "intel, probably\n")?;
+        } else if !broken(Broken::MissingVendor) {
+            write(&dev.join("vendor"), &format!("{}\n", spec.vendor))?;
+        }
+        if broken(Broken::NonUtf8Device) {
+            io(
+                &dev.join("device"),
+                std::fs::write(dev.join("device"), b"0x\xff\xfe\n"),
+            )?;
+        } else {
+            write(&dev.join("device"), &format!("{}\n", spec.device))?;
+        }
+        if broken(Broken::OversizedClass) {
+            write(&dev.join("class"), &"0".repeat(10_000))?;
+        } else {
+            write(&dev.join("class"), &format!("{}\n", spec.class))?;
+        }
+        let numa = if broken(Broken::GarbageNuma) {
+            "NaN".to_owned()
+        } else {
+            spec.numa_node.to_string()
+        };
+        write(&dev.join("numa_node"), &format!("{numa}\n"))?;
+        if let Some(cpus) = &spec.local_cpulist {
+            write(&dev.join("local_cpulist"), &format!("{cpus}\n"))?;
+        }
+        if let Some(driver) = &spec.driver {
+            let drv = self.root.join("sys/bus/pci/drivers").join(driver);
+            mkdir(&drv)?;
+            symlink(&drv, &dev.join("driver"))?;
+        }
+        if let Some(pf) = pf {
+            symlink(pf, &dev.join("physfn"))?;
+        }
+        if let Some(sriov) = &spec.sriov {
+            write(
+                &dev.join("sriov_totalvfs"),
+                &format!("{}\n", sriov.total_vfs),
+            )?;
+            let num = if broken(Broken::GarbageNumVfs) {
+                "many".to_owned()
+            } else {
+                sriov.enabled_vfs.to_string()
+            };
+            write(&dev.join("sriov_numvfs"), &format!("{num}\n"))?;
+        }
+        let is_xe = spec.driver.as_deref() == Some("xe");
+        for t in 0..spec.tiles {
+            if is_xe {
+                let tile = dev.join(format!("tile{t}"));
+                mkdir(&tile.join("gt0"))?;
+                if let Some(v) = spec.vram_bytes_per_tile {
+                    write(&tile.join("physical_vram_size_bytes"), &format!("{v}\n"))?;
+                }
+            }
+        }
+        if let Some(t) = spec.temperature_mdeg {
+            write(&dev.join("hwmon/hwmon0/temp1_input"), &format!("{t}\n"))?;
+            write(
+                &dev.join("hwmon/hwmon0/name"),
+                &format!("{}\n", spec.driver.as_deref().unwrap_or("gpu")),
+            )?;
+        }
+        if let Some(m) = spec.mei {
+            let driver = spec.driver.as_deref().unwrap_or("i915");
+            mkdir(
+                &dev.join(format!("{driver}.mei-gscfi.{}", 0x300 + m))
+                    .join("mei")
+                    .join(format!("mei{m}")),
+            )?;
+        }
+
+        // DRM minors under the PCI function, and the class links.
+        let drm = dev.join("drm");
+        let card_dir = drm.join(&card);
+        mkdir(&card_dir)?;
+        write(&card_dir.join("dev"), &format!("226:{}\n", spec.card))?;
+        symlink(&dev, &card_dir.join("device"))?;
+        if !is_xe {
+            for t in 0..spec.tiles {
+                mkdir(&card_dir.join(format!("gt/gt{t}")))?;
+            }
+        }
+        if let Some(l) = spec.lmem_total_bytes {
+            write(&card_dir.join("lmem_total_bytes"), &format!("{l}\n"))?;
+        }
+        let render_dir = drm.join(&render);
+        mkdir(&render_dir)?;
+        symlink(&dev, &render_dir.join("device"))?;
+        let class = self.root.join("sys/class/drm");
+        symlink(&render_dir, &class.join(&render))?;
+        for c in &spec.connectors {
+            let conn = card_dir.join(format!("{card}-{c}"));
+            mkdir(&conn)?;
+            write(&conn.join("status"), "disconnected\n")?;
+            symlink(&conn, &class.join(format!("{card}-{c}")))?;
+        }
+        let class_link = class.join(&card);
+        if broken(Broken::LoopingLink) {
+            let other = class.join(format!("{card}.loop"));
+            symlink(&class_link, &other)?;
+            symlink(&other, &class_link)?;
+        } else if broken(Broken::DanglingLink) {
+            symlink(&dev.join("gone/drm").join(&card), &class_link)?;
+        } else if broken(Broken::NotPci) {
+            let platform = self.root.join("sys/devices/platform/simple-framebuffer.0");
+            mkdir(&platform.join("drm").join(&card))?;
+            symlink(&platform, &platform.join("drm").join(&card).join("device"))?;
+            write(&platform.join("vendor"), "0x8086\n")?;
+            symlink(&platform.join("drm").join(&card), &class_link)?;
+        } else {
+            symlink(&card_dir, &class_link)?;
+        }
+
+        // devfs.
+        if spec.nodes {
+            self.create_nodes(spec)?;
+        }
+        Ok(())
+    }
+
+    fn create_nodes(&self, spec: &GpuSpec) -> Result<()> {
+        let dri = self.root.join("dev/dri");
+        let card = format!("card{}", spec.card);
+        let render = format!("renderD{}", spec.render_number());
+        write(&dri.join(&card), "")?;
+        write(&dri.join(&render), "")?;
+        if spec.by_path {
+            let address = spec.address();
+            symlink(
+                &dri.join(&card),
+                &dri.join(format!("by-path/pci-{address}-card")),
+            )?;
+            symlink(
+                &dri.join(&render),
+                &dri.join(format!("by-path/pci-{address}-render")),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The PCI directory of a card, from the tree.
+    fn card_device(&self, card: u32) -> Result<PathBuf> {
+        let link = self.root.join(format!("sys/class/drm/card{card}/device"));
+        std::fs::canonicalize(&link).map_err(|_| FakeNodeError::NoSuchCard(card))
+    }
+
+    /// Removes a GPU as a hot-unplug would: its class links, device nodes,
+    /// by-path links and PCI directory — and, for a PF, its VFs' cards.
+    ///
+    /// # Errors
+    /// When the card does not exist or the tree cannot be changed.
+    pub fn remove_gpu(&self, card: u32) -> Result<()> {
+        let dev = self.card_device(card)?;
+        // VFs first.
+        for vf in list(&dev).into_iter().filter(|n| n.starts_with("virtfn")) {
+            if let Ok(vf_dev) = std::fs::canonicalize(dev.join(&vf)) {
+                for c in cards_of(&vf_dev) {
+                    self.remove_function(c, &vf_dev)?;
+                }
+            }
+        }
+        self.remove_function(card, &dev)
+    }
+
+    fn remove_function(&self, card: u32, dev: &Path) -> Result<()> {
+        let minors = list(&dev.join("drm"));
+        let class = self.root.join("sys/class/drm");
+        let dri = self.root.join("dev/dri");
+        let card_name = format!("card{card}");
+        for entry in list(&class) {
+            let ours = minors.contains(&entry) || entry.starts_with(&format!("{card_name}-"));
+            if ours {
+                remove(&class.join(&entry))?;
+            }
+        }
+        for m in &minors {
+            remove(&dri.join(m))?;
+        }
+        self.remove_by_path(dev)?;
+        let _ = std::fs::remove_file(dev.join("physfn"));
+        io(dev, std::fs::remove_dir_all(dev))
+    }
+
+    fn remove_by_path(&self, dev: &Path) -> Result<()> {
+        let address = dev.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let by_path = self.root.join("dev/dri/by-path");
+        for entry in list(&by_path) {
+            if entry.starts_with(&format!("pci-{address}-")) {
+                remove(&by_path.join(entry))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unbinds the card's driver (its DRM nodes stay, as a test of the
+    /// degraded state).
+    ///
+    /// # Errors
+    /// When the card does not exist.
+    pub fn unbind_driver(&self, card: u32) -> Result<()> {
+        let dev = self.card_device(card)?;
+        remove(&dev.join("driver"))
+    }
+
+    /// Binds the card to `driver`.
+    ///
+    /// # Errors
+    /// When the card does not exist or the tree cannot be changed.
+    pub fn bind_driver(&self, card: u32, driver: &str) -> Result<()> {
+        let dev = self.card_device(card)?;
+        remove(&dev.join("driver"))?;
+        let drv = self.root.join("sys/bus/pci/drivers").join(driver);
+        mkdir(&drv)?;
+        symlink(&drv, &dev.join("driver"))
+    }
+
+    /// Removes the card's device nodes and by-path links from devfs.
+    ///
+    /// # Errors
+    /// When the card does not exist or the tree cannot be changed.
+    pub fn remove_device_nodes(&self, card: u32) -> Result<()> {
+        let dev = self.card_device(card)?;
+        for m in list(&dev.join("drm")) {
+            remove(&self.root.join("dev/dri").join(m))?;
+        }
+        self.remove_by_path(&dev)
+    }
+
+    /// Writes a sysfs attribute of the card's PCI function (relative path,
+    /// e.g. `hwmon/hwmon0/temp1_input`).
+    ///
+    /// # Errors
+    /// When the card does not exist or the file cannot be written.
+    pub fn set_attribute(&self, card: u32, name: &str, value: &str) -> Result<()> {
+        let dev = self.card_device(card)?;
+        write(&dev.join(name), value)
+    }
+}
+
+/// The card numbers under a PCI function's `drm/`.
+fn cards_of(dev: &Path) -> Vec<u32> {
+    list(&dev.join("drm"))
+        .iter()
+        .filter_map(|n| n.strip_prefix("card")?.parse().ok())
+        .collect()
+}
+
+fn list(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn mkdir(path: &Path) -> Result<()> {
+    io(path, std::fs::create_dir_all(path))
+}
+
+fn write(path: &Path, content: &str) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        mkdir(parent)?;
+    }
+    io(path, std::fs::write(path, content))
+}
+
+fn remove(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => io(path, Err(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Creates `link` pointing at `target` with a relative path, as sysfs does.
+fn symlink(target: &Path, link: &Path) -> Result<()> {
+    if let Some(parent) = link.parent() {
+        mkdir(parent)?;
+    }
+    let rel = relative(link.parent().unwrap_or(Path::new("")), target);
+    remove(link)?;
+    io(link, std::os::unix::fs::symlink(rel, link))
+}
+
+/// The relative path from directory `from` to `to` (both absolute or both
+/// relative to the same base).
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let f: Vec<Component<'_>> = from.components().collect();
+    let t: Vec<Component<'_>> = to.components().collect();
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..f.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths() {
+        assert_eq!(
+            relative(Path::new("/a/b/c"), Path::new("/a/d")),
+            PathBuf::from("../../d")
+        );
+        assert_eq!(
+            relative(Path::new("/a"), Path::new("/a/b")),
+            PathBuf::from("b")
+        );
+    }
+
+    #[test]
+    fn built_tree_looks_like_sysfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = FakeNode::build(dir.path(), &NodeSpec::starlingx_edge()).unwrap();
+        let sys = node.sysfs_root();
+        let card1 = std::fs::canonicalize(sys.join("class/drm/card1/device")).unwrap();
+        assert!(
+            card1.ends_with("pci0000:00/0000:4a:01.0/0000:4b:00.0/0000:4c:01.0/0000:4d:00.0"),
+            "{}",
+            card1.display()
+        );
+        assert_eq!(
+            std::fs::read_to_string(card1.join("sriov_numvfs")).unwrap(),
+            "4\n"
+        );
+        let vf = std::fs::canonicalize(card1.join("virtfn3")).unwrap();
+        assert!(vf.ends_with("0000:4d:00.4"));
+        assert_eq!(std::fs::canonicalize(vf.join("physfn")).unwrap(), card1);
+        assert!(sys.join("class/drm/card5").exists());
+        assert!(sys.join("class/drm/card0-DP-1").exists());
+        assert!(
+            node.devfs_root()
+                .join("dri/by-path/pci-0000:4d:00.0-render")
+                .exists()
+        );
+        assert!(
+            std::fs::read_link(
+                node.devfs_root()
+                    .join("dri/by-path/pci-0000:4d:00.0-render")
+            )
+            .unwrap()
+                == Path::new("../renderD129")
+        );
+    }
+
+    #[test]
+    fn remove_gpu_takes_its_vfs_and_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = FakeNode::build(dir.path(), &NodeSpec::starlingx_edge()).unwrap();
+        node.remove_gpu(1).unwrap();
+        let class = list(&node.sysfs_root().join("class/drm"));
+        let mut class: Vec<&str> = class.iter().map(String::as_str).collect();
+        class.sort_unstable();
+        assert_eq!(
+            class,
+            [
+                "card0",
+                "card0-DP-1",
+                "card0-HDMI-A-1",
+                "renderD128",
+                "version"
+            ]
+        );
+        let mut dri = list(&node.devfs_root().join("dri"));
+        dri.sort();
+        assert_eq!(dri, ["by-path", "card0", "renderD128"]);
+        assert!(matches!(
+            node.remove_gpu(1),
+            Err(FakeNodeError::NoSuchCard(1))
+        ));
+        node.add_gpu(&NodeSpec::starlingx_edge().gpus[1]).unwrap();
+        assert!(node.sysfs_root().join("class/drm/card5").exists());
+    }
+}

@@ -1,0 +1,396 @@
+//! Reading the inventory from sysfs and devfs.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use crate::config::{DiscoveryConfig, Driver};
+use crate::inventory::{
+    CardState, DeviceNode, Gpu, Inventory, NodeKind, SCHEMA, Skipped, Sriov, SriovRole,
+};
+use crate::sysfs::{
+    AttrError, is_pci_address, link_basename, list_dir, numbered, numbered_entries, read_attr,
+    read_dec, read_hex,
+};
+
+/// The PCI vendor id of Intel.
+pub const INTEL_VENDOR: u16 = 0x8086;
+
+/// Why the inventory could not be read at all.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiscoveryError {
+    /// The DRM class directory exists but cannot be listed.
+    #[error("could not list DRM devices in {}", path.display())]
+    ClassDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads the inventory. A node without a DRM class directory has no GPUs;
+/// a broken card is skipped or degraded with its reason, never hiding the
+/// others.
+///
+/// # Errors
+/// Only when `<sysfs>/class/drm` exists but cannot be listed.
+pub fn scan(config: &DiscoveryConfig) -> Result<Inventory, DiscoveryError> {
+    let class_dir = config.sysfs_root().join("class/drm");
+    let mut cards: Vec<(u32, String)> = Vec::new();
+    match std::fs::read_dir(&class_dir) {
+        Ok(entries) => {
+            for entry in entries.flatten() {
+                if let Some(name) = entry.file_name().to_str()
+                    && let Some(n) = numbered(name, "card")
+                {
+                    cards.push((n, name.to_owned()));
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(DiscoveryError::ClassDir {
+                path: class_dir,
+                source,
+            });
+        }
+    }
+    cards.sort();
+
+    let mut inventory = Inventory {
+        schema: SCHEMA,
+        gpus: Vec::new(),
+        skipped: Vec::new(),
+    };
+    for (index, name) in cards {
+        match read_card(config, &class_dir, index, &name) {
+            Ok(gpu) => inventory.gpus.push(gpu),
+            Err(reason) => inventory.skipped.push(Skipped {
+                entry: name,
+                reason,
+            }),
+        }
+    }
+    decide_advertised(config, &mut inventory.gpus);
+    Ok(inventory)
+}
+
+/// Applies the advertisable predicate to every GPU.
+fn decide_advertised(config: &DiscoveryConfig, gpus: &mut [Gpu]) {
+    for gpu in gpus {
+        let reason = not_advertised_reason(config, gpu);
+        gpu.advertised = reason.is_none();
+        gpu.reason = reason;
+    }
+}
+
+/// The advertisable predicate: usable or degraded cards of the configured
+/// drivers, minus PFs that have VFs enabled, filtered by device id. `None`
+/// when the card is advertised, else why not.
+#[must_use]
+pub fn not_advertised_reason(config: &DiscoveryConfig, gpu: &Gpu) -> Option<String> {
+    if let Some(driver) = &gpu.driver {
+        let enabled =
+            Driver::from_name(driver).is_some_and(|d| config.enabled_drivers().contains(&d));
+        if !enabled {
+            return Some(format!(
+                "driver {driver} is not among the enabled drivers ({})",
+                config.drivers_text()
+            ));
+        }
+    }
+    if gpu.sriov.role == SriovRole::Pf
+        && let Some(n) = gpu.sriov.num_vfs.filter(|n| *n > 0)
+    {
+        return Some(format!(
+            "SR-IOV physical function with {n} VFs enabled: its VFs are advertised instead"
+        ));
+    }
+    if !config.id_filter().admits(gpu.device_id) {
+        return Some(format!(
+            "device id {:#06x} is not admitted ({})",
+            gpu.device_id,
+            config.id_filter()
+        ));
+    }
+    None
+}
+
+fn read_card(
+    config: &DiscoveryConfig,
+    class_dir: &Path,
+    index: u32,
+    name: &str,
+) -> Result<Gpu, String> {
+    let card_dir = class_dir.join(name);
+    let link = card_dir.join("device");
+    let dev = std::fs::canonicalize(&link)
+        .map_err(|e| format!("cannot resolve {}: {e}", link.display()))?;
+    let bdf = dev
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| is_pci_address(n))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            format!(
+                "not a PCI device: {} resolves to {}",
+                link.display(),
+                dev.display()
+            )
+        })?;
+
+    let vendor = read_hex(&dev.join("vendor"), 0xffff).map_err(|e| e.to_string())?;
+    if vendor != u32::from(INTEL_VENDOR) {
+        return Err(format!(
+            "vendor {vendor:#06x} is not Intel ({INTEL_VENDOR:#06x})"
+        ));
+    }
+    let class = read_hex(&dev.join("class"), 0xff_ffff).map_err(|e| e.to_string())?;
+    if !matches!(class >> 8, 0x0300 | 0x0380) {
+        return Err(format!(
+            "class {class:#08x} is not a display class (0x0300xx VGA or 0x0380xx display controller)"
+        ));
+    }
+    let device_id = read_hex(&dev.join("device"), 0xffff).map_err(|e| e.to_string())?;
+    let device_id = u16::try_from(device_id).map_err(|e| e.to_string())?;
+
+    let driver = link_basename(&dev.join("driver"));
+    if let Some(d) = &driver
+        && Driver::from_name(d).is_none()
+    {
+        return Err(format!("bound to driver {d}, not i915 or xe"));
+    }
+
+    let mut warnings = Vec::new();
+    let sriov = read_sriov(&dev, &mut warnings);
+    let numa_node = match read_dec::<i64>(&dev.join("numa_node"), "a NUMA node number") {
+        Ok(n) => u32::try_from(n).ok(),
+        Err(AttrError::Missing(_)) => None,
+        Err(e) => {
+            warnings.push(e.to_string());
+            None
+        }
+    };
+    let local_cpus = read_attr(&dev.join("local_cpulist"))
+        .ok()
+        .filter(|s| !s.is_empty());
+
+    // Device nodes: names from sysfs, presence from devfs.
+    let dri = config.devfs_root().join("dri");
+    let host_dri = config.host_dev_prefix().join("dri");
+    let mut wanted: Vec<(NodeKind, String)> = vec![(NodeKind::Card, name.to_owned())];
+    for entry in list_dir(&dev.join("drm")) {
+        if numbered(&entry, "renderD").is_some() {
+            wanted.push((NodeKind::Render, entry));
+        }
+    }
+    let mut device_nodes = Vec::new();
+    let mut missing = Vec::new();
+    for (kind, node) in wanted {
+        if dri.join(&node).exists() {
+            device_nodes.push(DeviceNode {
+                kind,
+                host_path: host_dri.join(&node),
+                name: node,
+            });
+        } else {
+            missing.push(node);
+        }
+    }
+    let by_path_prefix = format!("pci-{bdf}-");
+    let by_path = list_dir(&dri.join("by-path"))
+        .into_iter()
+        .filter(|n| n.starts_with(&by_path_prefix))
+        .map(|n| host_dri.join("by-path").join(n))
+        .collect();
+
+    let (state, state_reason) = match (&driver, missing.is_empty()) {
+        (None, _) => (CardState::Degraded, Some("no driver is bound".to_owned())),
+        (Some(_), false) => (
+            CardState::Degraded,
+            Some(format!(
+                "device nodes missing from {}: {}",
+                dri.display(),
+                missing.join(", ")
+            )),
+        ),
+        (Some(_), true) => (CardState::Usable, None),
+    };
+
+    let tile_dirs = numbered_entries(&dev, "tile");
+    let gts = numbered_entries(&card_dir.join("gt"), "gt");
+    let tiles = match driver.as_deref() {
+        Some("xe") => tile_dirs.len(),
+        Some(_) => gts.len(),
+        None => tile_dirs.len().max(gts.len()),
+    };
+    let tiles = u32::try_from(tiles).unwrap_or(u32::MAX).max(1);
+    let vram_bytes = read_vram(&dev, &card_dir, &tile_dirs, &mut warnings);
+
+    Ok(Gpu {
+        card: name.to_owned(),
+        index,
+        state,
+        state_reason,
+        pci_address: bdf,
+        vendor_id: INTEL_VENDOR,
+        device_id,
+        class,
+        driver,
+        sriov,
+        numa_node,
+        local_cpus,
+        device_nodes,
+        by_path,
+        tiles,
+        vram_bytes,
+        temperature_inputs: temperature_inputs(&dev),
+        mei: mei_nodes(&dev, config.host_dev_prefix()),
+        pci_path: pci_path(config.sysfs_root(), &dev),
+        advertised: false,
+        reason: None,
+        warnings,
+    })
+}
+
+fn read_sriov(dev: &Path, warnings: &mut Vec<String>) -> Sriov {
+    let physfn = dev.join("physfn");
+    if physfn.symlink_metadata().is_ok() {
+        let pf = std::fs::canonicalize(&physfn)
+            .ok()
+            .and_then(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_owned))
+            .filter(|n| is_pci_address(n));
+        if pf.is_none() {
+            warnings.push(format!(
+                "{} does not lead to a PCI function",
+                physfn.display()
+            ));
+        }
+        return Sriov {
+            role: SriovRole::Vf,
+            num_vfs: None,
+            total_vfs: None,
+            vfs: Vec::new(),
+            physfn: pf,
+        };
+    }
+    let total = match read_dec::<u32>(&dev.join("sriov_totalvfs"), "a VF count") {
+        Ok(t) => t,
+        Err(AttrError::Missing(_)) => {
+            return Sriov {
+                role: SriovRole::None,
+                num_vfs: None,
+                total_vfs: None,
+                vfs: Vec::new(),
+                physfn: None,
+            };
+        }
+        Err(e) => {
+            warnings.push(e.to_string());
+            0
+        }
+    };
+    let vfs: Vec<String> = numbered_entries(dev, "virtfn")
+        .into_iter()
+        .filter_map(|(_, n)| {
+            let target = std::fs::canonicalize(dev.join(&n)).ok()?;
+            target
+                .file_name()?
+                .to_str()
+                .filter(|s| is_pci_address(s))
+                .map(str::to_owned)
+        })
+        .collect();
+    let num = match read_dec::<u32>(&dev.join("sriov_numvfs"), "a VF count") {
+        Ok(n) => n,
+        Err(e) => {
+            // Unknown: trust the VF links, so a PF with VFs is never
+            // advertised next to them.
+            warnings.push(e.to_string());
+            u32::try_from(vfs.len()).unwrap_or(u32::MAX)
+        }
+    };
+    Sriov {
+        role: SriovRole::Pf,
+        num_vfs: Some(num),
+        total_vfs: Some(total),
+        vfs,
+        physfn: None,
+    }
+}
+
+fn read_vram(
+    dev: &Path,
+    card_dir: &Path,
+    tiles: &[(u32, String)],
+    warnings: &mut Vec<String>,
+) -> Option<u64> {
+    let mut total: Option<u64> = None;
+    for (_, tile) in tiles {
+        match read_dec::<u64>(
+            &dev.join(tile).join("physical_vram_size_bytes"),
+            "a byte count",
+        ) {
+            Ok(v) => total = Some(total.unwrap_or(0).saturating_add(v)),
+            Err(AttrError::Missing(_)) => {}
+            Err(e) => warnings.push(e.to_string()),
+        }
+    }
+    if total.is_some() {
+        return total;
+    }
+    match read_dec::<u64>(&card_dir.join("lmem_total_bytes"), "a byte count") {
+        Ok(v) => Some(v),
+        Err(AttrError::Missing(_)) => None,
+        Err(e) => {
+            warnings.push(e.to_string());
+            None
+        }
+    }
+}
+
+fn temperature_inputs(dev: &Path) -> Vec<PathBuf> {
+    let hwmon = dev.join("hwmon");
+    let mut out = Vec::new();
+    for (_, h) in numbered_entries(&hwmon, "hwmon") {
+        for name in list_dir(&hwmon.join(&h)) {
+            if name.starts_with("temp") && name.ends_with("_input") {
+                out.push(hwmon.join(&h).join(name));
+            }
+        }
+    }
+    out
+}
+
+fn mei_nodes(dev: &Path, host_dev: &Path) -> Vec<PathBuf> {
+    let mut names = BTreeSet::new();
+    for entry in list_dir(dev) {
+        if entry.contains(".mei-gscfi") {
+            for (n, mei) in numbered_entries(&dev.join(&entry).join("mei"), "mei") {
+                names.insert((n, mei));
+            }
+        }
+    }
+    names.into_iter().map(|(_, m)| host_dev.join(m)).collect()
+}
+
+/// PCI addresses between the host bridge (`pciDDDD:BB`) and the device.
+fn pci_path(sysfs_root: &Path, dev: &Path) -> Vec<String> {
+    let devices = std::fs::canonicalize(sysfs_root.join("devices"))
+        .unwrap_or_else(|_| sysfs_root.join("devices"));
+    let Ok(rel) = dev.strip_prefix(&devices) else {
+        return Vec::new();
+    };
+    let parts: Vec<String> = rel
+        .components()
+        .filter_map(|c| c.as_os_str().to_str())
+        .filter(|c| is_pci_address(c))
+        .map(str::to_owned)
+        .collect();
+    match parts.split_last() {
+        Some((_, bridges)) => bridges.to_vec(),
+        None => Vec::new(),
+    }
+}

@@ -1,0 +1,179 @@
+//! Careful reads of sysfs and devfs: every read is capped, every failure
+//! carries the path, nothing panics on garbage.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// The most bytes read from one attribute file.
+pub(crate) const MAX_ATTR: u64 = 4096;
+
+/// Why an attribute could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum AttrError {
+    #[error("{} is missing", .0.display())]
+    Missing(PathBuf),
+    #[error("{path} could not be read: {1}", path = .0.display())]
+    Unreadable(PathBuf, String),
+    #[error("{} is larger than {MAX_ATTR} bytes", .0.display())]
+    TooLarge(PathBuf),
+    #[error("{} is not UTF-8", .0.display())]
+    NotUtf8(PathBuf),
+    #[error("{path} holds {1:?}, not {2}", path = .0.display())]
+    Garbage(PathBuf, String, &'static str),
+}
+
+/// The trimmed text of an attribute file.
+pub(crate) fn read_attr(path: &Path) -> Result<String, AttrError> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            AttrError::Missing(path.to_owned())
+        } else {
+            AttrError::Unreadable(path.to_owned(), e.to_string())
+        }
+    })?;
+    let mut bytes = Vec::new();
+    file.take(MAX_ATTR + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| AttrError::Unreadable(path.to_owned(), e.to_string()))?;
+    if bytes.len() as u64 > MAX_ATTR {
+        return Err(AttrError::TooLarge(path.to_owned()));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| AttrError::NotUtf8(path.to_owned()))?;
+    Ok(text.trim().to_owned())
+}
+
+/// A `0x`-prefixed hexadecimal attribute (`vendor`, `device`, `class`).
+pub(crate) fn read_hex(path: &Path, max: u32) -> Result<u32, AttrError> {
+    let text = read_attr(path)?;
+    let digits = text.strip_prefix("0x").unwrap_or(&text);
+    u32::from_str_radix(digits, 16)
+        .ok()
+        .filter(|v| *v <= max && !digits.is_empty() && digits.len() <= 8)
+        .ok_or_else(|| AttrError::Garbage(path.to_owned(), clip(&text), "a hexadecimal number"))
+}
+
+/// A decimal attribute.
+pub(crate) fn read_dec<T: std::str::FromStr>(
+    path: &Path,
+    what: &'static str,
+) -> Result<T, AttrError> {
+    let text = read_attr(path)?;
+    text.parse()
+        .map_err(|_| AttrError::Garbage(path.to_owned(), clip(&text), what))
+}
+
+/// The names in a directory, sorted; an unreadable or missing directory
+/// gives none. Names that are not UTF-8 are left out.
+pub(crate) fn list_dir(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `prefix` followed by a decimal number: the number.
+pub(crate) fn numbered(name: &str, prefix: &str) -> Option<u32> {
+    let digits = name.strip_prefix(prefix)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Names with `prefix` and a number, sorted numerically.
+pub(crate) fn numbered_entries(dir: &Path, prefix: &str) -> Vec<(u32, String)> {
+    let mut out: Vec<(u32, String)> = list_dir(dir)
+        .into_iter()
+        .filter_map(|n| numbered(&n, prefix).map(|i| (i, n)))
+        .collect();
+    out.sort();
+    out
+}
+
+/// The final path component of a symlink's target (e.g. a driver name).
+pub(crate) fn link_basename(path: &Path) -> Option<String> {
+    let target = std::fs::read_link(path).ok()?;
+    target.file_name()?.to_str().map(str::to_owned)
+}
+
+/// Whether `name` is a PCI address `dddd:bb:dd.f`.
+pub(crate) fn is_pci_address(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() == 12
+        && b[4] == b':'
+        && b[7] == b':'
+        && b[10] == b'.'
+        && (b'0'..=b'7').contains(&b[11])
+        && [0, 1, 2, 3, 5, 6, 8, 9]
+            .iter()
+            .all(|&i| b[i].is_ascii_digit() || (b'a'..=b'f').contains(&b[i]))
+}
+
+/// Quotes at most 64 characters of garbage for a message.
+pub(crate) fn clip(text: &str) -> String {
+    let mut out: String = text.chars().take(64).collect();
+    if out.len() < text.len() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pci_addresses() {
+        for ok in ["0000:03:00.0", "0000:4d:1f.7", "abcd:ef:01.2"] {
+            assert!(is_pci_address(ok), "{ok}");
+        }
+        for bad in [
+            "0000:03:00.8",
+            "0000:03:00",
+            "0000:03:0g.0",
+            "0000-03:00.0",
+            "pci0000:00",
+            "0000:03:00.0x",
+        ] {
+            assert!(!is_pci_address(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn numbered_names() {
+        assert_eq!(numbered("card10", "card"), Some(10));
+        assert_eq!(numbered("card0-DP-1", "card"), None);
+        assert_eq!(numbered("card", "card"), None);
+        assert_eq!(numbered("card99999999999", "card"), None);
+        assert_eq!(numbered("renderD128", "renderD"), Some(128));
+    }
+
+    #[test]
+    fn attributes_are_capped_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a");
+        std::fs::write(&p, "0x8086\n").unwrap();
+        assert_eq!(read_hex(&p, 0xffff), Ok(0x8086));
+        std::fs::write(&p, "0x18086\n").unwrap();
+        assert!(matches!(read_hex(&p, 0xffff), Err(AttrError::Garbage(..))));
+        std::fs::write(&p, "banana").unwrap();
+        assert!(matches!(read_hex(&p, 0xffff), Err(AttrError::Garbage(..))));
+        std::fs::write(&p, b"\xff\xfe").unwrap();
+        assert!(matches!(read_attr(&p), Err(AttrError::NotUtf8(_))));
+        std::fs::write(&p, vec![b'1'; 5000]).unwrap();
+        assert!(matches!(read_attr(&p), Err(AttrError::TooLarge(_))));
+        assert!(matches!(
+            read_attr(&dir.path().join("none")),
+            Err(AttrError::Missing(_))
+        ));
+        assert!(matches!(
+            read_attr(dir.path()),
+            Err(AttrError::Unreadable(..))
+        ));
+    }
+}
