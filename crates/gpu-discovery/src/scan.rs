@@ -8,8 +8,8 @@ use crate::inventory::{
     CardState, DeviceNode, Gpu, Inventory, NodeKind, SCHEMA, Skipped, Sriov, SriovRole,
 };
 use crate::sysfs::{
-    AttrError, is_pci_address, link_basename, list_dir, numbered, numbered_entries, read_attr,
-    read_dec, read_hex,
+    AttrError, is_pci_address, link_basename, list_dir, numbered, numbered_among, numbered_entries,
+    read_attr, read_dec, read_hex,
 };
 
 /// The PCI vendor id of Intel.
@@ -59,13 +59,14 @@ pub fn scan(config: &DiscoveryConfig) -> Result<Inventory, DiscoveryError> {
     }
     cards.sort();
 
+    let ctx = Context::new(config);
     let mut inventory = Inventory {
         schema: SCHEMA,
         gpus: Vec::new(),
         skipped: Vec::new(),
     };
     for (index, name) in cards {
-        match read_card(config, &class_dir, index, &name) {
+        match read_card(config, &ctx, &class_dir, index, &name) {
             Ok(gpu) => inventory.gpus.push(gpu),
             Err(reason) => inventory.skipped.push(Skipped {
                 entry: name,
@@ -118,8 +119,47 @@ pub fn not_advertised_reason(config: &DiscoveryConfig, gpu: &Gpu) -> Option<Stri
     None
 }
 
+/// What every card's reading shares: read once per scan, not once per card
+/// (a node can have hundreds of VF cards).
+struct Context {
+    /// `<devfs>/dri`.
+    dri: PathBuf,
+    /// `<host dev>/dri`.
+    host_dri: PathBuf,
+    /// The names in `<devfs>/dri/by-path`, sorted.
+    by_path: Vec<String>,
+    /// The resolved `<sysfs>/devices`.
+    devices: PathBuf,
+}
+
+impl Context {
+    fn new(config: &DiscoveryConfig) -> Self {
+        let dri = config.devfs_root().join("dri");
+        let devices = config.sysfs_root().join("devices");
+        Self {
+            by_path: list_dir(&dri.join("by-path")),
+            host_dri: config.host_dev_prefix().join("dri"),
+            devices: std::fs::canonicalize(&devices).unwrap_or(devices),
+            dri,
+        }
+    }
+
+    /// The by-path link names of a PCI address.
+    fn by_path_of<'a>(&'a self, bdf: &str) -> impl Iterator<Item = &'a String> {
+        let prefix = format!("pci-{bdf}-");
+        // Sorted: the matches are one contiguous run.
+        let start = self
+            .by_path
+            .partition_point(|n| n.as_str() < prefix.as_str());
+        self.by_path[start..]
+            .iter()
+            .take_while(move |n| n.starts_with(&prefix))
+    }
+}
+
 fn read_card(
     config: &DiscoveryConfig,
+    ctx: &Context,
     class_dir: &Path,
     index: u32,
     name: &str,
@@ -164,7 +204,9 @@ fn read_card(
     }
 
     let mut warnings = Vec::new();
-    let sriov = read_sriov(&dev, &mut warnings);
+    // The function's directory is listed once for SR-IOV, tiles and MEI.
+    let dev_entries = list_dir(&dev);
+    let sriov = read_sriov(&dev, &dev_entries, &mut warnings);
     let numa_node = match read_dec::<i64>(&dev.join("numa_node"), "a NUMA node number") {
         Ok(n) => u32::try_from(n).ok(),
         Err(AttrError::Missing(_)) => None,
@@ -178,8 +220,7 @@ fn read_card(
         .filter(|s| !s.is_empty());
 
     // Device nodes: names from sysfs, presence from devfs.
-    let dri = config.devfs_root().join("dri");
-    let host_dri = config.host_dev_prefix().join("dri");
+    let (dri, host_dri) = (&ctx.dri, &ctx.host_dri);
     let mut wanted: Vec<(NodeKind, String)> = vec![(NodeKind::Card, name.to_owned())];
     for entry in list_dir(&dev.join("drm")) {
         if numbered(&entry, "renderD").is_some() {
@@ -199,10 +240,8 @@ fn read_card(
             missing.push(node);
         }
     }
-    let by_path_prefix = format!("pci-{bdf}-");
-    let by_path = list_dir(&dri.join("by-path"))
-        .into_iter()
-        .filter(|n| n.starts_with(&by_path_prefix))
+    let by_path = ctx
+        .by_path_of(&bdf)
         .map(|n| host_dri.join("by-path").join(n))
         .collect();
 
@@ -219,7 +258,7 @@ fn read_card(
         (Some(_), true) => (CardState::Usable, None),
     };
 
-    let tile_dirs = numbered_entries(&dev, "tile");
+    let tile_dirs = numbered_among(&dev_entries, "tile");
     let gts = numbered_entries(&card_dir.join("gt"), "gt");
     let tiles = match driver.as_deref() {
         Some("xe") => tile_dirs.len(),
@@ -247,15 +286,15 @@ fn read_card(
         tiles,
         vram_bytes,
         temperature_inputs: temperature_inputs(&dev),
-        mei: mei_nodes(&dev, config.host_dev_prefix()),
-        pci_path: pci_path(config.sysfs_root(), &dev),
+        mei: mei_nodes(&dev, &dev_entries, config.host_dev_prefix()),
+        pci_path: pci_path(&ctx.devices, &dev),
         advertised: false,
         reason: None,
         warnings,
     })
 }
 
-fn read_sriov(dev: &Path, warnings: &mut Vec<String>) -> Sriov {
+fn read_sriov(dev: &Path, entries: &[String], warnings: &mut Vec<String>) -> Sriov {
     let physfn = dev.join("physfn");
     if physfn.symlink_metadata().is_ok() {
         let pf = std::fs::canonicalize(&physfn)
@@ -292,7 +331,7 @@ fn read_sriov(dev: &Path, warnings: &mut Vec<String>) -> Sriov {
             0
         }
     };
-    let vfs: Vec<String> = numbered_entries(dev, "virtfn")
+    let vfs: Vec<String> = numbered_among(entries, "virtfn")
         .into_iter()
         .filter_map(|(_, n)| {
             let target = std::fs::canonicalize(dev.join(&n)).ok()?;
@@ -364,11 +403,11 @@ fn temperature_inputs(dev: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn mei_nodes(dev: &Path, host_dev: &Path) -> Vec<PathBuf> {
+fn mei_nodes(dev: &Path, entries: &[String], host_dev: &Path) -> Vec<PathBuf> {
     let mut names = BTreeSet::new();
-    for entry in list_dir(dev) {
+    for entry in entries {
         if entry.contains(".mei-gscfi") {
-            for (n, mei) in numbered_entries(&dev.join(&entry).join("mei"), "mei") {
+            for (n, mei) in numbered_entries(&dev.join(entry).join("mei"), "mei") {
                 names.insert((n, mei));
             }
         }
@@ -377,10 +416,8 @@ fn mei_nodes(dev: &Path, host_dev: &Path) -> Vec<PathBuf> {
 }
 
 /// PCI addresses between the host bridge (`pciDDDD:BB`) and the device.
-fn pci_path(sysfs_root: &Path, dev: &Path) -> Vec<String> {
-    let devices = std::fs::canonicalize(sysfs_root.join("devices"))
-        .unwrap_or_else(|_| sysfs_root.join("devices"));
-    let Ok(rel) = dev.strip_prefix(&devices) else {
+fn pci_path(devices: &Path, dev: &Path) -> Vec<String> {
+    let Ok(rel) = dev.strip_prefix(devices) else {
         return Vec::new();
     };
     let parts: Vec<String> = rel

@@ -85,11 +85,16 @@ pub(crate) fn numbered(name: &str, prefix: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-/// Names with `prefix` and a number, sorted numerically.
+/// Names in `dir` with `prefix` and a number, sorted numerically.
 pub(crate) fn numbered_entries(dir: &Path, prefix: &str) -> Vec<(u32, String)> {
-    let mut out: Vec<(u32, String)> = list_dir(dir)
-        .into_iter()
-        .filter_map(|n| numbered(&n, prefix).map(|i| (i, n)))
+    numbered_among(&list_dir(dir), prefix)
+}
+
+/// Names among `names` with `prefix` and a number, sorted numerically.
+pub(crate) fn numbered_among(names: &[String], prefix: &str) -> Vec<(u32, String)> {
+    let mut out: Vec<(u32, String)> = names
+        .iter()
+        .filter_map(|n| numbered(n, prefix).map(|i| (i, n.clone())))
         .collect();
     out.sort();
     out
