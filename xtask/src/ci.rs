@@ -12,6 +12,7 @@ use crate::util::{cargo, run, secs, succeeds};
 /// The steps, in order, with what each checks.
 pub(crate) const STEPS: &[(&str, &str)] = &[
     ("fmt", "cargo fmt --check"),
+    ("codegen", "generated gRPC code is fresh"),
     ("clippy", "clippy on all targets, warnings denied"),
     ("test", "every test of the workspace"),
     ("tidy", "repository rules (xtask's own tests)"),
@@ -76,6 +77,7 @@ fn run_step(step: &str) -> Result<()> {
             "warnings",
         ]))
         .map(drop),
+        "codegen" => crate::codegen::task(&["--check".to_owned()]),
         "test" => {
             run(cargo().args(["test", "--workspace", "--locked", "--exclude", "xtask"])).map(drop)
         }

@@ -3,10 +3,12 @@
 //! Tasks:
 //! - `ci [STEP…]`: everything CI checks (see [`ci::STEPS`]), each step timed.
 //! - `bench`: every benchmark target, merged into `target/bench/report.json`.
+//! - `codegen [--check]`: the device plugin API's generated code.
 //! - `fuzz [CRATE/TARGET]`: a `cargo fuzz` target on nightly (opt-in).
 
 mod bench;
 mod ci;
+mod codegen;
 mod fuzz;
 mod util;
 
@@ -18,6 +20,8 @@ usage: cargo xtask <task> [args]
 tasks:
   ci [STEP...]   run what CI runs (steps: fmt clippy test tidy deny); all steps by default
   bench          run every benchmark and write target/bench/report.json
+  codegen [--check]
+                 regenerate (or check) the gRPC code from the .proto files
   fuzz [CRATE/TARGET] [--seconds N]
                  run a cargo-fuzz target on nightly (lists the targets without one)
   help           this text
@@ -31,6 +35,7 @@ fn main() -> ExitCode {
         Some("ci") => ci::task(&rest),
         Some("bench") => bench::task(&rest),
         Some("fuzz") => fuzz::task(&rest),
+        Some("codegen") => codegen::task(&rest),
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -73,8 +73,8 @@ pub(crate) fn read_capped(path: &Path) -> Result<Vec<u8>, ReadError> {
 }
 
 fn classify(path: &Path, source: io::Error) -> ReadError {
-    let missing = source.kind() == io::ErrorKind::NotFound
-        || source.raw_os_error() == Some(nix::libc::ENOTDIR);
+    let missing =
+        source.kind() == io::ErrorKind::NotFound || source.kind() == io::ErrorKind::NotADirectory;
     if missing {
         ReadError::Missing {
             path: path.to_owned(),

@@ -2,12 +2,10 @@
 //! or its directory appearing later.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
-use tokio::io::unix::AsyncFd;
+use dir_watch::{DirWatch, Mask, WatchId};
 use tokio::time::Instant;
 
 use crate::file::{ReadError, read_capped};
@@ -97,30 +95,21 @@ enum Seen {
 #[derive(Debug)]
 pub struct FileWatcher {
     config: WatchConfig,
-    inotify: Option<AsyncFd<InotifyFd>>,
-    watched: Option<(PathBuf, WatchDescriptor)>,
+    inotify: Option<DirWatch>,
+    watched: Option<(PathBuf, WatchId)>,
     last: Option<Seen>,
     last_good: Option<EnabledPlugins>,
     next_resync: Instant,
 }
 
-#[derive(Debug)]
-struct InotifyFd(Inotify);
-
-impl AsRawFd for InotifyFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_fd().as_raw_fd()
-    }
-}
-
-const MASK: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE
-    .union(AddWatchFlags::IN_MOVED_TO)
-    .union(AddWatchFlags::IN_MOVED_FROM)
-    .union(AddWatchFlags::IN_CREATE)
-    .union(AddWatchFlags::IN_DELETE)
-    .union(AddWatchFlags::IN_ATTRIB)
-    .union(AddWatchFlags::IN_DELETE_SELF)
-    .union(AddWatchFlags::IN_MOVE_SELF);
+const MASK: Mask = Mask::IN_CLOSE_WRITE
+    .union(Mask::IN_MOVED_TO)
+    .union(Mask::IN_MOVED_FROM)
+    .union(Mask::IN_CREATE)
+    .union(Mask::IN_DELETE)
+    .union(Mask::IN_ATTRIB)
+    .union(Mask::IN_DELETE_SELF)
+    .union(Mask::IN_MOVE_SELF);
 
 impl FileWatcher {
     /// Starts watching. Must be called inside a tokio runtime. When inotify
@@ -129,7 +118,7 @@ impl FileWatcher {
     #[must_use]
     pub fn new(config: WatchConfig) -> Self {
         let opened = if config.events {
-            open_inotify()
+            DirWatch::new()
         } else {
             Err(io::Error::other("file events are turned off"))
         };
@@ -192,33 +181,32 @@ impl FileWatcher {
     async fn wait_for_change(&mut self) {
         let resync = tokio::time::sleep_until(self.next_resync);
         tokio::pin!(resync);
-        let Some(fd) = self.inotify.as_ref() else {
+        let Some(watch) = self.inotify.as_mut() else {
             resync.await;
             self.next_resync = Instant::now() + self.config.resync;
             return;
         };
-        let usable = loop {
+        loop {
             tokio::select! {
                 () = &mut resync => {
                     self.next_resync = Instant::now() + self.config.resync;
                     return;
                 }
-                relevant = drain(fd) => match relevant {
-                    Some(true) => break true,
-                    Some(false) => {}
-                    None => break false,
+                events = watch.next() => match events {
+                    Ok(events) if events.iter().any(relevant) => break,
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(path = %self.config.path.display(), %error, "inotify failed; re-reading the enabled-plugins file periodically only");
+                        self.inotify = None;
+                        self.watched = None;
+                        return;
+                    }
                 },
             }
-        };
-        if !usable {
-            tracing::warn!(path = %self.config.path.display(), "inotify failed; re-reading the enabled-plugins file periodically only");
-            self.inotify = None;
-            self.watched = None;
-            return;
         }
         // Let the rest of the burst arrive, then drop it: one read follows.
         tokio::time::sleep(self.config.settle).await;
-        let _ = fd.get_ref().0.read_events();
+        watch.drain();
     }
 
     /// Watches the file's directory, or its nearest existing ancestor
@@ -226,7 +214,7 @@ impl FileWatcher {
     /// ancestor is stable, so a directory created just before the watch was
     /// added is not missed.
     fn rearm(&mut self) {
-        let Some(fd) = self.inotify.as_ref() else {
+        let Some(watch) = self.inotify.as_mut() else {
             return;
         };
         let dir = self.config.path.parent().unwrap_or(Path::new("."));
@@ -241,11 +229,10 @@ impl FileWatcher {
             if self.watched.as_ref().is_some_and(|(p, _)| *p == target) {
                 return;
             }
-            if let Some((_, wd)) = self.watched.take() {
-                // The watch may be gone already (directory removed).
-                let _ = fd.get_ref().0.rm_watch(wd);
+            if let Some((_, id)) = self.watched.take() {
+                watch.remove(id);
             }
-            match fd.get_ref().0.add_watch(&target, MASK) {
+            match watch.add(&target, MASK) {
                 Ok(wd) => {
                     tracing::debug!(dir = %target.display(), "watching");
                     self.watched = Some((target, wd));
@@ -307,29 +294,10 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn open_inotify() -> io::Result<AsyncFd<InotifyFd>> {
-    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-    // SAFETY: the descriptor is owned by the `Inotify` inside `InotifyFd`,
-    // which the `AsyncFd` owns for its whole life; `as_raw_fd` always
-    // returns that same open descriptor.
-    unsafe { AsyncFd::register(InotifyFd(inotify)) }.map_err(io::Error::from)
-}
-
-/// Waits until the descriptor is readable and reads what is queued.
-/// Returns whether any event may concern the file: every event except a
-/// plain file being created (its content follows with `IN_CLOSE_WRITE`;
-/// reading it now could see it empty and mean "nothing enabled"). `None`
-/// when the descriptor cannot be used any more.
-async fn drain(fd: &AsyncFd<InotifyFd>) -> Option<bool> {
-    let mut guard = fd.readable().await.ok()?;
-    match guard.try_io(|inner| inner.get_ref().0.read_events().map_err(io::Error::from)) {
-        Ok(Ok(events)) => Some(events.iter().any(|e| {
-            let created_file = e.mask.contains(AddWatchFlags::IN_CREATE)
-                && !e.mask.contains(AddWatchFlags::IN_ISDIR);
-            !created_file
-        })),
-        // A failed read (e.g. the queue overflowed): re-read to be safe.
-        Ok(Err(_)) => Some(true),
-        Err(_would_block) => Some(false),
-    }
+/// Whether an event may concern the file: every event except a plain file
+/// being created (its content follows with `IN_CLOSE_WRITE`; reading it now
+/// could see it empty and mean "nothing enabled").
+fn relevant(event: &dir_watch::Event) -> bool {
+    let created_file = event.mask.contains(Mask::IN_CREATE) && !event.mask.contains(Mask::IN_ISDIR);
+    !created_file
 }
