@@ -1,9 +1,423 @@
 //! A reusable framework for Kubernetes device plugins (kubelet device plugin
 //! API `v1beta1`).
 //!
-//! This crate will hold the protocol types, the registration and
-//! ListAndWatch lifecycle, CDI spec handling and a kubelet emulator for
-//! tests. It knows nothing about GPUs: the Intel GPU plugin is one user of
-//! it among others.
+//! A plugin author implements [`Plugin`] (what a container gets for its
+//! devices) and publishes complete [`DeviceList`]s through a
+//! [`ResourceHandle`]; the framework does the rest of the lifecycle, the
+//! part other frameworks get wrong:
 //!
-//! Status: skeleton. The framework lands with its own issue.
+//! - it serves a fresh, uniquely named socket before calling `Register`, and
+//!   answers `GetDevicePluginOptions` while `Register` is pending;
+//! - it waits for an absent kubelet, notices kubelet restarts (its socket
+//!   deleted, `kubelet.sock` recreated) by watching the directory with a
+//!   periodic check as fallback, and re-registers with capped exponential
+//!   backoff and jitter, never exiting on a transient failure; a refusal by
+//!   the kubelet is told apart ([`RegistrationStatus::Rejected`]);
+//! - every ListAndWatch stream gets every update (latest wins, the
+//!   publisher never blocks), its task ends when the kubelet drops it, and
+//!   no stream ends while the resource lives;
+//! - it removes stale sockets of its own prefix that refuse connections,
+//!   and leaves other plugins' sockets alone;
+//! - Allocate requests naming unknown or unhealthy IDs are refused with
+//!   `InvalidArgument` naming them; preferred answers are checked.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use devplugin_api::*;
+//!
+//! struct Null;
+//! impl Plugin for Null {
+//!     fn allocate(&self, _: &AllocateRequest) -> Result<ContainerAllocation, PluginError> {
+//!         Ok(ContainerAllocation::default())
+//!     }
+//! }
+//!
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! let framework = Framework::new(FrameworkConfig::new("/var/lib/kubelet/device-plugins"));
+//! let resource = ResourceName::new("example.com/null")?;
+//! let handle = framework.serve(resource, Arc::new(Null), DeviceList::empty())?;
+//! handle.publish(DeviceList::new(vec![Device::healthy(DeviceId::new("null-0")?)])?)?;
+//! handle.stop().await;
+//! # Ok(()) }
+//! ```
+//!
+//! The [`cdi`] module writes Container Device Interface specs. The kubelet
+//! emulator for tests is the separate `kubelet-emulator` crate. This crate
+//! knows nothing about GPUs.
+
+pub mod cdi;
+mod lifecycle;
+mod metrics;
+pub mod pb;
+mod plugin;
+mod service;
+mod types;
+pub mod uds;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message as _;
+use tokio::sync::watch;
+
+pub use lifecycle::{KUBELET_SOCKET, MAX_SOCKET_PATH};
+pub use metrics::{Metrics, ResourceMetrics};
+pub use plugin::{AllocateRequest, Plugin, PluginError, PluginOptions, PreferredRequest};
+pub use types::{
+    API_VERSION, CdiName, ContainerAllocation, Device, DeviceId, DeviceList, DeviceSpec, Health,
+    InvalidName, MAX_DEVICE_ID_LEN, MAX_MESSAGE_BYTES, Mount, Permissions, ResourceName,
+};
+
+use service::Published;
+
+/// Retry delays: exponential from `initial` to `max`, each with up to 20 %
+/// random jitter either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first delay.
+    pub initial: Duration,
+    /// The largest delay.
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The delay before retry number `attempt` (0-based).
+    #[must_use]
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let base = self
+            .initial
+            .saturating_mul(2u32.saturating_pow(attempt.min(20)))
+            .min(self.max);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        // A cheap mix of the clock: jitter needs spread, not secrecy.
+        let mut x = u64::from(nanos) ^ (u64::from(attempt) << 32) ^ u64::from(std::process::id());
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let factor = 0.8 + (x % 4001) as f64 / 10_000.0; // 0.8 ..= 1.2
+        base.mul_f64(factor).min(self.max.mul_f64(1.2))
+    }
+}
+
+/// Where and how the framework runs.
+#[derive(Debug, Clone)]
+pub struct FrameworkConfig {
+    kubelet_dir: PathBuf,
+    backoff: Backoff,
+    check_interval: Duration,
+    register_timeout: Duration,
+}
+
+impl FrameworkConfig {
+    /// The kubelet's device plugin directory (where `kubelet.sock` is).
+    #[must_use]
+    pub fn new(kubelet_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            kubelet_dir: kubelet_dir.into(),
+            backoff: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(10),
+            },
+            check_interval: Duration::from_secs(5),
+            register_timeout: Duration::from_secs(15),
+        }
+    }
+
+    /// Retry delays after a failed registration.
+    #[must_use]
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// How often the directory is checked besides its events (the fallback
+    /// when events are lost or unavailable).
+    #[must_use]
+    pub fn check_interval(mut self, every: Duration) -> Self {
+        self.check_interval = every;
+        self
+    }
+
+    /// The kubelet directory.
+    #[must_use]
+    pub fn kubelet_dir(&self) -> &std::path::Path {
+        &self.kubelet_dir
+    }
+}
+
+/// Where a resource stands with the kubelet (its readiness).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegistrationStatus {
+    /// Not registered yet.
+    Starting,
+    /// `kubelet.sock` does not exist.
+    WaitingForKubelet,
+    /// Registered; the kubelet dialled back and reads ListAndWatch.
+    Registered {
+        /// The socket file name registered.
+        endpoint: String,
+    },
+    /// The last attempt failed; another follows.
+    Retrying {
+        /// Failed attempts in a row.
+        attempt: u32,
+        /// Why.
+        error: String,
+    },
+    /// The kubelet refused (bad name, unsupported version) or the
+    /// configuration cannot work: retried only when the kubelet restarts.
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+    /// The resource was stopped.
+    Stopped,
+}
+
+impl RegistrationStatus {
+    /// Whether the resource is registered.
+    #[must_use]
+    pub fn is_registered(&self) -> bool {
+        matches!(self, Self::Registered { .. })
+    }
+}
+
+/// Why a resource could not be served or a list not published.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// This framework already serves the resource.
+    #[error("resource {0} is already served by this process")]
+    AlreadyServed(ResourceName),
+    /// The encoded list would exceed the kubelet's message limit.
+    #[error(
+        "the device list of {resource} encodes to {bytes} bytes, more than the kubelet's limit of {limit}; it was not sent"
+    )]
+    TooLarge {
+        /// The resource.
+        resource: ResourceName,
+        /// The encoded size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// Serves resources to the kubelet; one socket and server per resource.
+#[derive(Debug, Clone)]
+pub struct Framework {
+    config: Arc<FrameworkConfig>,
+    metrics: Arc<Metrics>,
+    served: Arc<Mutex<BTreeSet<ResourceName>>>,
+    instance: String,
+}
+
+impl Framework {
+    /// A framework for the kubelet directory of `config`.
+    #[must_use]
+    pub fn new(config: FrameworkConfig) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        // Unique per process instance: pid and start time.
+        let instance = format!("{}-{:x}", std::process::id(), (nanos & 0xff_ffff) as u32);
+        Self {
+            config: Arc::new(config),
+            metrics: Arc::new(Metrics::default()),
+            served: Arc::new(Mutex::new(BTreeSet::new())),
+            instance,
+        }
+    }
+
+    /// The metrics of every resource served.
+    #[must_use]
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Starts serving `resource` with `initial` devices: the socket, the
+    /// registration and its upkeep run in a task until the handle is
+    /// stopped or dropped. Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// When the resource is already served, or `initial` is too large.
+    pub fn serve<P: Plugin>(
+        &self,
+        resource: ResourceName,
+        plugin: Arc<P>,
+        initial: DeviceList,
+    ) -> Result<ResourceHandle, ServeError> {
+        let published = publishable(&resource, initial)?;
+        {
+            let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
+            if !served.insert(resource.clone()) {
+                return Err(ServeError::AlreadyServed(resource));
+            }
+        }
+        let metrics = self.metrics.resource(&resource);
+        note_update(&metrics);
+        let (devices_tx, devices_rx) = watch::channel(Arc::new(published));
+        let (status_tx, status_rx) = watch::channel(RegistrationStatus::Starting);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let runtime = lifecycle::Runtime {
+            resource: resource.clone(),
+            plugin,
+            config: Arc::clone(&self.config),
+            devices: devices_rx,
+            status: status_tx,
+            metrics: Arc::clone(&metrics),
+            stop: stop_rx,
+            instance: self.instance.clone(),
+        };
+        let task = tokio::spawn(runtime.run());
+        Ok(ResourceHandle {
+            resource,
+            devices: devices_tx,
+            status: status_rx,
+            stop: stop_tx,
+            task: Some(task),
+            metrics,
+            served: Arc::clone(&self.served),
+        })
+    }
+}
+
+fn publishable(resource: &ResourceName, list: DeviceList) -> Result<Published, ServeError> {
+    let message = list.to_pb();
+    let bytes = message.encoded_len();
+    if bytes > MAX_MESSAGE_BYTES {
+        return Err(ServeError::TooLarge {
+            resource: resource.clone(),
+            bytes,
+            limit: MAX_MESSAGE_BYTES,
+        });
+    }
+    Ok(Published { list, message })
+}
+
+fn note_update(metrics: &ResourceMetrics) {
+    ResourceMetrics::inc(&metrics.updates);
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    metrics
+        .last_update_unix_ms
+        .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+}
+
+/// One served resource: publish its devices, watch its status, stop it.
+/// Dropping the handle stops the resource too (its socket is removed by
+/// the task).
+#[derive(Debug)]
+pub struct ResourceHandle {
+    resource: ResourceName,
+    devices: watch::Sender<Arc<Published>>,
+    status: watch::Receiver<RegistrationStatus>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    metrics: Arc<ResourceMetrics>,
+    served: Arc<Mutex<BTreeSet<ResourceName>>>,
+}
+
+impl ResourceHandle {
+    /// The resource.
+    #[must_use]
+    pub fn resource(&self) -> &ResourceName {
+        &self.resource
+    }
+
+    /// Publishes the complete device list. Never blocks: every open
+    /// ListAndWatch stream sends the latest list as soon as it can. An
+    /// empty list keeps the resource registered with capacity 0.
+    ///
+    /// # Errors
+    /// When the encoded list exceeds the kubelet's 4 MiB limit: nothing is
+    /// sent and the previous list stays.
+    pub fn publish(&self, list: DeviceList) -> Result<(), ServeError> {
+        let published = publishable(&self.resource, list)?;
+        let changed = self.devices.send_if_modified(|current| {
+            if current.list == published.list {
+                false
+            } else {
+                *current = Arc::new(published);
+                true
+            }
+        });
+        if changed {
+            note_update(&self.metrics);
+            tracing::info!(resource = %self.resource, devices = self.devices.borrow().list.devices().len(), "device list published");
+        }
+        Ok(())
+    }
+
+    /// The current status.
+    #[must_use]
+    pub fn status(&self) -> RegistrationStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of status changes.
+    #[must_use]
+    pub fn watch_status(&self) -> watch::Receiver<RegistrationStatus> {
+        self.status.clone()
+    }
+
+    /// This resource's figures.
+    #[must_use]
+    pub fn metrics(&self) -> &Arc<ResourceMetrics> {
+        &self.metrics
+    }
+
+    /// Stops serving: closes the streams, removes the socket, and returns
+    /// when done.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for ResourceHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.resource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        for attempt in 0..40 {
+            let d = b.delay(attempt);
+            let base = (100u64 << attempt.min(20)).min(2000);
+            assert!(
+                d >= Duration::from_millis(base * 8 / 10),
+                "{attempt}: {d:?}"
+            );
+            assert!(
+                d <= Duration::from_millis(base * 12 / 10 + 1),
+                "{attempt}: {d:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! Container Device Interface specs: rendered for a set of devices and kept
+//! in step on disk.

@@ -1,0 +1,165 @@
+//! Counters and gauges of the framework, rendered as Prometheus text by the
+//! binaries that serve them.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::types::ResourceName;
+
+/// The figures of one resource.
+#[derive(Debug, Default)]
+pub struct ResourceMetrics {
+    /// Successful registrations with the kubelet.
+    pub registrations: AtomicU64,
+    /// Failed registration attempts.
+    pub registration_failures: AtomicU64,
+    /// Kubelet restarts noticed.
+    pub kubelet_restarts: AtomicU64,
+    /// ListAndWatch streams open now.
+    pub active_streams: AtomicI64,
+    /// Device lists published.
+    pub updates: AtomicU64,
+    /// Unix time (milliseconds) of the last published list.
+    pub last_update_unix_ms: AtomicU64,
+    /// Allocate calls answered.
+    pub allocations: AtomicU64,
+    /// Allocate calls refused.
+    pub allocation_failures: AtomicU64,
+    /// GetPreferredAllocation calls answered.
+    pub preferred_allocations: AtomicU64,
+}
+
+impl ResourceMetrics {
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// ListAndWatch streams open now.
+    #[must_use]
+    pub fn streams(&self) -> i64 {
+        self.active_streams.load(Ordering::Relaxed)
+    }
+}
+
+/// Every resource's figures.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    resources: Mutex<Vec<(ResourceName, Arc<ResourceMetrics>)>>,
+}
+
+impl Metrics {
+    /// The figures of `name`, created on first use.
+    pub fn resource(&self, name: &ResourceName) -> Arc<ResourceMetrics> {
+        let mut all = self
+            .resources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, m)) = all.iter().find(|(n, _)| n == name) {
+            return Arc::clone(m);
+        }
+        let m = Arc::new(ResourceMetrics::default());
+        all.push((name.clone(), Arc::clone(&m)));
+        m
+    }
+
+    /// Prometheus text exposition with metric names starting with `prefix`
+    /// (e.g. `intel_gpu_plugin`), labelled by resource only (never by
+    /// device ID).
+    #[must_use]
+    pub fn render(&self, prefix: &str) -> String {
+        let all = self
+            .resources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut out = String::new();
+        type Get = fn(&ResourceMetrics) -> f64;
+        fn load(a: &AtomicU64) -> f64 {
+            a.load(Ordering::Relaxed) as f64
+        }
+        let rows: [(&str, &str, &str, Get); 9] = [
+            (
+                "registrations_total",
+                "counter",
+                "Successful registrations with the kubelet.",
+                |m| load(&m.registrations),
+            ),
+            (
+                "registration_failures_total",
+                "counter",
+                "Failed registration attempts.",
+                |m| load(&m.registration_failures),
+            ),
+            (
+                "kubelet_restarts_total",
+                "counter",
+                "Kubelet restarts noticed.",
+                |m| load(&m.kubelet_restarts),
+            ),
+            (
+                "list_and_watch_streams",
+                "gauge",
+                "ListAndWatch streams open now.",
+                |m| m.streams() as f64,
+            ),
+            (
+                "device_list_updates_total",
+                "counter",
+                "Device lists published.",
+                |m| load(&m.updates),
+            ),
+            (
+                "last_update_timestamp_seconds",
+                "gauge",
+                "Unix time of the last published device list.",
+                |m| load(&m.last_update_unix_ms) / 1000.0,
+            ),
+            (
+                "allocations_total",
+                "counter",
+                "Allocate calls answered.",
+                |m| load(&m.allocations),
+            ),
+            (
+                "allocation_failures_total",
+                "counter",
+                "Allocate calls refused.",
+                |m| load(&m.allocation_failures),
+            ),
+            (
+                "preferred_allocations_total",
+                "counter",
+                "GetPreferredAllocation calls answered.",
+                |m| load(&m.preferred_allocations),
+            ),
+        ];
+        for (name, kind, help, get) in rows {
+            let _ = writeln!(out, "# HELP {prefix}_{name} {help}");
+            let _ = writeln!(out, "# TYPE {prefix}_{name} {kind}");
+            for (resource, m) in all.iter() {
+                let _ = writeln!(out, "{prefix}_{name}{{resource=\"{resource}\"}} {}", get(m));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_per_resource_series() {
+        let metrics = Metrics::default();
+        let name = ResourceName::new("example.com/null").unwrap();
+        ResourceMetrics::inc(&metrics.resource(&name).registrations);
+        ResourceMetrics::inc(&metrics.resource(&name).registrations);
+        let text = metrics.render("test");
+        assert!(text.contains("# TYPE test_registrations_total counter"));
+        assert!(
+            text.contains("test_registrations_total{resource=\"example.com/null\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("test_list_and_watch_streams{resource=\"example.com/null\"} 0"));
+    }
+}
