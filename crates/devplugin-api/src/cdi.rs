@@ -1,2 +1,392 @@
 //! Container Device Interface specs: rendered for a set of devices and kept
 //! in step on disk.
+//!
+//! A [`Spec`] holds the devices of one kind (`vendor/class`);
+//! [`Spec::to_json`] renders it with the lowest `cdiVersion` whose features
+//! it uses (runtimes refuse a spec that claims less). [`SpecDir`] writes
+//! specs atomically (a temporary file whose name does not end in `.yaml` or
+//! `.json`, then a rename; mode 0644) and removes the specs it owns that are
+//! no longer wanted. Specs are never deleted on shutdown: running containers
+//! and checkpointed allocations still name them. JSON is valid YAML, so a
+//! spec may be written under a `.yaml` name.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// Edits applied to a container.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerEdits {
+    /// `KEY=value` environment entries.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// Device nodes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub device_nodes: Vec<DeviceNode>,
+    /// Mounts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
+}
+
+impl ContainerEdits {
+    fn is_empty(&self) -> bool {
+        self.env.is_empty() && self.device_nodes.is_empty() && self.mounts.is_empty()
+    }
+}
+
+/// A device node in the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceNode {
+    /// Path in the container.
+    pub path: String,
+    /// Path on the host, when it differs (needs CDI 0.5.0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<String>,
+    /// Cgroup permissions (`rw`, `rwm`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<String>,
+}
+
+/// A mount in the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Mount {
+    /// Path on the host.
+    pub host_path: String,
+    /// Path in the container.
+    pub container_path: String,
+    /// Mount options (`ro`, `bind`, …).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+    /// Filesystem type (needs CDI 0.4.0).
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+/// One device of a spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Device {
+    /// The name after `kind=`.
+    pub name: String,
+    /// Annotations (need CDI 0.6.0).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// What the device adds to a container.
+    pub container_edits: ContainerEdits,
+}
+
+/// A CDI spec: devices of one kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    /// `vendor/class`, e.g. `intel.cdi.k8s.io/gpu`.
+    pub kind: String,
+    /// The devices.
+    pub devices: Vec<Device>,
+    /// Edits for every container that gets any device of the spec.
+    pub container_edits: ContainerEdits,
+    /// Spec annotations (need CDI 0.6.0).
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Wire<'a> {
+    cdi_version: &'static str,
+    kind: &'a str,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: &'a BTreeMap<String, String>,
+    devices: &'a [Device],
+    #[serde(skip_serializing_if = "ContainerEdits::is_empty")]
+    container_edits: &'a ContainerEdits,
+}
+
+impl Spec {
+    /// The lowest `cdiVersion` whose features the spec uses.
+    #[must_use]
+    pub fn min_version(&self) -> &'static str {
+        let all_edits = || {
+            self.devices
+                .iter()
+                .map(|d| &d.container_edits)
+                .chain(std::iter::once(&self.container_edits))
+        };
+        let class = self.kind.split_once('/').map_or("", |(_, c)| c);
+        if !self.annotations.is_empty()
+            || self.devices.iter().any(|d| !d.annotations.is_empty())
+            || class.contains('.')
+        {
+            return "0.6.0";
+        }
+        let name_starts_non_letter = self.devices.iter().any(|d| {
+            d.name
+                .chars()
+                .next()
+                .is_some_and(|c| !c.is_ascii_alphabetic())
+        });
+        if name_starts_non_letter
+            || all_edits().any(|e| e.device_nodes.iter().any(|n| n.host_path.is_some()))
+        {
+            return "0.5.0";
+        }
+        if all_edits().any(|e| e.mounts.iter().any(|m| m.kind.is_some())) {
+            return "0.4.0";
+        }
+        "0.3.0"
+    }
+
+    /// The spec as JSON (which is also YAML), with its minimum version.
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        let wire = Wire {
+            cdi_version: self.min_version(),
+            kind: &self.kind,
+            annotations: &self.annotations,
+            devices: &self.devices,
+            container_edits: &self.container_edits,
+        };
+        // Plain data with string keys: serialising cannot fail.
+        serde_json::to_string_pretty(&wire).unwrap_or_default() + "\n"
+    }
+}
+
+/// Why a spec could not be written or removed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CdiError {
+    /// A file operation failed.
+    #[error("could not {action} CDI spec {}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file name that cannot be used.
+    #[error("CDI spec file name {0:?} must end in .yaml or .json and contain no '/'")]
+    BadName(String),
+}
+
+/// A directory of specs, of which this plugin owns those whose file names
+/// start with a prefix.
+#[derive(Debug, Clone)]
+pub struct SpecDir {
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl SpecDir {
+    /// Specs in `dir` (e.g. `/var/run/cdi`) named `<prefix>…`.
+    #[must_use]
+    pub fn new(dir: impl Into<PathBuf>, prefix: &str) -> Self {
+        Self {
+            dir: dir.into(),
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The directory.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `spec` as `file_name` atomically, mode 0644; does nothing when
+    /// the file already holds exactly this content. Returns whether it
+    /// wrote.
+    ///
+    /// # Errors
+    /// When the name is not a `.yaml`/`.json` file name, or writing fails
+    /// (the old file, if any, is left as it was).
+    pub fn write(&self, file_name: &str, spec: &Spec) -> Result<bool, CdiError> {
+        let is_spec_name = file_name.ends_with(".yaml") || file_name.ends_with(".json");
+        if !is_spec_name || file_name.contains('/') || !file_name.starts_with(&self.prefix) {
+            return Err(CdiError::BadName(file_name.to_owned()));
+        }
+        let content = spec.to_json();
+        let path = self.dir.join(file_name);
+        if std::fs::read(&path).is_ok_and(|c| c == content.as_bytes()) {
+            return Ok(false);
+        }
+        let io = |action, path: &Path| {
+            let path = path.to_owned();
+            move |source| CdiError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io("create the directory of", &path))?;
+        // Runtimes read only *.yaml and *.json: the temporary name is neither.
+        let tmp = self.dir.join(format!(".{file_name}.tmp"));
+        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        f.write_all(content.as_bytes()).map_err(io("write", &tmp))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io("set the mode of", &tmp))?;
+        f.sync_all().map_err(io("sync", &tmp))?;
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(|source| {
+            let _ = std::fs::remove_file(&tmp);
+            CdiError::Io {
+                action: "rename into place",
+                path: path.clone(),
+                source,
+            }
+        })?;
+        Ok(true)
+    }
+
+    /// Removes the owned specs not named in `keep`; returns the names
+    /// removed. Files of other owners are never touched.
+    ///
+    /// # Errors
+    /// When the directory cannot be listed or a file removed.
+    pub fn retain(&self, keep: &BTreeSet<String>) -> Result<Vec<String>, CdiError> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(CdiError::Io {
+                    action: "list the directory of",
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
+        };
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let owned = name.starts_with(&self.prefix)
+                && (name.ends_with(".yaml") || name.ends_with(".json"));
+            if owned && !keep.contains(&name) {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(|source| CdiError::Io {
+                    action: "remove",
+                    path,
+                    source,
+                })?;
+                removed.push(name);
+            }
+        }
+        removed.sort();
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> Spec {
+        Spec {
+            kind: "intel.cdi.k8s.io/gpu".into(),
+            devices: vec![Device {
+                name: name.into(),
+                annotations: BTreeMap::new(),
+                container_edits: ContainerEdits {
+                    device_nodes: vec![DeviceNode {
+                        path: "/dev/dri/card1".into(),
+                        host_path: None,
+                        permissions: Some("rw".into()),
+                    }],
+                    ..ContainerEdits::default()
+                },
+            }],
+            container_edits: ContainerEdits::default(),
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn minimum_versions_follow_the_features_used() {
+        let mut s = spec("card1");
+        assert_eq!(s.min_version(), "0.3.0");
+        s.devices[0].container_edits.mounts.push(Mount {
+            host_path: "/a".into(),
+            container_path: "/a".into(),
+            options: vec!["ro".into()],
+            kind: Some("none".into()),
+        });
+        assert_eq!(s.min_version(), "0.4.0");
+        s.devices[0].container_edits.device_nodes[0].host_path = Some("/dev/dri/card1".into());
+        assert_eq!(s.min_version(), "0.5.0");
+        assert_eq!(spec("1card").min_version(), "0.5.0");
+        s.annotations.insert("a".into(), "b".into());
+        assert_eq!(s.min_version(), "0.6.0");
+        let mut dotted = spec("x");
+        dotted.kind = "vendor.com/cl.ass".into();
+        assert_eq!(dotted.min_version(), "0.6.0");
+    }
+
+    #[test]
+    fn json_has_no_empty_fields() {
+        let json = spec("card1").to_json();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["cdiVersion"], "0.3.0");
+        assert_eq!(v["kind"], "intel.cdi.k8s.io/gpu");
+        assert_eq!(
+            v["devices"][0]["containerEdits"]["deviceNodes"][0]["path"],
+            "/dev/dri/card1"
+        );
+        assert!(v.get("containerEdits").is_none() && v.get("annotations").is_none());
+        assert!(v["devices"][0]["containerEdits"].get("mounts").is_none());
+    }
+
+    #[test]
+    fn write_is_atomic_idempotent_0644_and_retain_spares_foreign_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = SpecDir::new(dir.path().join("cdi"), "intel.cdi.k8s.io-gpu-");
+        assert!(
+            specs
+                .write("intel.cdi.k8s.io-gpu-card1.yaml", &spec("card1"))
+                .unwrap()
+        );
+        assert!(
+            !specs
+                .write("intel.cdi.k8s.io-gpu-card1.yaml", &spec("card1"))
+                .unwrap(),
+            "same content is not rewritten"
+        );
+        assert!(
+            specs
+                .write("intel.cdi.k8s.io-gpu-card2.yaml", &spec("card2"))
+                .unwrap()
+        );
+        let path = dir.path().join("cdi/intel.cdi.k8s.io-gpu-card1.yaml");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        std::fs::write(dir.path().join("cdi/nvidia.com-gpu.yaml"), "{}").unwrap();
+        let keep: BTreeSet<String> = ["intel.cdi.k8s.io-gpu-card2.yaml".to_owned()].into();
+        assert_eq!(
+            specs.retain(&keep).unwrap(),
+            ["intel.cdi.k8s.io-gpu-card1.yaml"]
+        );
+        let mut left: Vec<String> = std::fs::read_dir(dir.path().join("cdi"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["intel.cdi.k8s.io-gpu-card2.yaml", "nvidia.com-gpu.yaml"]
+        );
+        assert!(matches!(
+            specs.write("intel.cdi.k8s.io-gpu-card1.txt", &spec("x")),
+            Err(CdiError::BadName(_))
+        ));
+        assert!(matches!(
+            specs.write("other.yaml", &spec("x")),
+            Err(CdiError::BadName(_))
+        ));
+    }
+}

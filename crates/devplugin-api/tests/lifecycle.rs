@@ -406,9 +406,52 @@ async fn invalid_names_and_oversized_lists_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_registration_is_visible_and_retried_after_a_kubelet_restart() {
-    // A resource name the framework accepts but the kubelet refuses is not
-    // constructible; an unsupported version cannot be sent either. So the
-    // rejection path is driven by a socket path that is too long.
+    let dir = tempfile::tempdir().unwrap();
+    let mut kubelet = KubeletEmulator::start(dir.path()).await.unwrap();
+    kubelet.refuse_registrations(Some("the ResourceName \"example.com/null\" is invalid"));
+    let fw = Framework::new(config(dir.path()));
+    let handle = fw
+        .serve(res(RES), Arc::new(Null::default()), list(1))
+        .unwrap();
+    let mut status = handle.watch_status();
+    let s = tokio::time::timeout(
+        LIMIT,
+        status.wait_for(|s| matches!(s, RegistrationStatus::Rejected { .. })),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    assert_eq!(
+        s,
+        RegistrationStatus::Rejected {
+            reason: "the ResourceName \"example.com/null\" is invalid".into()
+        }
+    );
+    // A refusal is not retried in a loop: only a new kubelet is asked again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        handle
+            .metrics()
+            .registration_failures
+            .load(Ordering::Relaxed),
+        1
+    );
+    kubelet.refuse_registrations(None);
+    kubelet.restart().await.unwrap();
+    kubelet
+        .wait_until(LIMIT, |v| count(v, RES) == Some(1))
+        .await
+        .unwrap();
+    tokio::time::timeout(LIMIT, status.wait_for(RegistrationStatus::is_registered))
+        .await
+        .unwrap()
+        .unwrap();
+    handle.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_path_over_the_limit_is_refused_clearly() {
     let base = tempfile::tempdir().unwrap();
     let long = base.path().join("d".repeat(100));
     std::fs::create_dir(&long).unwrap();

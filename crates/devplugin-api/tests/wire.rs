@@ -20,7 +20,10 @@ fn s(v: &str) -> String {
 
 #[test]
 fn device_plugin_options() {
-    let o = pb::DevicePluginOptions { pre_start_required: true, get_preferred_allocation_available: true };
+    let o = pb::DevicePluginOptions {
+        pre_start_required: true,
+        get_preferred_allocation_available: true,
+    };
     pin(&o, &[0x08, 0x01, 0x10, 0x01]);
 }
 
@@ -30,7 +33,10 @@ fn register_request() {
         version: s("v1beta1"),
         endpoint: s("e.sock"),
         resource_name: s("a/b"),
-        options: Some(pb::DevicePluginOptions { pre_start_required: true, get_preferred_allocation_available: true }),
+        options: Some(pb::DevicePluginOptions {
+            pre_start_required: true,
+            get_preferred_allocation_available: true,
+        }),
     };
     let mut want = vec![0x0a, 7];
     want.extend_from_slice(b"v1beta1");
@@ -48,7 +54,9 @@ fn list_and_watch_with_topology() {
         devices: vec![pb::Device {
             id: s("d"),
             health: s("Healthy"),
-            topology: Some(pb::TopologyInfo { nodes: vec![pb::NumaNode { id: 1 }] }),
+            topology: Some(pb::TopologyInfo {
+                nodes: vec![pb::NumaNode { id: 1 }],
+            }),
         }],
     };
     let mut device = vec![0x0a, 1, b'd', 0x12, 7];
@@ -62,7 +70,12 @@ fn list_and_watch_with_topology() {
 
 #[test]
 fn pre_start_and_empty() {
-    pin(&pb::PreStartContainerRequest { devices_ids: vec![s("x")] }, &[0x0a, 1, b'x']);
+    pin(
+        &pb::PreStartContainerRequest {
+            devices_ids: vec![s("x")],
+        },
+        &[0x0a, 1, b'x'],
+    );
     pin(&pb::PreStartContainerResponse {}, &[]);
     pin(&pb::Empty {}, &[]);
 }
@@ -78,20 +91,34 @@ fn preferred_allocation() {
     };
     pin(&req, &[0x0a, 8, 0x0a, 1, b'a', 0x12, 1, b'b', 0x18, 2]);
     let resp = pb::PreferredAllocationResponse {
-        container_responses: vec![pb::ContainerPreferredAllocationResponse { device_i_ds: vec![s("a")] }],
+        container_responses: vec![pb::ContainerPreferredAllocationResponse {
+            device_i_ds: vec![s("a")],
+        }],
     };
     pin(&resp, &[0x0a, 3, 0x0a, 1, b'a']);
 }
 
 #[test]
 fn allocate() {
-    let req = pb::AllocateRequest { container_requests: vec![pb::ContainerAllocateRequest { devices_ids: vec![s("a")] }] };
+    let req = pb::AllocateRequest {
+        container_requests: vec![pb::ContainerAllocateRequest {
+            devices_ids: vec![s("a")],
+        }],
+    };
     pin(&req, &[0x0a, 3, 0x0a, 1, b'a']);
 
     let c = pb::ContainerAllocateResponse {
         envs: [(s("k"), s("v"))].into_iter().collect(),
-        mounts: vec![pb::Mount { container_path: s("c"), host_path: s("h"), read_only: true }],
-        devices: vec![pb::DeviceSpec { container_path: s("c"), host_path: s("h"), permissions: s("rw") }],
+        mounts: vec![pb::Mount {
+            container_path: s("c"),
+            host_path: s("h"),
+            read_only: true,
+        }],
+        devices: vec![pb::DeviceSpec {
+            container_path: s("c"),
+            host_path: s("h"),
+            permissions: s("rw"),
+        }],
         annotations: [(s("a"), s("b"))].into_iter().collect(),
         cdi_devices: vec![pb::CdiDevice { name: s("n") }],
     };
@@ -111,13 +138,24 @@ fn allocate() {
     pin(&c, &container);
     let mut want = vec![0x0a, u8::try_from(container.len()).unwrap()];
     want.extend_from_slice(&container);
-    pin(&pb::AllocateResponse { container_responses: vec![c] }, &want);
+    pin(
+        &pb::AllocateResponse {
+            container_responses: vec![c],
+        },
+        &want,
+    );
 }
 
 #[test]
 fn service_names_and_method_paths() {
-    assert_eq!(pb::registration_server::SERVICE_NAME, "v1beta1.Registration");
-    assert_eq!(pb::device_plugin_server::SERVICE_NAME, "v1beta1.DevicePlugin");
+    assert_eq!(
+        pb::registration_server::SERVICE_NAME,
+        "v1beta1.Registration"
+    );
+    assert_eq!(
+        pb::device_plugin_server::SERVICE_NAME,
+        "v1beta1.DevicePlugin"
+    );
     // The method paths are part of the wire: they are in the generated code.
     let code = include_str!("../src/pb/v1beta1.rs");
     for path in [

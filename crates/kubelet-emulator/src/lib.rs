@@ -128,6 +128,7 @@ struct Shared {
     dir: PathBuf,
     state: State,
     changed: watch::Sender<u64>,
+    refusal: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -163,16 +164,7 @@ impl KubeletEmulator {
     /// # Errors
     /// When the socket cannot be served.
     pub async fn start(dir: &Path) -> Result<Self, EmulatorError> {
-        let (changed, _) = watch::channel(0);
-        let shared = Arc::new(Shared {
-            dir: dir.to_owned(),
-            state: State::default(),
-            changed,
-        });
-        let mut me = Self {
-            shared,
-            server: None,
-        };
+        let mut me = Self::absent(dir);
         me.serve()?;
         Ok(me)
     }
@@ -182,12 +174,14 @@ impl KubeletEmulator {
     #[must_use]
     pub fn absent(dir: &Path) -> Self {
         let (changed, _) = watch::channel(0);
+        let shared = Shared {
+            dir: dir.to_owned(),
+            state: State::default(),
+            changed,
+            refusal: Mutex::new(None),
+        };
         Self {
-            shared: Arc::new(Shared {
-                dir: dir.to_owned(),
-                state: State::default(),
-                changed,
-            }),
+            shared: Arc::new(shared),
             server: None,
         }
     }
@@ -217,6 +211,16 @@ impl KubeletEmulator {
         });
         self.server = Some((stop_tx, task));
         Ok(())
+    }
+
+    /// Makes every later `Register` fail with this message, as a kubelet
+    /// that refuses the plugin (`None` accepts again).
+    pub fn refuse_registrations(&self, message: Option<&str>) {
+        *self
+            .shared
+            .refusal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = message.map(str::to_owned);
     }
 
     /// `<dir>/kubelet.sock`.
@@ -456,6 +460,15 @@ impl Registration for RegistrationService {
                     req.endpoint
                 ),
             ));
+        }
+        let refusal = self
+            .shared
+            .refusal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(message) = refusal {
+            return Err(self.reject(&resource, message));
         }
         // Dial back and read the options before answering, as the kubelet.
         let path = self.shared.dir.join(&req.endpoint);
