@@ -137,6 +137,11 @@ impl Samples {
         }
     }
 
+    /// Adds every sample of `other`.
+    pub fn extend(&mut self, other: &Samples) {
+        self.values.extend_from_slice(&other.values);
+    }
+
     /// How many samples were taken.
     #[must_use]
     pub fn len(&self) -> usize {
