@@ -1,7 +1,8 @@
 //! `cargo xtask fuzz [CRATE/TARGET] [--seconds N]`: runs a `cargo fuzz`
-//! target with the nightly toolchain (opt-in, not part of CI), growing its
-//! corpus in `crates/<crate>/fuzz/corpus/<target>`, which a stable test of
-//! the crate replays in CI. Without a target it lists them.
+//! target with the nightly toolchain (opt-in, not part of CI), seeded from
+//! `crates/<crate>/fuzz/corpus/<target>` (which a stable test of the crate
+//! replays in CI) and growing a work corpus under `target/fuzz-corpus/`.
+//! Without a target it lists them.
 
 use std::path::PathBuf;
 
@@ -84,11 +85,16 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
         run(cargo().args(["install", "--locked", "cargo-fuzz"]))?;
     }
     let fuzz_dir: PathBuf = project_root().join("crates").join(krate).join("fuzz");
-    let corpus = fuzz_dir.join("corpus").join(name);
+    // New inputs go to a work corpus under target/; the checked-in seeds
+    // (replayed by a stable test) are read, never grown by a run.
+    let seeds = fuzz_dir.join("corpus").join(name);
+    let work = project_root().join("target/fuzz-corpus").join(krate).join(name);
+    std::fs::create_dir_all(&work).with_context(|| format!("could not create {}", work.display()))?;
     let mut cmd = std::process::Command::new("cargo");
     cmd.current_dir(&fuzz_dir)
         .args(["+nightly", "fuzz", "run", name])
-        .arg(&corpus)
+        .arg(&work)
+        .arg(&seeds)
         .arg("--")
         .arg(format!("-max_total_time={seconds}"));
     run(&mut cmd)?;
