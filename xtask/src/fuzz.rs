@@ -88,8 +88,12 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
     // New inputs go to a work corpus under target/; the checked-in seeds
     // (replayed by a stable test) are read, never grown by a run.
     let seeds = fuzz_dir.join("corpus").join(name);
-    let work = project_root().join("target/fuzz-corpus").join(krate).join(name);
-    std::fs::create_dir_all(&work).with_context(|| format!("could not create {}", work.display()))?;
+    let work = project_root()
+        .join("target/fuzz-corpus")
+        .join(krate)
+        .join(name);
+    std::fs::create_dir_all(&work)
+        .with_context(|| format!("could not create {}", work.display()))?;
     let mut cmd = std::process::Command::new("cargo");
     cmd.current_dir(&fuzz_dir)
         .args(["+nightly", "fuzz", "run", name])
@@ -99,8 +103,9 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
         .arg(format!("-max_total_time={seconds}"));
     run(&mut cmd)?;
     println!(
-        "fuzzed {target} for {seconds}s; new corpus entries are in {}",
-        corpus.display()
+        "fuzzed {target} for {seconds}s; new inputs are in {} (copy the interesting ones to {})",
+        work.display(),
+        seeds.display()
     );
     Ok(())
 }
