@@ -389,6 +389,33 @@ impl FakeNode {
     }
 }
 
+/// Sends a kernel-format uevent message to netlink group 1 of the current
+/// network namespace, as the kernel would. Needs root in the namespace's
+/// user namespace (e.g. under `unshare --user --map-root-user --net`, where
+/// it is also hermetic); fails with `EPERM` otherwise.
+///
+/// # Errors
+/// When the socket cannot be opened or the message not sent.
+pub fn inject_uevent(message: &[u8]) -> std::io::Result<()> {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, sendto, socket,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkKObjectUEvent,
+    )?;
+    sendto(
+        fd.as_raw_fd(),
+        message,
+        &NetlinkAddr::new(0, 1),
+        MsgFlags::empty(),
+    )?;
+    Ok(())
+}
+
 /// The card numbers under a PCI function's `drm/`.
 fn cards_of(dev: &Path) -> Vec<u32> {
     list(&dev.join("drm"))

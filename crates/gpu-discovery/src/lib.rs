@@ -28,6 +28,8 @@ mod filter;
 mod inventory;
 mod scan;
 mod sysfs;
+pub mod uevent;
+mod watch;
 
 pub use config::{DEFAULT_HOST_DEV, DiscoveryConfig, Driver};
 pub use filter::{FilterError, IdFilter, ParsedFilter};
@@ -35,3 +37,4 @@ pub use inventory::{
     CardState, DeviceNode, Gpu, Inventory, NodeKind, SCHEMA, Skipped, Sriov, SriovRole,
 };
 pub use scan::{DiscoveryError, INTEL_VENDOR, not_advertised_reason, scan};
+pub use watch::{InventoryWatcher, Source, WatcherConfig};

@@ -1,0 +1,452 @@
+//! Following hotplug: every event source funnels into one rescan that reacts
+//! at once to the first event of a burst and coalesces the rest. Events are
+//! hints; sysfs is the truth.
+//!
+//! Sources: kernel uevents (netlink group 1, which reaches ordinary pods)
+//! and udev's processed events (group 2, only in the host's network
+//! namespace) on one netlink socket; inotify on `<devfs>/dri` and
+//! `<devfs>/dri/by-path` (nodes and links appearing and vanishing, including
+//! udev finishing the links after the kernel event); and a slow periodic
+//! rescan as a safety net, faster when no event source could be opened.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dir_watch::{DirWatch, Mask};
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, socket,
+};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::config::DiscoveryConfig;
+use crate::inventory::Inventory;
+use crate::scan::{DiscoveryError, scan};
+use crate::uevent;
+
+/// Netlink multicast groups: the kernel's (1) and udev's (2).
+const KERNEL_GROUP: u32 = 1;
+const UDEV_GROUP: u32 = 2;
+
+/// How the watcher behaves.
+#[derive(Debug, Clone)]
+pub struct WatcherConfig {
+    discovery: DiscoveryConfig,
+    rescan: Duration,
+    fallback_rescan: Duration,
+    settle: Duration,
+    uevents: bool,
+    inotify: bool,
+}
+
+impl WatcherConfig {
+    /// Watches the node `discovery` reads: uevents and inotify on, a
+    /// safety rescan every 60 s (every 5 s when no event source opened),
+    /// bursts coalesced over 20 ms.
+    #[must_use]
+    pub fn new(discovery: DiscoveryConfig) -> Self {
+        Self {
+            discovery,
+            rescan: Duration::from_secs(60),
+            fallback_rescan: Duration::from_secs(5),
+            settle: Duration::from_millis(20),
+            uevents: true,
+            inotify: true,
+        }
+    }
+
+    /// The safety rescan interval while event sources work.
+    #[must_use]
+    pub fn rescan_every(mut self, every: Duration) -> Self {
+        self.rescan = every;
+        self
+    }
+
+    /// The rescan interval when no event source could be opened.
+    #[must_use]
+    pub fn fallback_rescan_every(mut self, every: Duration) -> Self {
+        self.fallback_rescan = every;
+        self
+    }
+
+    /// How long after the last event of a burst the trailing rescan waits.
+    #[must_use]
+    pub fn settle(mut self, wait: Duration) -> Self {
+        self.settle = wait;
+        self
+    }
+
+    /// Does not open the netlink uevent socket.
+    #[must_use]
+    pub fn without_uevents(mut self) -> Self {
+        self.uevents = false;
+        self
+    }
+
+    /// Does not watch devfs with inotify.
+    #[must_use]
+    pub fn without_inotify(mut self) -> Self {
+        self.inotify = false;
+        self
+    }
+}
+
+/// An event source and whether it opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Netlink uevents (kernel, and udev where visible).
+    Uevents,
+    /// inotify on the devfs `dri` directories.
+    DevfsInotify,
+}
+
+/// Follows the inventory; the latest differing inventory is published on a
+/// `watch` channel (consumers never block the watcher, latest wins).
+#[derive(Debug)]
+pub struct InventoryWatcher {
+    rx: watch::Receiver<Arc<Inventory>>,
+    sources: Vec<Source>,
+    rescans: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for InventoryWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl InventoryWatcher {
+    /// Scans once and starts following. Must be called inside a tokio
+    /// runtime. Sources that cannot be opened are logged once and left out.
+    ///
+    /// # Errors
+    /// When the first scan fails (see [`scan`]).
+    pub fn spawn(config: WatcherConfig) -> Result<Self, DiscoveryError> {
+        let first = scan(&config.discovery)?;
+        let (tx, rx) = watch::channel(Arc::new(first));
+        let (hint_tx, hint_rx) = mpsc::channel(64);
+        let mut sources = Vec::new();
+        if config.uevents {
+            match open_uevents() {
+                Ok(fd) => {
+                    tokio::spawn(uevent_source(fd, hint_tx.clone()));
+                    sources.push(Source::Uevents);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot receive uevents; hotplug falls back to other sources")
+                }
+            }
+        }
+        if config.inotify {
+            match DirWatch::new() {
+                Ok(w) => {
+                    tokio::spawn(devfs_source(
+                        w,
+                        config.discovery.devfs_root().to_owned(),
+                        hint_tx.clone(),
+                    ));
+                    sources.push(Source::DevfsInotify);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot watch devfs; hotplug falls back to other sources")
+                }
+            }
+        }
+        drop(hint_tx);
+        let interval = if sources.is_empty() {
+            tracing::warn!(every = ?config.fallback_rescan, "no hotplug event source could be opened; rescanning periodically");
+            config.fallback_rescan
+        } else {
+            config.rescan
+        };
+        let rescans = Arc::new(AtomicU64::new(0));
+        let timing = Timing {
+            interval,
+            settle: config.settle,
+        };
+        let discovery = config.discovery.clone();
+        let counter = Arc::clone(&rescans);
+        let tx = Arc::new(tx);
+        let rescan = move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+            let d = discovery.clone();
+            let tx = Arc::clone(&tx);
+            async move {
+                match tokio::task::spawn_blocking(move || scan(&d)).await {
+                    Ok(Ok(inv)) => {
+                        tx.send_if_modified(|cur| {
+                            if **cur == inv {
+                                false
+                            } else {
+                                tracing::info!(
+                                    gpus = inv.gpus.len(),
+                                    advertised = inv.advertised().count(),
+                                    "inventory changed"
+                                );
+                                *cur = Arc::new(inv);
+                                true
+                            }
+                        });
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "rescan failed; keeping the last inventory")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "rescan task failed; keeping the last inventory")
+                    }
+                }
+            }
+        };
+        let task = tokio::spawn(drive(hint_rx, timing, rescan));
+        Ok(Self {
+            rx,
+            sources,
+            rescans,
+            task,
+        })
+    }
+
+    /// A receiver of inventories (the current one is marked seen).
+    #[must_use]
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Inventory>> {
+        let mut rx = self.rx.clone();
+        rx.mark_unchanged();
+        rx
+    }
+
+    /// The current inventory.
+    #[must_use]
+    pub fn current(&self) -> Arc<Inventory> {
+        Arc::clone(&self.rx.borrow())
+    }
+
+    /// The event sources that opened.
+    #[must_use]
+    pub fn sources(&self) -> &[Source] {
+        &self.sources
+    }
+
+    /// Rescans done since the start (not counting the first scan).
+    #[must_use]
+    pub fn rescans(&self) -> u64 {
+        self.rescans.load(Ordering::Relaxed)
+    }
+}
+
+/// A hint that something may have changed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hint;
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    pub(crate) interval: Duration,
+    pub(crate) settle: Duration,
+}
+
+/// The coalescing loop: the first hint of a burst rescans at once; hints
+/// that arrive during that rescan or within `settle` of each other cause
+/// one trailing rescan (bounded: a burst that never ends still rescans every
+/// 10 × `settle`); without hints, a rescan every `interval`.
+pub(crate) async fn drive<F, Fut>(mut hints: mpsc::Receiver<Hint>, timing: Timing, mut rescan: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut hints_open = true;
+    let mut next_periodic = Instant::now() + timing.interval;
+    loop {
+        if hints_open {
+            tokio::select! {
+                h = hints.recv() => if h.is_none() { hints_open = false; continue },
+                () = tokio::time::sleep_until(next_periodic) => {}
+            }
+        } else {
+            tokio::time::sleep_until(next_periodic).await;
+        }
+        // The safety net counts from the latest rescan.
+        next_periodic = Instant::now() + timing.interval;
+        rescan().await;
+        // Trailing edge: what arrived meanwhile, then quiet for `settle`.
+        let mut dirty = false;
+        while hints.try_recv().is_ok() {
+            dirty = true;
+        }
+        let burst_end = Instant::now() + timing.settle * 10;
+        while hints_open {
+            let wait = (Instant::now() + timing.settle).min(burst_end);
+            match tokio::time::timeout_at(wait, hints.recv()).await {
+                Ok(Some(_)) => dirty = true,
+                Ok(None) => hints_open = false,
+                Err(_) => break,
+            }
+            if Instant::now() >= burst_end {
+                break;
+            }
+        }
+        if dirty {
+            next_periodic = Instant::now() + timing.interval;
+            rescan().await;
+        }
+    }
+}
+
+/// Opens a netlink socket subscribed to kernel and udev uevents.
+fn open_uevents() -> io::Result<AsyncFd<OwnedFd>> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        SockProtocol::NetlinkKObjectUEvent,
+    )?;
+    bind(
+        fd.as_raw_fd(),
+        &NetlinkAddr::new(0, KERNEL_GROUP | UDEV_GROUP),
+    )?;
+    // SAFETY: `fd` is an open socket owned by the `AsyncFd` for its whole
+    // life; `OwnedFd::as_raw_fd` always returns that descriptor.
+    unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
+}
+
+async fn uevent_source(fd: AsyncFd<OwnedFd>, hints: mpsc::Sender<Hint>) {
+    let mut buf = vec![0u8; uevent::MAX_MESSAGE];
+    loop {
+        let Ok(mut guard) = fd.readable().await else {
+            return;
+        };
+        match guard.try_io(|inner| {
+            recv(inner.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+        }) {
+            Ok(Ok(n)) => {
+                let relevant = match buf.get(..n).map(uevent::parse) {
+                    Some(Ok(event)) => {
+                        tracing::debug!(origin = %event.origin, action = ?event.action, devpath = %event.devpath, "uevent");
+                        event.concerns_gpus()
+                    }
+                    // Unparsable: a hint all the same.
+                    _ => true,
+                };
+                if relevant && hints.try_send(Hint).is_err() && hints.is_closed() {
+                    return;
+                }
+            }
+            // ENOBUFS: events were lost; a rescan recovers the truth.
+            Ok(Err(_)) => {
+                if hints.try_send(Hint).is_err() && hints.is_closed() {
+                    return;
+                }
+            }
+            Err(_would_block) => {}
+        }
+    }
+}
+
+/// Watches `<devfs>/dri` and `<devfs>/dri/by-path`, or devfs itself while
+/// `dri` does not exist.
+async fn devfs_source(mut watch: DirWatch, devfs: PathBuf, hints: mpsc::Sender<Hint>) {
+    let mask = Mask::IN_CREATE
+        | Mask::IN_DELETE
+        | Mask::IN_MOVED_TO
+        | Mask::IN_MOVED_FROM
+        | Mask::IN_ATTRIB
+        | Mask::IN_DELETE_SELF;
+    let dri = devfs.join("dri");
+    let by_path = dri.join("by-path");
+    let mut watched: Vec<(PathBuf, dir_watch::WatchId)> = Vec::new();
+    let arm = |watch: &mut DirWatch, watched: &mut Vec<(PathBuf, dir_watch::WatchId)>| {
+        for dir in [devfs.as_path(), dri.as_path(), by_path.as_path()] {
+            let present = watched.iter().any(|(p, _)| p.as_path() == dir);
+            if !present
+                && dir.is_dir()
+                && let Ok(id) = watch.add(dir, mask)
+            {
+                watched.push((dir.to_owned(), id));
+            }
+        }
+        watched.retain(|(p, _)| p.is_dir());
+    };
+    arm(&mut watch, &mut watched);
+    loop {
+        match watch.next().await {
+            Ok(events) => {
+                let relevant = events.iter().any(|e| {
+                    e.dir.as_deref() != Some(devfs.as_path()) || is_dri(e.name.as_deref())
+                });
+                arm(&mut watch, &mut watched);
+                if relevant && hints.try_send(Hint).is_err() && hints.is_closed() {
+                    return;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "devfs watch failed");
+                return;
+            }
+        }
+    }
+}
+
+fn is_dri(name: Option<&std::ffi::OsStr>) -> bool {
+    name.is_some_and(|n| n == "dri")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    async fn run(hints_at: &[u64], total: u64) -> usize {
+        let (tx, rx) = mpsc::channel(64);
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&count);
+        let timing = Timing {
+            interval: Duration::from_secs(60),
+            settle: Duration::from_millis(20),
+        };
+        let task = tokio::spawn(drive(rx, timing, move || {
+            c.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(())
+        }));
+        let start = Instant::now();
+        for &at in hints_at {
+            tokio::time::sleep_until(start + Duration::from_millis(at)).await;
+            tx.send(Hint).await.unwrap();
+        }
+        tokio::time::sleep_until(start + Duration::from_millis(total)).await;
+        task.abort();
+        count.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_event_one_rescan() {
+        assert_eq!(run(&[0], 1000).await, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_one_leading_and_one_trailing_rescan() {
+        // A GPU add: PCI, card, render, connectors, MEI, hwmon within 15 ms.
+        assert_eq!(run(&[0, 1, 2, 5, 9, 15], 1000).await, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn separate_events_rescan_separately() {
+        assert_eq!(run(&[0, 500], 1000).await, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endless_burst_still_rescans() {
+        let every_10ms: Vec<u64> = (0..100).map(|i| i * 10).collect();
+        let n = run(&every_10ms, 1000).await;
+        assert!((4..=12).contains(&n), "{n}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_happening_rescans_at_the_interval_only() {
+        assert_eq!(run(&[], 60_000 * 3 + 10).await, 3);
+    }
+}
