@@ -16,6 +16,10 @@ pub(crate) const STEPS: &[(&str, &str)] = &[
     ("clippy", "clippy on all targets, warnings denied"),
     ("test", "every test of the workspace"),
     ("tidy", "repository rules (xtask's own tests)"),
+    (
+        "libudev",
+        "gpu-discovery's optional libudev monitor builds, lints and opens",
+    ),
     ("deny", "cargo deny: bans, licenses, sources"),
 ];
 
@@ -82,6 +86,19 @@ fn run_step(step: &str) -> Result<()> {
             run(cargo().args(["test", "--workspace", "--locked", "--exclude", "xtask"])).map(drop)
         }
         "tidy" => run(cargo().args(["test", "--locked", "-p", "xtask"])).map(drop),
+        "libudev" => {
+            ensure_libudev()?;
+            let feature = ["-p", "gpu-discovery", "--features", "libudev"];
+            run(cargo()
+                .args(["clippy", "--locked", "--all-targets"])
+                .args(feature)
+                .args(["--", "-D", "warnings"]))?;
+            run(cargo()
+                .args(["test", "--locked", "--test", "hotplug"])
+                .args(feature)
+                .arg("libudev"))
+            .map(drop)
+        }
         "deny" => {
             ensure_cargo_deny()?;
             run(cargo().args(["deny", "--locked", "check", "bans", "licenses", "sources"]))
@@ -89,6 +106,32 @@ fn run_step(step: &str) -> Result<()> {
         }
         other => bail!("no such step `{other}`"),
     }
+}
+
+/// Installs Debian's `libudev-dev` when pkg-config cannot find libudev.
+fn ensure_libudev() -> Result<()> {
+    let found = || succeeds(std::process::Command::new("pkg-config").args(["--exists", "libudev"]));
+    if found() {
+        return Ok(());
+    }
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        bail!(
+            "libudev-dev is missing (needed to build the `libudev` feature): run `sudo apt-get install libudev-dev pkg-config`"
+        );
+    }
+    eprintln!("libudev-dev is missing: installing it with apt-get");
+    run(std::process::Command::new("apt-get").args(["update", "-qq"]))?;
+    run(std::process::Command::new("apt-get")
+        .args(["install", "-y", "-qq", "libudev-dev", "pkg-config"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    if !found() {
+        bail!("libudev-dev was installed but pkg-config still cannot find libudev");
+    }
+    Ok(())
 }
 
 /// Installs `cargo-deny` from crates.io when `cargo deny` does not run.

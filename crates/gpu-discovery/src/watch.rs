@@ -43,6 +43,8 @@ pub struct WatcherConfig {
     settle: Duration,
     uevents: bool,
     inotify: bool,
+    #[cfg(feature = "libudev")]
+    libudev: bool,
 }
 
 impl WatcherConfig {
@@ -58,7 +60,19 @@ impl WatcherConfig {
             settle: Duration::from_millis(20),
             uevents: true,
             inotify: true,
+            #[cfg(feature = "libudev")]
+            libudev: false,
         }
+    }
+
+    /// Adds a libudev monitor (DRM and PCI events after udev processed
+    /// them) as a source. Needs the `libudev` feature and the host's udev
+    /// in the same network namespace.
+    #[cfg(feature = "libudev")]
+    #[must_use]
+    pub fn with_libudev(mut self) -> Self {
+        self.libudev = true;
+        self
     }
 
     /// The safety rescan interval while event sources work.
@@ -104,6 +118,9 @@ pub enum Source {
     Uevents,
     /// inotify on the devfs `dri` directories.
     DevfsInotify,
+    /// A libudev monitor (feature `libudev`).
+    #[cfg(feature = "libudev")]
+    Libudev,
 }
 
 /// Follows the inventory; the latest differing inventory is published on a
@@ -156,6 +173,15 @@ impl InventoryWatcher {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "cannot watch devfs; hotplug falls back to other sources")
+                }
+            }
+        }
+        #[cfg(feature = "libudev")]
+        if config.libudev {
+            match spawn_libudev(hint_tx.clone()) {
+                Ok(()) => sources.push(Source::Libudev),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot open a libudev monitor; hotplug falls back to other sources")
                 }
             }
         }
@@ -343,6 +369,54 @@ async fn uevent_source(fd: AsyncFd<OwnedFd>, hints: mpsc::Sender<Hint>) {
                 }
             }
             Err(_would_block) => {}
+        }
+    }
+}
+
+/// libudev's handles may not cross threads: the monitor is opened and
+/// lives on its own thread, which polls with a timeout so that it ends soon
+/// after the watcher. Returns once the monitor opened (or failed to).
+#[cfg(feature = "libudev")]
+fn spawn_libudev(hints: mpsc::Sender<Hint>) -> io::Result<()> {
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("libudev-monitor".into())
+        .spawn(move || {
+            let socket = udev::MonitorBuilder::new()
+                .and_then(|b| b.match_subsystem("drm")?.match_subsystem("pci")?.listen());
+            match socket {
+                Ok(socket) => {
+                    let _ = opened_tx.send(Ok(()));
+                    libudev_source(&socket, &hints);
+                }
+                Err(e) => {
+                    let _ = opened_tx.send(Err(e));
+                }
+            }
+        })?;
+    opened_rx
+        .recv()
+        .map_err(|_| io::Error::other("the libudev thread ended"))?
+}
+
+#[cfg(feature = "libudev")]
+fn libudev_source(socket: &udev::MonitorSocket, hints: &mpsc::Sender<Hint>) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    while !hints.is_closed() {
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(1000u16)) {
+            Ok(0) => {}
+            Ok(_) => {
+                if socket.iter().count() > 0 {
+                    let _ = hints.try_send(Hint);
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(error) => {
+                tracing::warn!(%error, "libudev monitor failed");
+                return;
+            }
         }
     }
 }

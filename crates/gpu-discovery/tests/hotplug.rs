@@ -205,3 +205,19 @@ fn uevents_end_to_end_in_a_hermetic_namespace() {
     assert!(out.status.success(), "the namespaced child failed:\n{text}");
     assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
 }
+
+/// The libudev monitor opens (feature `libudev`; CI installs libudev-dev).
+#[cfg(feature = "libudev")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libudev_monitor_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path());
+    let w = InventoryWatcher::spawn(
+        slow(&node)
+            .without_uevents()
+            .without_inotify()
+            .with_libudev(),
+    )
+    .unwrap();
+    assert_eq!(w.sources(), [Source::Libudev]);
+}
