@@ -1,14 +1,144 @@
 //! `intel-gpu-plugin`: the Kubernetes device plugin for Intel GPUs.
 
+use std::process::ExitCode;
+
 use clap::Parser;
+use gpu_discovery::{DiscoveryConfig, IdFilter, scan};
+use intel_gpu_plugin::cli::{Cli, Command, LogFormat, translate_go_flags};
+use intel_gpu_plugin::inspect;
+use intel_gpu_plugin::plan::Options;
+use intel_gpu_plugin::server::{RunConfig, run};
 
-/// Kubernetes device plugin for Intel GPUs: advertises `gpu.intel.com/i915`
-/// and `gpu.intel.com/xe` to the kubelet.
-#[derive(Debug, Parser)]
-#[command(name = "intel-gpu-plugin", version, about, long_about = None)]
-struct Cli {}
+/// Exit code for unusable flags.
+const USAGE: u8 = 2;
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("the device plugin is not built yet: only --version and --help work")
+fn init_logging(cli: &Cli) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).map_err(|_| {
+        format!(
+            "--log-level {:?} is not a level such as info or debug",
+            cli.log_level
+        )
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let (args, go_warnings) = translate_go_flags(std::env::args().collect());
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            print!("{e}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            eprintln!(
+                "intel-gpu-plugin: {}",
+                text.lines()
+                    .next()
+                    .unwrap_or("invalid arguments")
+                    .trim_start_matches("error: ")
+            );
+            return ExitCode::from(USAGE);
+        }
+    };
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("intel-gpu-plugin: {e}");
+        return ExitCode::from(USAGE);
+    }
+    for w in go_warnings {
+        tracing::warn!("{w}");
+    }
+    let filter = match IdFilter::parse(cli.allow_ids.as_deref(), cli.deny_ids.as_deref()) {
+        Ok(parsed) => {
+            for w in parsed.warnings {
+                tracing::warn!("{w}");
+            }
+            parsed.filter
+        }
+        Err(e) => {
+            eprintln!("intel-gpu-plugin: {e}");
+            return ExitCode::from(USAGE);
+        }
+    };
+    let http = match cli.http() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("intel-gpu-plugin: {e}");
+            return ExitCode::from(USAGE);
+        }
+    };
+    let (sysfs, devfs) = cli.roots();
+    let discovery = DiscoveryConfig::new(sysfs, devfs).filter(filter);
+    let options = Options {
+        shared_dev_num: cli.shared_dev_num,
+        bypath: cli.bypath,
+        monitoring: cli.enable_monitoring.then_some(cli.monitoring_mode),
+        temp_limit: cli.temp_limit,
+        temp_hysteresis: 5.0,
+        host_dri: discovery.host_dev_prefix().join("dri"),
+    };
+    if let Some(Command::Inspect { json }) = cli.command {
+        return match scan(&discovery) {
+            Ok(inventory) => {
+                let report = inspect::report(&inventory, &options);
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    );
+                } else {
+                    print!("{}", inspect::text(&report));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "intel-gpu-plugin: {e}: {}",
+                    std::error::Error::source(&e)
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let config = RunConfig {
+        discovery,
+        options,
+        policy: cli.allocation_policy,
+        kubelet_dir: cli.kubelet_dir,
+        cdi_dir: cli.cdi_dir,
+        http,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("intel-gpu-plugin: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("intel-gpu-plugin: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
