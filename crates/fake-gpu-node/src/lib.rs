@@ -378,6 +378,34 @@ impl FakeNode {
         self.remove_by_path(&dev)
     }
 
+    /// Creates the card's device nodes and by-path links again (after
+    /// [`FakeNode::remove_device_nodes`]), from its `drm/` entries.
+    ///
+    /// # Errors
+    /// When the card does not exist or the tree cannot be changed.
+    pub fn create_device_nodes(&self, card: u32) -> Result<()> {
+        let dev = self.card_device(card)?;
+        let address = dev
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let dri = self.root.join("dev/dri");
+        for m in list(&dev.join("drm")) {
+            write(&dri.join(&m), "")?;
+            let kind = if m.starts_with("render") {
+                "render"
+            } else {
+                "card"
+            };
+            symlink(
+                &dri.join(&m),
+                &dri.join(format!("by-path/pci-{address}-{kind}")),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Writes a sysfs attribute of the card's PCI function (relative path,
     /// e.g. `hwmon/hwmon0/temp1_input`).
     ///

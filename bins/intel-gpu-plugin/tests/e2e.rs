@@ -1,0 +1,390 @@
+//! The real binary as a child process, against fake nodes and the kubelet
+//! emulator over real Unix sockets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fake_gpu_node::{FakeNode, GpuSpec, NodeSpec};
+use kubelet_emulator::{KubeletEmulator, View};
+
+const BIN: &str = env!("CARGO_BIN_EXE_intel-gpu-plugin");
+const LIMIT: Duration = Duration::from_secs(15);
+const I915: &str = "gpu.intel.com/i915";
+const XE: &str = "gpu.intel.com/xe";
+
+struct Plugin(Child);
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    node: FakeNode,
+    kubelet: KubeletEmulator,
+}
+
+impl Env {
+    async fn new(spec: &NodeSpec) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let node = FakeNode::build(&dir.path().join("node"), spec).unwrap();
+        std::fs::create_dir(dir.path().join("kubelet")).unwrap();
+        let kubelet = KubeletEmulator::start(&dir.path().join("kubelet"))
+            .await
+            .unwrap();
+        Self { dir, node, kubelet }
+    }
+
+    fn cdi(&self) -> std::path::PathBuf {
+        self.dir.path().join("cdi")
+    }
+
+    fn start(&self, extra: &[&str]) -> Plugin {
+        let child = Command::new(BIN)
+            .arg("--sysfs-root")
+            .arg(self.node.sysfs_root())
+            .arg("--devfs-root")
+            .arg(self.node.devfs_root())
+            .arg("--kubelet-dir")
+            .arg(self.kubelet.dir())
+            .arg("--cdi-dir")
+            .arg(self.cdi())
+            .args(["--http-address", "127.0.0.1:0", "--log-level", "debug"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Plugin(child)
+    }
+
+    async fn until(&self, what: &str, f: impl Fn(&View) -> bool) -> View {
+        self.kubelet
+            .wait_until(LIMIT, f)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+}
+
+fn ids(v: &View, resource: &str) -> Vec<String> {
+    v.devices(resource)
+        .map(|d| {
+            d.devices()
+                .iter()
+                .map(|x| x.id.as_str().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn health(v: &View, resource: &str, id: &str) -> Option<devplugin_api::Health> {
+    v.devices(resource)?.get(id).map(|d| d.health)
+}
+
+fn mixed() -> NodeSpec {
+    NodeSpec {
+        name: "mixed".into(),
+        gpus: vec![
+            GpuSpec::new(0),
+            GpuSpec::new(1).device("0xe20b").driver(Some("xe")),
+        ],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_resources_register_and_allocate_with_cdi() {
+    let env = Env::new(&mixed()).await;
+    let _p = env.start(&["--shared-dev-num", "2"]);
+    let v = env
+        .until("both resources", |v| {
+            ids(v, I915).len() == 2 && ids(v, XE).len() == 2
+        })
+        .await;
+    assert_eq!(ids(&v, I915), ["card0-0", "card0-1"]);
+    assert_eq!(ids(&v, XE), ["card1-0", "card1-1"]);
+    assert!(
+        v.resources[I915]
+            .endpoint
+            .starts_with("gpu.intel.com-i915-")
+    );
+    // CDI specs exist once advertised.
+    assert!(env.cdi().join("intel.cdi.k8s.io-gpu-card0.yaml").exists());
+    assert!(env.cdi().join("intel.cdi.k8s.io-gpu-card1.yaml").exists());
+
+    let a = env
+        .kubelet
+        .allocate(I915, &["card0-0", "card0-1"])
+        .await
+        .unwrap();
+    let nodes: Vec<&str> = a.devices.iter().map(|d| d.host_path.as_str()).collect();
+    assert_eq!(
+        nodes,
+        ["/dev/dri/card0", "/dev/dri/renderD128"],
+        "two shares of one card are merged"
+    );
+    assert!(a.devices.iter().all(|d| d.permissions == "rw"));
+    assert_eq!(a.mounts.len(), 2);
+    assert!(a.mounts.iter().all(|m| {
+        m.read_only
+            && m.host_path
+                .starts_with("/dev/dri/by-path/pci-0000:03:00.0-")
+    }));
+    assert_eq!(a.cdi_devices[0].name, "intel.cdi.k8s.io/gpu=card0");
+    let err = env.kubelet.allocate(XE, &["card0-0"]).await.unwrap_err();
+    assert!(err.to_string().contains("card0-0"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_reach_the_kubelet() {
+    let spec = NodeSpec {
+        name: "t".into(),
+        gpus: vec![GpuSpec::new(0), GpuSpec::new(1), GpuSpec::new(2)],
+    };
+    for (policy, want) in [
+        ("packed", ["card0-0", "card0-1", "card0-2"]),
+        ("balanced", ["card0-0", "card1-0", "card2-0"]),
+        ("none", ["card2-11", "card0-11", "card1-11"]),
+    ] {
+        let env = Env::new(&spec).await;
+        let _p = env.start(&["--shared-dev-num", "12", "--allocation-policy", policy]);
+        let v = env.until("registered", |v| ids(v, I915).len() == 36).await;
+        assert!(v.resources[I915].options.get_preferred_allocation_available);
+        let mut avail: Vec<String> = Vec::new();
+        for share in [11, 2, 10, 0, 1] {
+            for card in [2, 0, 1] {
+                avail.push(format!("card{card}-{share}"));
+            }
+        }
+        let avail: Vec<&str> = avail.iter().map(String::as_str).collect();
+        let got = env.kubelet.preferred(I915, &avail, &[], 3).await.unwrap();
+        assert_eq!(got, want, "{policy}");
+        let got = env
+            .kubelet
+            .preferred(I915, &avail, &["card1-10"], 2)
+            .await
+            .unwrap();
+        assert_eq!(got[0], "card1-10", "{policy} honours must_include");
+        let err = env
+            .kubelet
+            .preferred(I915, &avail, &[], 16)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("asked for 16 devices but only 15 are available"),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitoring_resource() {
+    let env = Env::new(&NodeSpec::battlemage_workstation()).await;
+    let _p = env.start(&["-enable-monitoring"]);
+    env.until("monitoring", |v| {
+        ids(v, "gpu.intel.com/monitoring") == ["all"]
+    })
+    .await;
+    let a = env
+        .kubelet
+        .allocate("gpu.intel.com/monitoring", &["all"])
+        .await
+        .unwrap();
+    let nodes: Vec<&str> = a.devices.iter().map(|d| d.host_path.as_str()).collect();
+    assert!(
+        nodes.contains(&"/dev/mei0") && nodes.contains(&"/dev/dri/renderD129"),
+        "{nodes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hotplug_health_and_a_new_driver_reach_the_kubelet() {
+    let env = Env::new(&NodeSpec {
+        name: "t".into(),
+        gpus: vec![GpuSpec::new(0)],
+    })
+    .await;
+    let _p = env.start(&[]);
+    env.until("card0", |v| ids(v, I915) == ["card0-0"]).await;
+    assert!(env.kubelet.view().devices(XE).is_none());
+
+    env.node.add_gpu(&GpuSpec::new(1)).unwrap();
+    env.until("card1 added", |v| ids(v, I915) == ["card0-0", "card1-0"])
+        .await;
+    // An xe GPU on an i915-only node creates the xe resource.
+    env.node
+        .add_gpu(&GpuSpec::new(2).device("0xe20b").driver(Some("xe")))
+        .unwrap();
+    env.until("xe appears", |v| ids(v, XE) == ["card2-0"]).await;
+    assert!(env.cdi().join("intel.cdi.k8s.io-gpu-card2.yaml").exists());
+
+    // Health flaps both ways: nodes vanish, then return.
+    env.node.remove_device_nodes(1).unwrap();
+    env.until("card1 unhealthy", |v| {
+        health(v, I915, "card1-0") == Some(devplugin_api::Health::Unhealthy)
+    })
+    .await;
+    env.node.create_device_nodes(1).unwrap();
+    env.until("card1 healthy", |v| {
+        health(v, I915, "card1-0") == Some(devplugin_api::Health::Healthy)
+    })
+    .await;
+
+    // Removal: the xe resource stays registered with capacity 0.
+    env.node.remove_gpu(2).unwrap();
+    let v = env
+        .until("xe empty", |v| {
+            v.devices(XE).is_some_and(|d| d.devices().is_empty())
+        })
+        .await;
+    assert!(v.is_connected(XE));
+    assert!(
+        !env.cdi().join("intel.cdi.k8s.io-gpu-card2.yaml").exists(),
+        "the gone card's spec is removed"
+    );
+    env.node.remove_gpu(1).unwrap();
+    env.until("card1 removed", |v| ids(v, I915) == ["card0-0"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_kubelet_restarts_then_sigterm() {
+    let mut env = Env::new(&mixed()).await;
+    let mut p = env.start(&[]);
+    env.until("registered", |v| {
+        ids(v, I915).len() == 1 && ids(v, XE).len() == 1
+    })
+    .await;
+    for i in 1..=20u32 {
+        env.kubelet.restart().await.unwrap();
+        env.until(&format!("restart {i}"), |v| {
+            v.registrations(I915) == i + 1
+                && v.registrations(XE) == i + 1
+                && ids(v, I915).len() == 1
+                && ids(v, XE).len() == 1
+        })
+        .await;
+    }
+    let sockets = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().into_string().ok())
+            .filter(|n| n.starts_with("gpu.intel.com-"))
+            .count()
+    };
+    assert_eq!(sockets(env.kubelet.dir()), 2);
+    let start = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &p.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "exit took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(sockets(env.kubelet.dir()), 0, "sockets removed");
+    // CDI specs stay for running containers.
+    assert!(env.cdi().join("intel.cdi.k8s.io-gpu-card0.yaml").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_style_flags_work() {
+    let env = Env::new(&mixed()).await;
+    let prefix = env.dir.path().join("node");
+    let child = Command::new(BIN)
+        .arg(format!("-prefix={}", prefix.display()))
+        .arg(format!("-kubelet-dir={}", env.kubelet.dir().display()))
+        .arg(format!("-cdi-dir={}", env.cdi().display()))
+        .args([
+            "-shared-dev-num",
+            "3",
+            "-v=2",
+            "-health-management",
+            "-allow-ids=0x56A0",
+            "-http-address=127.0.0.1:0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _p = Plugin(child);
+    let v = env.until("registered", |v| ids(v, I915).len() == 3).await;
+    assert!(v.devices(XE).is_none(), "0xe20b is not in the allow list");
+}
+
+#[test]
+fn bad_flags_exit_2_with_one_line() {
+    for args in [
+        &["--allocation-policy", "random"][..],
+        &["--bypath", "some"],
+        &["--shared-dev-num", "0"],
+        &["--allow-ids", "0x56a0", "--deny-ids", "0x56c0"],
+        &["--allow-ids", "gpu"],
+        &["--http-address", "nowhere"],
+        &["--monitoring-mode", "double"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("intel-gpu-plugin: "), "{err}");
+    }
+}
+
+#[test]
+fn inspect_explains_every_card() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = FakeNode::build(dir.path(), &NodeSpec::starlingx_edge()).unwrap();
+    let out = Command::new(BIN)
+        .args(["inspect", "--json", "--sysfs-root"])
+        .arg(node.sysfs_root())
+        .arg("--devfs-root")
+        .arg(node.devfs_root())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["cards"].as_array().unwrap().len(), 6);
+    assert!(
+        v["cards"][1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("VFs enabled")
+    );
+    assert_eq!(v["resources"][0]["resource"], "gpu.intel.com/i915");
+    assert_eq!(
+        v["resources"][0]["allocate_example"]["cdi_devices"][0],
+        "intel.cdi.k8s.io/gpu=card0"
+    );
+    let text = Command::new(BIN)
+        .arg("inspect")
+        .arg("--sysfs-root")
+        .arg(node.sysfs_root())
+        .arg("--devfs-root")
+        .arg(node.devfs_root())
+        .output()
+        .unwrap();
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.contains("card1 0000:4d:00.0 0x56c0 driver=i915 state=usable — NOT advertised: SR-IOV physical function"), "{text}");
+}
