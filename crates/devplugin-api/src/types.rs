@@ -1,6 +1,6 @@
 //! Domain types: what a plugin author deals in instead of prost messages.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -239,10 +239,20 @@ impl Device {
 }
 
 /// A complete device list for one resource: unique IDs, in the order given.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct DeviceList {
     devices: Vec<Device>,
+    /// ID → position, for lookups on the Allocate path.
+    index: std::collections::HashMap<String, usize>,
 }
+
+impl PartialEq for DeviceList {
+    fn eq(&self, other: &Self) -> bool {
+        self.devices == other.devices
+    }
+}
+
+impl Eq for DeviceList {}
 
 impl DeviceList {
     /// An empty list (capacity 0).
@@ -256,13 +266,13 @@ impl DeviceList {
     /// # Errors
     /// [`InvalidName::DuplicateId`] naming the first repeated ID.
     pub fn new(devices: Vec<Device>) -> Result<Self, InvalidName> {
-        let mut seen = HashSet::with_capacity(devices.len());
-        for d in &devices {
-            if !seen.insert(d.id.as_str()) {
+        let mut index = std::collections::HashMap::with_capacity(devices.len());
+        for (i, d) in devices.iter().enumerate() {
+            if index.insert(d.id.0.clone(), i).is_some() {
                 return Err(InvalidName::DuplicateId { id: d.id.0.clone() });
             }
         }
-        Ok(Self { devices })
+        Ok(Self { devices, index })
     }
 
     /// The devices.
@@ -274,7 +284,7 @@ impl DeviceList {
     /// The device with this ID.
     #[must_use]
     pub fn get(&self, id: &str) -> Option<&Device> {
-        self.devices.iter().find(|d| d.id.as_str() == id)
+        self.index.get(id).and_then(|&i| self.devices.get(i))
     }
 
     /// The wire message.

@@ -125,6 +125,8 @@ struct State {
 }
 
 struct Shared {
+    /// Connections to plugins, reused like the kubelet's.
+    channels: Mutex<BTreeMap<String, tonic::transport::Channel>>,
     dir: PathBuf,
     state: State,
     changed: watch::Sender<u64>,
@@ -175,6 +177,7 @@ impl KubeletEmulator {
     pub fn absent(dir: &Path) -> Self {
         let (changed, _) = watch::channel(0);
         let shared = Shared {
+            channels: Mutex::new(BTreeMap::new()),
             dir: dir.to_owned(),
             state: State::default(),
             changed,
@@ -275,14 +278,38 @@ impl KubeletEmulator {
         &self,
         resource: &str,
     ) -> Result<DevicePluginClient<tonic::transport::Channel>, EmulatorError> {
+        // Only the endpoint: cloning the whole view would cost more than
+        // the call measured.
         let endpoint = self
-            .view()
+            .shared
+            .state
+            .view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
             .resources
             .get(resource)
             .filter(|r| r.connected)
             .map(|r| r.endpoint.clone())
             .ok_or_else(|| EmulatorError::NotRegistered(resource.to_owned()))?;
-        let channel = uds::connect(&self.shared.dir.join(endpoint), DIAL_TIMEOUT).await?;
+        let cached = self
+            .shared
+            .channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&endpoint)
+            .cloned();
+        let channel = match cached {
+            Some(c) => c,
+            None => {
+                let c = uds::connect(&self.shared.dir.join(&endpoint), DIAL_TIMEOUT).await?;
+                self.shared
+                    .channels
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(endpoint, c.clone());
+                c
+            }
+        };
         Ok(DevicePluginClient::new(channel))
     }
 
