@@ -55,7 +55,12 @@ impl Env {
             .arg(self.kubelet.dir())
             .arg("--cdi-dir")
             .arg(self.cdi())
-            .args(["--http-address", "127.0.0.1:0", "--log-level", "debug"])
+            .args(["--log-level", "debug"])
+            .args(if extra.contains(&"--http-address") {
+                &[][..]
+            } else {
+                &["--http-address", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -387,4 +392,62 @@ fn inspect_explains_every_card() {
         .unwrap();
     let text = String::from_utf8(text.stdout).unwrap();
     assert!(text.contains("card1 0000:4d:00.0 0x56c0 driver=i915 state=usable — NOT advertised: SR-IOV physical function"), "{text}");
+}
+
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_and_metrics() {
+    let mut env = Env::new(&mixed()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _p = env.start(&["--http-address", &format!("127.0.0.1:{port}")]);
+    env.until("registered", |v| {
+        ids(v, I915).len() == 1 && ids(v, XE).len() == 1
+    })
+    .await;
+    let deadline = Instant::now() + LIMIT;
+    while http_get(port, "/readyz").0 != "HTTP/1.1 200 OK" {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(http_get(port, "/healthz").0, "HTTP/1.1 200 OK");
+    let (status, metrics) = http_get(port, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        metrics.contains("intel_gpu_plugin_registrations_total{resource=\"gpu.intel.com/i915\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("intel_gpu_plugin_cards{health=\"healthy\"} 2"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("card0-0"), "no per-device labels");
+    assert_eq!(http_get(port, "/nope").0, "HTTP/1.1 404 Not Found");
+    // A kubelet that goes away makes the plugin unready.
+    env.kubelet.stop().await;
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let (status, body) = http_get(port, "/readyz");
+        if status.contains("503") {
+            assert!(body.contains("gpu.intel.com/"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready without a kubelet");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -309,9 +309,19 @@ impl<P: Plugin> Runtime<P> {
             // The periodic check, also after events that did not decide. A
             // missing kubelet.sock is a kubelet going down: the restart is
             // when its new socket appears (or ours is deleted).
-            let new_kubelet = inode(&kubelet).is_some_and(|i| Some(i) != kubelet_inode);
+            let current = inode(&kubelet);
+            let new_kubelet = current.is_some_and(|i| Some(i) != kubelet_inode);
             if !path.exists() || new_kubelet {
                 return true;
+            }
+            // A kubelet that is down is not reading our list: not ready
+            // until it is back.
+            if current.is_none() {
+                self.set(RegistrationStatus::WaitingForKubelet);
+            } else {
+                self.set(RegistrationStatus::Registered {
+                    endpoint: name.to_owned(),
+                });
             }
         }
     }
