@@ -58,20 +58,7 @@ fn start(node: &FakeNode, kubelet: &Path, cdi: &Path, shares: &str) -> Plugin {
 }
 
 fn node_512(root: &Path) -> FakeNode {
-    let mut spec = NodeSpec {
-        name: "512".into(),
-        gpus: Vec::new(),
-    };
-    for i in 0..16u32 {
-        let mut pf = GpuSpec::new(i * 32)
-            .device("0x56c0")
-            .at(&format!("0000:{:02x}:00.0", 0x10 + i * 8))
-            .sriov(31, 31, i * 32 + 1);
-        pf.class = "0x038000".into();
-        pf.numa_node = i32::try_from(i / 8).unwrap();
-        spec.gpus.push(pf);
-    }
-    FakeNode::build(root, &spec).unwrap()
+    FakeNode::build(root, &NodeSpec::flex_vfs(16, 31)).unwrap()
 }
 
 fn proc_stat(pid: u32) -> (Duration, u64) {
@@ -222,25 +209,19 @@ async fn main() {
         return;
     }
     let mut report = Report::new("intel_gpu_plugin");
-    let permitted = Command::new("unshare")
-        .args(["--user", "--map-root-user", "--net", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if permitted {
-        let status = Command::new("unshare")
-            .args(["--user", "--map-root-user", "--net"])
-            .arg(std::env::current_exe().unwrap())
-            .arg("--bench")
-            .env(CHILD_ENV, "1")
-            .status()
-            .unwrap();
-        assert!(status.success(), "the namespaced hotplug benchmark failed");
-    } else {
-        for name in ["plugin.hotplug_ms_p50", "plugin.hotplug_ms_p99"] {
-            report.skip(
-                name,
-                "uevent injection needs `unshare --user --map-root-user --net`, not permitted here",
-            );
+    let exe = std::env::current_exe().unwrap();
+    match fake_gpu_node::run_hermetic(&exe, &["--bench"], (CHILD_ENV, "1")) {
+        Ok(out) => assert!(
+            out.status.success(),
+            "the namespaced hotplug benchmark failed: {out:?}"
+        ),
+        Err(reason) => {
+            for name in ["plugin.hotplug_ms_p50", "plugin.hotplug_ms_p99"] {
+                report.skip(
+                    name,
+                    &format!("uevent injection needs a hermetic namespace: {reason}"),
+                );
+            }
         }
     }
     startup(&mut report).await;

@@ -444,6 +444,42 @@ pub fn inject_uevent(message: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The `unshare` arguments of a hermetic namespace with a root mapping.
+pub const UNSHARE: [&str; 3] = ["--user", "--map-root-user", "--net"];
+
+/// Runs `command` (typically the current test or benchmark binary again)
+/// inside `unshare --user --map-root-user --net`, where it is root of a
+/// hermetic network namespace and may inject uevents. Returns the child's
+/// output, or `Err(reason)` when such namespaces are not permitted here (the
+/// caller reports that it skipped).
+///
+/// # Errors
+/// The reason namespaces cannot be used.
+pub fn run_hermetic(
+    command: &std::path::Path,
+    args: &[&str],
+    env: (&str, &str),
+) -> std::result::Result<std::process::Output, String> {
+    use std::process::Command;
+    match Command::new("unshare").args(UNSHARE).arg("true").output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            return Err(format!(
+                "user+net namespaces are not permitted here ({})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Err(e) => return Err(format!("no unshare command ({e})")),
+    }
+    Command::new("unshare")
+        .args(UNSHARE)
+        .arg(command)
+        .args(args)
+        .env(env.0, env.1)
+        .output()
+        .map_err(|e| format!("could not run unshare: {e}"))
+}
+
 /// The card numbers under a PCI function's `drm/`.
 fn cards_of(dev: &Path) -> Vec<u32> {
     list(&dev.join("drm"))

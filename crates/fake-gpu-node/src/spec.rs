@@ -285,6 +285,30 @@ impl NodeSpec {
         Self::builtin(include_str!("../nodes/battlemage-workstation.toml"))
     }
 
+    /// A dense node for stress figures: `pfs` Flex 170 PFs, each with `vfs`
+    /// VFs enabled (`pfs × (vfs + 1)` cards; PF `i` is card `i × 32`, its
+    /// VFs follow), spread over two NUMA nodes.
+    #[must_use]
+    pub fn flex_vfs(pfs: u32, vfs: u32) -> Self {
+        let mut spec = Self {
+            name: format!("flex-{pfs}x{vfs}"),
+            gpus: Vec::new(),
+        };
+        for i in 0..pfs {
+            let mut pf = GpuSpec::new(i * 32)
+                .device("0x56c0")
+                .at(&format!("0000:{:02x}:00.0", (0x10 + i * 8) % 256))
+                .sriov(31, vfs.min(31), i * 32 + 1);
+            pf.class = "0x038000".into();
+            pf.numa_node = i32::try_from(i * 2 / pfs.max(1)).unwrap_or(0);
+            pf.lmem_total_bytes = Some(16 << 30);
+            pf.temperature_mdeg = Some(45_000);
+            pf.mei = Some(i);
+            spec.gpus.push(pf);
+        }
+        spec
+    }
+
     fn builtin(text: &str) -> Self {
         // The shipped descriptions are tested to parse.
         Self::parse(text, false).unwrap_or_default()

@@ -8,7 +8,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark may panic
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bench_report::{Report, Samples};
@@ -83,30 +82,24 @@ async fn events_child() {
 }
 
 fn events_in_namespace(report: &mut Report) {
-    let permitted = Command::new("unshare")
-        .args(["--user", "--map-root-user", "--net", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !permitted {
-        for name in [
-            "discovery.event_to_inventory_ms_p50",
-            "discovery.event_to_inventory_ms_p99",
-        ] {
-            report.skip(
-                name,
-                "uevent injection needs `unshare --user --map-root-user --net`, not permitted here",
-            );
+    let exe = std::env::current_exe().unwrap();
+    match fake_gpu_node::run_hermetic(&exe, &["--bench"], (CHILD_ENV, "1")) {
+        Ok(out) => assert!(
+            out.status.success(),
+            "the namespaced benchmark child failed: {out:?}"
+        ),
+        Err(reason) => {
+            for name in [
+                "discovery.event_to_inventory_ms_p50",
+                "discovery.event_to_inventory_ms_p99",
+            ] {
+                report.skip(
+                    name,
+                    &format!("uevent injection needs a hermetic namespace: {reason}"),
+                );
+            }
         }
-        return;
     }
-    let status = Command::new("unshare")
-        .args(["--user", "--map-root-user", "--net"])
-        .arg(std::env::current_exe().unwrap())
-        .arg("--bench")
-        .env(CHILD_ENV, "1")
-        .status()
-        .unwrap();
-    assert!(status.success(), "the namespaced benchmark child failed");
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -8,29 +8,13 @@ use std::hint::black_box;
 use std::path::Path;
 
 use bench_report::{Report, Samples};
-use fake_gpu_node::{FakeNode, GpuSpec, NodeSpec};
+use fake_gpu_node::{FakeNode, NodeSpec};
 use gpu_discovery::{DiscoveryConfig, scan};
 
 const SAMPLES: usize = 30;
 
 fn node_512(root: &Path) -> FakeNode {
-    let mut spec = NodeSpec {
-        name: "512".into(),
-        gpus: Vec::new(),
-    };
-    for i in 0..16u32 {
-        let mut pf = GpuSpec::new(i * 32)
-            .device("0x56c0")
-            .at(&format!("0000:{:02x}:00.0", 0x10 + i * 8))
-            .sriov(31, 31, i * 32 + 1);
-        pf.class = "0x038000".into();
-        pf.numa_node = i32::try_from(i / 8).unwrap();
-        pf.lmem_total_bytes = Some(16 << 30);
-        pf.temperature_mdeg = Some(45_000);
-        pf.mei = Some(i);
-        spec.gpus.push(pf);
-    }
-    FakeNode::build(root, &spec).unwrap()
+    FakeNode::build(root, &NodeSpec::flex_vfs(16, 31)).unwrap()
 }
 
 /// Reads what `scan` reads, processing nothing.

@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -165,38 +164,21 @@ async fn uevent_child() {
 fn uevents_end_to_end_in_a_hermetic_namespace() {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
-    let probe = Command::new("unshare")
-        .args(["--user", "--map-root-user", "--net", "true"])
-        .output();
-    match probe {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => {
-            eprintln!(
-                "SKIPPED uevents_end_to_end_in_a_hermetic_namespace: user+net namespaces are not permitted here ({})",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return;
-        }
-        Err(e) => {
-            eprintln!(
-                "SKIPPED uevents_end_to_end_in_a_hermetic_namespace: no unshare command ({e})"
-            );
-            return;
-        }
-    }
-    let out = Command::new("unshare")
-        .args(["--user", "--map-root-user", "--net"])
-        .arg(exe)
-        .args([
-            "--exact",
-            "uevent_child",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(CHILD_ENV, dir.path())
-        .output()
-        .unwrap();
+    let args = [
+        "--exact",
+        "uevent_child",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ];
+    let out =
+        match fake_gpu_node::run_hermetic(&exe, &args, (CHILD_ENV, dir.path().to_str().unwrap())) {
+            Ok(out) => out,
+            Err(reason) => {
+                eprintln!("SKIPPED uevents_end_to_end_in_a_hermetic_namespace: {reason}");
+                return;
+            }
+        };
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
