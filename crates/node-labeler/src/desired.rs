@@ -1,0 +1,172 @@
+//! The labels a node should carry: a pure function of its inventory and the
+//! enabled-plugins decision.
+
+use std::collections::BTreeMap;
+
+use enabled_plugins::Label;
+use gpu_discovery::{Gpu, Inventory};
+
+/// The prefix of the discovery labels.
+pub const PREFIX: &str = "gpu.intel.com/";
+/// The NFD-style feature label.
+pub const FEATURE_LABEL: &str = "intel.feature.node.kubernetes.io/gpu";
+/// The longest label value.
+pub const MAX_VALUE: usize = 63;
+
+/// What the cluster decided about the GPU plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Enabled, marking nodes with this label.
+    Enabled(Label),
+    /// Not in the enabled-plugins list.
+    Disabled,
+    /// No source could be read: change nothing about the plugin label.
+    Unknown(String),
+}
+
+/// Product and family labels of known device ids.
+const PRODUCTS: &[(u16, &str, &str)] = &[
+    (0x0bd5, "Max_1550", "Max_Series"),
+    (0x0bda, "Max_1100", "Max_Series"),
+    (0x56c0, "Flex_170", "Flex_Series"),
+    (0x56c1, "Flex_140", "Flex_Series"),
+    (0x56a0, "A770", "A_Series"),
+    (0x56a5, "A380", "A_Series"),
+    (0xe20b, "B580", "B_Series"),
+    (0xe20c, "B570", "B_Series"),
+];
+
+/// Splits a long value into `key`, `key2`, `key3`… of at most 63
+/// characters; continuation values start with `Z` (a value must start with
+/// an alphanumeric) and every chunk ends with one.
+#[must_use]
+pub fn split_long(key: &str, value: &str) -> Vec<(String, String)> {
+    if value.len() <= MAX_VALUE {
+        return vec![(key.to_owned(), value.to_owned())];
+    }
+    let mut out = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        let prefix = if out.is_empty() { "" } else { "Z" };
+        let room = MAX_VALUE - prefix.len();
+        let mut cut = rest.len().min(room);
+        // End on an alphanumeric (values are ASCII here).
+        while cut > 1 && !rest.as_bytes()[cut - 1].is_ascii_alphanumeric() {
+            cut -= 1;
+        }
+        let (chunk, tail) = rest.split_at(cut);
+        let name = if out.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{key}{}", out.len() + 1)
+        };
+        out.push((name, format!("{prefix}{chunk}")));
+        rest = tail;
+    }
+    out
+}
+
+/// The discovery labels, compatible with the Go labeller's.
+#[must_use]
+pub fn discovery_labels(inventory: &Inventory) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let bound: Vec<&Gpu> = inventory
+        .gpus
+        .iter()
+        .filter(|g| g.driver.is_some())
+        .collect();
+    if bound.is_empty() {
+        return out;
+    }
+    out.insert(FEATURE_LABEL.to_owned(), "true".to_owned());
+    let mut ids: BTreeMap<(u32, u16), usize> = BTreeMap::new();
+    for g in &bound {
+        *ids.entry((g.class >> 8, g.device_id)).or_default() += 1;
+    }
+    for ((class, id), n) in &ids {
+        let stem = format!("{PREFIX}device-id.{class:04x}-{id:04x}");
+        out.insert(format!("{stem}.present"), "true".to_owned());
+        out.insert(format!("{stem}.count"), n.to_string());
+    }
+    let products: Vec<&(u16, &str, &str)> = ids
+        .keys()
+        .filter_map(|(_, id)| PRODUCTS.iter().find(|p| p.0 == *id))
+        .collect();
+    if let [only] = products.as_slice() {
+        out.insert(format!("{PREFIX}product"), only.1.to_owned());
+        out.insert(format!("{PREFIX}family"), only.2.to_owned());
+    }
+    let advertised: Vec<&Gpu> = inventory.advertised().collect();
+    if !advertised.is_empty() {
+        let numbers: Vec<String> = advertised.iter().map(|g| g.index.to_string()).collect();
+        out.extend(split_long(
+            &format!("{PREFIX}gpu-numbers"),
+            &numbers.join("."),
+        ));
+        let mut by_numa: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for g in &advertised {
+            if let Some(n) = g.numa_node {
+                by_numa.entry(n).or_default().push(g.index.to_string());
+            }
+        }
+        if !by_numa.is_empty() {
+            let map: Vec<String> = by_numa
+                .iter()
+                .map(|(n, cards)| format!("{n}-{}", cards.join(".")))
+                .collect();
+            out.extend(split_long(&format!("{PREFIX}numa-gpu-map"), &map.join("_")));
+        }
+        let tiles: u32 = advertised.iter().map(|g| g.tiles).sum();
+        out.insert(format!("{PREFIX}tiles"), tiles.to_string());
+        let memory: Vec<u64> = advertised.iter().filter_map(|g| g.vram_bytes).collect();
+        if !memory.is_empty() {
+            out.insert(
+                format!("{PREFIX}memory.max"),
+                memory.iter().sum::<u64>().to_string(),
+            );
+        }
+        out.insert(
+            format!("{PREFIX}millicores"),
+            (advertised.len() * 1000).to_string(),
+        );
+    }
+    out
+}
+
+/// Whether `key` is one of the discovery labels (ours by name).
+#[must_use]
+pub fn is_discovery_key(key: &str) -> bool {
+    key == FEATURE_LABEL || key.starts_with(PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_values_stay_whole() {
+        assert_eq!(
+            split_long("k", "0.1.2"),
+            vec![("k".to_owned(), "0.1.2".to_owned())]
+        );
+    }
+
+    #[test]
+    fn long_values_split_into_valid_continuations() {
+        let numbers: Vec<String> = (0..60).map(|n| n.to_string()).collect();
+        let value = numbers.join(".");
+        let parts = split_long("gpu.intel.com/gpu-numbers", &value);
+        assert!(parts.len() >= 3, "{parts:?}");
+        assert_eq!(parts[1].0, "gpu.intel.com/gpu-numbers2");
+        let mut joined = String::new();
+        for (i, (_, v)) in parts.iter().enumerate() {
+            assert!(v.len() <= MAX_VALUE, "{v}");
+            assert!(enabled_plugins::label::check_value(v).is_ok(), "{v}");
+            joined.push_str(if i == 0 { v } else { &v[1..] });
+            if i > 0 {
+                assert!(v.starts_with('Z'));
+            }
+        }
+        assert_eq!(joined, value);
+    }
+}

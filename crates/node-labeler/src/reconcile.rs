@@ -1,0 +1,175 @@
+//! Deciding what to apply to a Node: a pure function of what the Node
+//! carries, what the labeller owns on it, the inventory, the decision and
+//! the time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use gpu_discovery::Inventory;
+
+use crate::desired::{Decision, discovery_labels, is_discovery_key};
+
+/// The field manager: the labeller owns exactly the fields it applied
+/// under this name.
+pub const FIELD_MANAGER: &str = "intel-gpu-labeler";
+/// A Node annotated `gpu.intel.com/labeler: disabled` is left untouched.
+pub const OPT_OUT_ANNOTATION: &str = "gpu.intel.com/labeler";
+/// When the node was first seen without an advertisable GPU (Unix seconds),
+/// kept on the Node so the removal grace period survives restarts.
+pub const ABSENT_SINCE_ANNOTATION: &str = "gpu.intel.com/labeler-gpu-absent-since";
+
+/// The Node as the labeller sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeView {
+    /// All labels.
+    pub labels: BTreeMap<String, String>,
+    /// All annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// Label keys the labeller's field manager owns.
+    pub owned_labels: BTreeSet<String>,
+    /// Annotation keys the labeller's field manager owns.
+    pub owned_annotations: BTreeSet<String>,
+}
+
+/// Settings of the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Set the `gpu.intel.com/*` discovery labels.
+    pub discovery_labels: bool,
+    /// How long a node without GPUs keeps the plugin label.
+    pub removal_grace: Duration,
+}
+
+/// A label someone else set to another value: left alone and reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// The key.
+    pub key: String,
+    /// The value we want.
+    pub wanted: String,
+    /// The value on the Node.
+    pub found: String,
+}
+
+/// What to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intent {
+    /// The Node opted out: touch nothing.
+    OptedOut,
+    /// Apply exactly these owned fields (server-side apply removes the ones
+    /// we owned and no longer list). `changed` is false when the Node
+    /// already carries exactly this: then nothing is written.
+    Apply {
+        /// Labels to own.
+        labels: BTreeMap<String, String>,
+        /// Annotations to own.
+        annotations: BTreeMap<String, String>,
+        /// Keys left alone because someone set another value.
+        conflicts: Vec<Conflict>,
+        /// Whether this differs from what we own now.
+        changed: bool,
+        /// Why the plugin label is as it is (for logs).
+        note: String,
+    },
+}
+
+/// The owned labels and annotations with their current values.
+fn owned_now(view: &NodeView) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let pick = |keys: &BTreeSet<String>, all: &BTreeMap<String, String>| {
+        keys.iter()
+            .filter_map(|k| all.get(k).map(|v| (k.clone(), v.clone())))
+            .collect()
+    };
+    (
+        pick(&view.owned_labels, &view.labels),
+        pick(&view.owned_annotations, &view.annotations),
+    )
+}
+
+/// Decides what to apply. `now` is Unix seconds.
+#[must_use]
+pub fn reconcile(
+    view: &NodeView,
+    inventory: &Inventory,
+    decision: &Decision,
+    policy: &Policy,
+    now: u64,
+) -> Intent {
+    if view
+        .annotations
+        .get(OPT_OUT_ANNOTATION)
+        .is_some_and(|v| v == "disabled")
+    {
+        return Intent::OptedOut;
+    }
+    let (owned_labels, owned_annotations) = owned_now(view);
+    let mut labels = if policy.discovery_labels {
+        discovery_labels(inventory)
+    } else {
+        BTreeMap::new()
+    };
+    let mut annotations = BTreeMap::new();
+    let gpu_present = inventory.advertised().next().is_some();
+    let absent_since: Option<u64> = view
+        .owned_annotations
+        .contains(ABSENT_SINCE_ANNOTATION)
+        .then(|| view.annotations.get(ABSENT_SINCE_ANNOTATION)?.parse().ok())
+        .flatten();
+    let note = match decision {
+        Decision::Enabled(label) => {
+            let held = owned_labels
+                .get(label.key())
+                .is_some_and(|v| v == label.value());
+            if gpu_present {
+                labels.insert(label.key().to_owned(), label.value().to_owned());
+                format!("{label}: the node has an advertisable GPU and the plugin is enabled")
+            } else if held {
+                let since = absent_since.unwrap_or(now);
+                let waited = Duration::from_secs(now.saturating_sub(since));
+                if waited >= policy.removal_grace {
+                    format!("{label} removed: no advertisable GPU for {waited:?}")
+                } else {
+                    labels.insert(label.key().to_owned(), label.value().to_owned());
+                    annotations.insert(ABSENT_SINCE_ANNOTATION.to_owned(), since.to_string());
+                    format!(
+                        "{label} kept: no advertisable GPU for {waited:?}, grace {:?}",
+                        policy.removal_grace
+                    )
+                }
+            } else {
+                format!("{label} not set: the node has no advertisable GPU")
+            }
+        }
+        Decision::Disabled => "plugin label not set: the GPU plugin is not enabled".to_owned(),
+        Decision::Unknown(why) => {
+            // Keep whatever plugin label we own, exactly as it is.
+            for (k, v) in owned_labels.iter().filter(|(k, _)| !is_discovery_key(k)) {
+                labels.insert(k.clone(), v.clone());
+            }
+            if let Some(since) = absent_since {
+                annotations.insert(ABSENT_SINCE_ANNOTATION.to_owned(), since.to_string());
+            }
+            format!("plugin label unchanged: the enabled-plugins decision is unknown ({why})")
+        }
+    };
+    let mut conflicts = Vec::new();
+    labels.retain(|k, v| match view.labels.get(k) {
+        Some(found) if found != v && !view.owned_labels.contains(k) => {
+            conflicts.push(Conflict {
+                key: k.clone(),
+                wanted: v.clone(),
+                found: found.clone(),
+            });
+            false
+        }
+        _ => true,
+    });
+    let changed = labels != owned_labels || annotations != owned_annotations;
+    Intent::Apply {
+        labels,
+        annotations,
+        conflicts,
+        changed,
+        note,
+    }
+}

@@ -1,0 +1,283 @@
+//! The pure decisions, table-driven.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use enabled_plugins::{Label, parse};
+use fake_gpu_node::{FakeNode, GpuSpec, NodeSpec};
+use gpu_discovery::{DiscoveryConfig, Inventory, scan};
+use node_labeler::desired::{Decision, discovery_labels};
+use node_labeler::reconcile::*;
+
+fn inventory(spec: &NodeSpec) -> Inventory {
+    let dir = tempfile::tempdir().unwrap();
+    let node = FakeNode::build(dir.path(), spec).unwrap();
+    scan(&DiscoveryConfig::new(node.sysfs_root(), node.devfs_root())).unwrap()
+}
+
+fn empty() -> Inventory {
+    inventory(&NodeSpec::default())
+}
+
+fn enabled() -> Decision {
+    Decision::Enabled(Label::parse("intelgpu=enabled").unwrap())
+}
+
+const POLICY: Policy = Policy {
+    discovery_labels: true,
+    removal_grace: Duration::from_secs(300),
+};
+
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+type Applied = (
+    BTreeMap<String, String>,
+    BTreeMap<String, String>,
+    Vec<Conflict>,
+    bool,
+);
+
+fn apply(intent: Intent) -> Applied {
+    match intent {
+        Intent::Apply {
+            labels,
+            annotations,
+            conflicts,
+            changed,
+            ..
+        } => (labels, annotations, conflicts, changed),
+        Intent::OptedOut => panic!("opted out"),
+    }
+}
+
+fn owned(view: &mut NodeView, labels: &[(&str, &str)]) {
+    for (k, v) in labels {
+        view.labels.insert((*k).into(), (*v).into());
+        view.owned_labels.insert((*k).into());
+    }
+}
+
+#[test]
+fn discovery_labels_of_the_starlingx_edge_server() {
+    let labels = discovery_labels(&inventory(&NodeSpec::starlingx_edge()));
+    let want = map(&[
+        ("intel.feature.node.kubernetes.io/gpu", "true"),
+        ("gpu.intel.com/device-id.0300-4680.present", "true"),
+        ("gpu.intel.com/device-id.0300-4680.count", "1"),
+        ("gpu.intel.com/device-id.0380-56c0.present", "true"),
+        ("gpu.intel.com/device-id.0380-56c0.count", "5"),
+        ("gpu.intel.com/product", "Flex_170"),
+        ("gpu.intel.com/family", "Flex_Series"),
+        ("gpu.intel.com/gpu-numbers", "0.2.3.4.5"),
+        ("gpu.intel.com/numa-gpu-map", "0-0.2.3.4.5"),
+        ("gpu.intel.com/tiles", "5"),
+        ("gpu.intel.com/millicores", "5000"),
+    ]);
+    assert_eq!(labels, want);
+    let xe = discovery_labels(&inventory(&NodeSpec::battlemage_workstation()));
+    assert_eq!(xe["gpu.intel.com/memory.max"], "12884901888");
+    assert_eq!(xe["gpu.intel.com/product"], "B580");
+    assert!(discovery_labels(&empty()).is_empty());
+    for (k, v) in labels.iter().chain(&xe) {
+        assert!(Label::new(k, v).is_ok(), "{k}={v}");
+    }
+}
+
+#[test]
+fn every_decision_form_and_alias() {
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    for (content, want) in [
+        (
+            r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#,
+            Some("enabled"),
+        ),
+        (r#"["intelgpu"]"#, Some("enabled")),
+        ("intel-gpu-plugin\n", Some("enabled")),
+        (r#"{"intelgpu": "intelgpu=yes"}"#, Some("yes")),
+        (r#"["intelqat"]"#, None),
+        ("", None),
+    ] {
+        let set = parse("t", content.as_bytes()).unwrap();
+        let decision = set
+            .gpu_plugin()
+            .map_or(Decision::Disabled, |l| Decision::Enabled(l.clone()));
+        let (labels, ..) = apply(reconcile(
+            &NodeView::default(),
+            &inv,
+            &decision,
+            &POLICY,
+            1000,
+        ));
+        assert_eq!(
+            labels.get("intelgpu").map(String::as_str),
+            want,
+            "{content}"
+        );
+    }
+}
+
+#[test]
+fn first_apply_then_a_noop() {
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let intent = reconcile(&NodeView::default(), &inv, &enabled(), &POLICY, 1000);
+    let (labels, annotations, conflicts, changed) = apply(intent);
+    assert!(changed && conflicts.is_empty() && annotations.is_empty());
+    assert_eq!(labels["intelgpu"], "enabled");
+    let mut view = NodeView::default();
+    for (k, v) in &labels {
+        owned(&mut view, &[(k, v)]);
+    }
+    let (_, _, _, changed) = apply(reconcile(&view, &inv, &enabled(), &POLICY, 1001));
+    assert!(!changed, "nothing changed, nothing to write");
+}
+
+#[test]
+fn gpu_gone_keeps_the_plugin_label_for_the_grace_period() {
+    let mut view = NodeView::default();
+    owned(
+        &mut view,
+        &[("intelgpu", "enabled"), ("gpu.intel.com/tiles", "1")],
+    );
+    let intent = reconcile(&view, &empty(), &enabled(), &POLICY, 1000);
+    let (labels, annotations, _, changed) = apply(intent);
+    assert!(changed);
+    assert_eq!(
+        labels,
+        map(&[("intelgpu", "enabled")]),
+        "discovery labels follow the hardware at once"
+    );
+    assert_eq!(annotations, map(&[(ABSENT_SINCE_ANNOTATION, "1000")]));
+    // Persisted on the Node: a restarted labeller continues the grace.
+    view.labels.remove("gpu.intel.com/tiles");
+    view.owned_labels.remove("gpu.intel.com/tiles");
+    view.annotations
+        .insert(ABSENT_SINCE_ANNOTATION.into(), "1000".into());
+    view.owned_annotations
+        .insert(ABSENT_SINCE_ANNOTATION.into());
+    let (labels, _, _, changed) = apply(reconcile(&view, &empty(), &enabled(), &POLICY, 1299));
+    assert!(
+        !changed && labels.contains_key("intelgpu"),
+        "299 s < 300 s grace"
+    );
+    let (labels, annotations, _, changed) =
+        apply(reconcile(&view, &empty(), &enabled(), &POLICY, 1300));
+    assert!(
+        changed && labels.is_empty() && annotations.is_empty(),
+        "grace over: removed"
+    );
+    // A GPU coming back clears the clock.
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let (labels, annotations, _, _) = apply(reconcile(&view, &inv, &enabled(), &POLICY, 1200));
+    assert!(labels.contains_key("intelgpu") && annotations.is_empty());
+    // Zero grace removes at once.
+    let now = Policy {
+        removal_grace: Duration::ZERO,
+        ..POLICY
+    };
+    let (labels, ..) = apply(reconcile(&view, &empty(), &enabled(), &now, 1000));
+    assert!(labels.is_empty());
+}
+
+#[test]
+fn disabling_removes_the_plugin_label_at_once_and_keeps_discovery() {
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let mut view = NodeView::default();
+    owned(&mut view, &[("intelgpu", "enabled")]);
+    let (labels, _, _, changed) = apply(reconcile(&view, &inv, &Decision::Disabled, &POLICY, 1000));
+    assert!(changed && !labels.contains_key("intelgpu"));
+    assert_eq!(labels["gpu.intel.com/tiles"], "5");
+}
+
+#[test]
+fn unknown_decision_adds_nothing_and_removes_nothing() {
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let unknown = Decision::Unknown("no enabled-plugins source exists".into());
+    let (labels, ..) = apply(reconcile(
+        &NodeView::default(),
+        &inv,
+        &unknown,
+        &POLICY,
+        1000,
+    ));
+    assert!(!labels.contains_key("intelgpu"), "not added");
+    let mut view = NodeView::default();
+    owned(&mut view, &[("intelgpu", "enabled")]);
+    let (labels, ..) = apply(reconcile(&view, &empty(), &unknown, &POLICY, 99_999));
+    assert_eq!(
+        labels.get("intelgpu").map(String::as_str),
+        Some("enabled"),
+        "not removed, even without GPUs"
+    );
+}
+
+#[test]
+fn hand_set_values_win_and_are_reported() {
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let mut view = NodeView::default();
+    view.labels.insert("intelgpu".into(), "manual".into());
+    view.labels.insert("gpu.intel.com/tiles".into(), "5".into());
+    view.labels.insert("other".into(), "x".into());
+    let (labels, _, conflicts, _) = apply(reconcile(&view, &inv, &enabled(), &POLICY, 1000));
+    assert!(!labels.contains_key("intelgpu"));
+    assert_eq!(
+        conflicts,
+        [Conflict {
+            key: "intelgpu".into(),
+            wanted: "enabled".into(),
+            found: "manual".into()
+        }]
+    );
+    assert_eq!(
+        labels["gpu.intel.com/tiles"], "5",
+        "the same value is shared, not a conflict"
+    );
+    assert!(!labels.contains_key("other"));
+}
+
+#[test]
+fn opted_out_nodes_are_untouched() {
+    let mut view = NodeView::default();
+    view.annotations
+        .insert(OPT_OUT_ANNOTATION.into(), "disabled".into());
+    assert_eq!(
+        reconcile(&view, &empty(), &enabled(), &POLICY, 0),
+        Intent::OptedOut
+    );
+    view.annotations
+        .insert(OPT_OUT_ANNOTATION.into(), "enabled".into());
+    assert_ne!(
+        reconcile(&view, &empty(), &enabled(), &POLICY, 0),
+        Intent::OptedOut
+    );
+}
+
+#[test]
+fn discovery_labels_can_be_turned_off() {
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let off = Policy {
+        discovery_labels: false,
+        ..POLICY
+    };
+    let (labels, ..) = apply(reconcile(&NodeView::default(), &inv, &enabled(), &off, 0));
+    assert_eq!(labels, map(&[("intelgpu", "enabled")]));
+    let _ = BTreeSet::<String>::new();
+}
+
+#[test]
+fn a_long_gpu_list_uses_continuation_keys() {
+    let inv = inventory(&NodeSpec::flex_vfs(2, 31));
+    let labels = discovery_labels(&inv);
+    assert!(
+        labels.contains_key("gpu.intel.com/gpu-numbers2"),
+        "{labels:?}"
+    );
+    assert!(labels.iter().all(|(k, v)| Label::new(k, v).is_ok()));
+    let _ = GpuSpec::new(0);
+}
