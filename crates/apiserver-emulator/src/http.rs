@@ -1,0 +1,542 @@
+//! The HTTP/1.1 side: keep-alive connections, routing, Kubernetes `Status`
+//! errors, chunked watch streams.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{Fault, Seen, Shared};
+
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_BODY: usize = 1024 * 1024;
+
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(connection(stream, Arc::clone(&shared)));
+    }
+}
+
+struct Request {
+    method: String,
+    target: String,
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+
+    fn query(&self, key: &str) -> Option<String> {
+        let q = self.target.split_once('?')?.1;
+        q.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == key).then(|| unescape(v))
+        })
+    }
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..(i + 3).min(b.len())])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Request> {
+    let head_end = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+        if buf.len() > MAX_HEAD {
+            return None;
+        }
+        let mut chunk = [0u8; 8192];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split_whitespace();
+    let method = first.next()?.to_owned();
+    let target = first.next()?.to_owned();
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if len > MAX_BODY {
+        return None;
+    }
+    while buf.len() < head_end + len {
+        let mut chunk = [0u8; 8192];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf[head_end..head_end + len].to_vec();
+    buf.drain(..head_end + len);
+    Some(Request {
+        method,
+        target,
+        headers,
+        body,
+    })
+}
+
+async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
+    let mut buf = Vec::new();
+    while let Some(req) = read_request(&mut stream, &mut buf).await {
+        let fault = {
+            let mut st = shared.lock();
+            st.requests.push(Seen {
+                method: req.method.clone(),
+                target: req.target.clone(),
+                content_type: req.headers.get("content-type").cloned(),
+            });
+            st.fault()
+        };
+        match fault {
+            Some(Fault::Drop) => return,
+            Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
+            Some(Fault::Internal) => {
+                if write(
+                    &mut stream,
+                    500,
+                    &status(500, "InternalError", "injected fault"),
+                    &[],
+                )
+                .await
+                .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+            Some(Fault::Unavailable) => {
+                if write(
+                    &mut stream,
+                    503,
+                    &status(503, "ServiceUnavailable", "injected fault"),
+                    &[],
+                )
+                .await
+                .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+            Some(Fault::TooManyRequests) => {
+                if write(
+                    &mut stream,
+                    429,
+                    &status(429, "TooManyRequests", "injected fault"),
+                    &[("Retry-After", "1")],
+                )
+                .await
+                .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+            None => {}
+        }
+        if req.method == "GET" && req.query("watch").is_some_and(|w| w == "true" || w == "1") {
+            watch(stream, &shared, &req).await;
+            return;
+        }
+        let (code, body) = route(&shared, &req);
+        let close = req
+            .headers
+            .get("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        if write(&mut stream, code, &body, &[]).await.is_err() || close {
+            return;
+        }
+    }
+}
+
+fn reason_phrase(code: u16) -> &'static str {
+    match code {
+        200 => "OK",
+        201 => "Created",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        415 => "Unsupported Media Type",
+        422 => "Unprocessable Entity",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+async fn write(
+    stream: &mut TcpStream,
+    code: u16,
+    body: &Value,
+    extra: &[(&str, &str)],
+) -> std::io::Result<()> {
+    let text = body.to_string();
+    let mut head = format!(
+        "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        reason_phrase(code),
+        text.len()
+    );
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(text.as_bytes()).await
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})
+}
+
+fn string_map(v: Option<&Value>) -> Result<BTreeMap<String, String>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(BTreeMap::new()),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| {
+                v.as_str()
+                    .map(|s| (k.clone(), s.to_owned()))
+                    .ok_or_else(|| format!("{k} is not a string"))
+            })
+            .collect(),
+        Some(_) => Err("not an object".into()),
+    }
+}
+
+fn route(shared: &Shared, req: &Request) -> (u16, Value) {
+    let path = req.path();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method.as_str(), parts.as_slice()) {
+        ("GET", ["api", "v1", "nodes"]) => {
+            let st = shared.lock();
+            let items: Vec<Value> = st.nodes.values().map(|o| o.to_json("Node")).collect();
+            (
+                200,
+                json!({"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": st.next_rv.to_string()}, "items": items}),
+            )
+        }
+        ("GET", ["api", "v1", "nodes", name]) => match shared.lock().nodes.get(*name) {
+            Some(o) => (200, o.to_json("Node")),
+            None => (
+                404,
+                status(404, "NotFound", &format!("nodes \"{name}\" not found")),
+            ),
+        },
+        ("PATCH", ["api", "v1", "nodes", name]) => patch_node(shared, req, name),
+        ("GET", ["api", "v1", "namespaces", ns, "configmaps", name]) => {
+            match shared
+                .lock()
+                .configmaps
+                .get(&((*ns).to_owned(), (*name).to_owned()))
+            {
+                Some(data) => (
+                    200,
+                    json!({"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": name, "namespace": ns, "resourceVersion": "1"}, "data": data}),
+                ),
+                None => (
+                    404,
+                    status(404, "NotFound", &format!("configmaps \"{name}\" not found")),
+                ),
+            }
+        }
+        (
+            "POST",
+            ["api", "v1", "namespaces", _, "events"]
+            | ["apis", "events.k8s.io", "v1", "namespaces", _, "events"],
+        ) => match serde_json::from_slice::<Value>(&req.body) {
+            Ok(v) => {
+                shared.lock().events.push(v.clone());
+                (201, v)
+            }
+            Err(e) => (400, status(400, "BadRequest", &e.to_string())),
+        },
+        _ => (
+            404,
+            status(
+                404,
+                "NotFound",
+                &format!(
+                    "the server could not find the requested resource ({} {path})",
+                    req.method
+                ),
+            ),
+        ),
+    }
+}
+
+fn patch_node(shared: &Shared, req: &Request, name: &str) -> (u16, Value) {
+    let body: Value = match serde_json::from_slice(&req.body) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                400,
+                status(400, "BadRequest", &format!("the body is not JSON: {e}")),
+            );
+        }
+    };
+    let meta = body.get("metadata");
+    let content_type = req
+        .headers
+        .get("content-type")
+        .map(String::as_str)
+        .unwrap_or("");
+    let manager = req.query("fieldManager");
+    let changed = {
+        let mut st = shared.lock();
+        let rv = st.next_rv + 1;
+        if content_type.starts_with("application/apply-patch") {
+            let Some(manager) = manager else {
+                return (
+                    422,
+                    status(
+                        422,
+                        "Invalid",
+                        "fieldManager is required for apply requests",
+                    ),
+                );
+            };
+            if meta.and_then(|m| m.get("name")).and_then(Value::as_str) != Some(name) {
+                return (
+                    400,
+                    status(400, "BadRequest", "metadata.name must match the path"),
+                );
+            }
+            let (labels, annotations) = match (
+                string_map(meta.and_then(|m| m.get("labels"))),
+                string_map(meta.and_then(|m| m.get("annotations"))),
+            ) {
+                (Ok(l), Ok(a)) => (l, a),
+                (Err(e), _) | (_, Err(e)) => return (422, status(422, "Invalid", &e)),
+            };
+            let precondition = meta
+                .and_then(|m| m.get("resourceVersion"))
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            let force = req.query("force").is_some_and(|f| f == "true");
+            let created = !st.nodes.contains_key(name);
+            if created {
+                if precondition.is_some() {
+                    return (
+                        409,
+                        status(
+                            409,
+                            "Conflict",
+                            "resourceVersion should not be set on objects to be created",
+                        ),
+                    );
+                }
+                // As the API server: an apply creates a missing object.
+                st.next_uid += 1;
+                let uid = st.next_uid;
+                st.nodes
+                    .insert(name.to_owned(), crate::Object::new(name, uid, rv));
+            }
+            let Some(node) = st.nodes.get_mut(name) else {
+                return (500, status(500, "InternalError", "vanished"));
+            };
+            if let Some(pre) = precondition
+                && pre != node.resource_version.to_string()
+            {
+                return (
+                    409,
+                    status(
+                        409,
+                        "Conflict",
+                        &format!(
+                            "Operation cannot be fulfilled on nodes \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                        ),
+                    ),
+                );
+            }
+            match node.apply(&manager, &labels, &annotations, force) {
+                Ok(changed) => {
+                    if changed {
+                        node.resource_version = rv;
+                    }
+                    changed || created
+                }
+                Err(conflicts) => {
+                    let causes: Vec<Value> = conflicts
+                        .iter()
+                        .map(|c| json!({"reason": "FieldManagerConflict", "message": format!("conflict with \"{}\"", c.manager), "field": c.field}))
+                        .collect();
+                    let list: Vec<String> = conflicts
+                        .iter()
+                        .map(|c| format!("conflict with \"{}\": {}", c.manager, c.field))
+                        .collect();
+                    let mut s = status(
+                        409,
+                        "Conflict",
+                        &format!(
+                            "Apply failed with {} conflict(s): {}",
+                            conflicts.len(),
+                            list.join("; ")
+                        ),
+                    );
+                    s["details"] = json!({"name": name, "kind": "nodes", "causes": causes});
+                    return (409, s);
+                }
+            }
+        } else if content_type.starts_with("application/merge-patch+json") {
+            let Some(node) = st.nodes.get_mut(name) else {
+                return (
+                    404,
+                    status(404, "NotFound", &format!("nodes \"{name}\" not found")),
+                );
+            };
+            let empty = serde_json::Map::new();
+            let labels = meta
+                .and_then(|m| m.get("labels"))
+                .and_then(Value::as_object)
+                .unwrap_or(&empty);
+            let annotations = meta
+                .and_then(|m| m.get("annotations"))
+                .and_then(Value::as_object)
+                .unwrap_or(&empty);
+            let changed = node.merge(manager.as_deref().unwrap_or("unknown"), labels, annotations);
+            if changed {
+                node.resource_version = rv;
+            }
+            changed
+        } else {
+            return (
+                415,
+                status(
+                    415,
+                    "UnsupportedMediaType",
+                    &format!("the content type {content_type:?} is not supported"),
+                ),
+            );
+        }
+    };
+    let mut st = shared.lock();
+    if changed {
+        st.next_rv += 1;
+    }
+    let out = st
+        .nodes
+        .get(name)
+        .map(|o| o.to_json("Node"))
+        .unwrap_or(Value::Null);
+    drop(st);
+    if changed {
+        shared.changed.send_modify(|v| *v += 1);
+    }
+    (200, out)
+}
+
+/// A watch of Nodes (optionally one, by `fieldSelector=metadata.name=X`):
+/// chunked JSON events for every change after it starts.
+async fn watch(mut stream: TcpStream, shared: &Shared, req: &Request) {
+    let only = req
+        .query("fieldSelector")
+        .and_then(|f| f.strip_prefix("metadata.name=").map(str::to_owned));
+    let timeout = req
+        .query("timeoutSeconds")
+        .and_then(|t| t.parse().ok())
+        .map_or(Duration::from_secs(290), Duration::from_secs);
+    let head =
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    if stream.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let snapshot = |shared: &Shared| -> BTreeMap<String, (u64, Value)> {
+        shared
+            .lock()
+            .nodes
+            .iter()
+            .filter(|(n, _)| only.as_ref().is_none_or(|o| o == *n))
+            .map(|(n, o)| (n.clone(), (o.resource_version, o.to_json("Node"))))
+            .collect()
+    };
+    let mut rx = shared.changed.subscribe();
+    let mut last = snapshot(shared);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { break },
+            () = tokio::time::sleep_until(deadline) => break,
+            n = stream.peek(&mut probe) => if matches!(n, Ok(0) | Err(_)) { return },
+        }
+        let now = snapshot(shared);
+        let mut events = Vec::new();
+        for (n, (rv, obj)) in &now {
+            match last.get(n) {
+                None => events.push(json!({"type": "ADDED", "object": obj})),
+                Some((old, _)) if old != rv => {
+                    events.push(json!({"type": "MODIFIED", "object": obj}))
+                }
+                _ => {}
+            }
+        }
+        for (n, (_, obj)) in &last {
+            if !now.contains_key(n) {
+                events.push(json!({"type": "DELETED", "object": obj}));
+            }
+        }
+        for e in events {
+            let line = format!("{e}\n");
+            let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+            if stream.write_all(chunk.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        last = now;
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+}

@@ -1,0 +1,307 @@
+//! Test kit: an in-process Kubernetes API server on loopback HTTP that
+//! kube-rs talks to unchanged. Never a dependency of a shipped binary.
+//!
+//! What it emulates (see `docs/apiserver-emulator.md`): GET, LIST and
+//! WATCH (`?watch=true`, chunked JSON events) of Nodes; server-side apply
+//! (`application/apply-patch+yaml`, `fieldManager`, `force`) of
+//! `metadata.labels` and `metadata.annotations` with managed fields,
+//! conflicts without force (409 with causes), removal of fields a manager
+//! stops applying, a `metadata.resourceVersion` precondition, and — as the
+//! real API server — **creation of a missing object** by an apply without a
+//! resourceVersion; JSON merge patch of labels and annotations; GET of
+//! ConfigMaps; creation of Events; 404 and 409 as Kubernetes `Status`
+//! objects; and injectable faults (500, 503, 429 with Retry-After, slow
+//! responses, dropped connections). It does not emulate authentication,
+//! admission, other fields, other resources or protobuf.
+
+mod http;
+mod store;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+pub use store::{ApplyConflict, Manager, Object};
+
+/// A fault to inject into a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// 500 Internal Server Error.
+    Internal,
+    /// 503 Service Unavailable.
+    Unavailable,
+    /// 429 Too Many Requests with `Retry-After: 1`.
+    TooManyRequests,
+    /// The response is delayed.
+    Slow(Duration),
+    /// The connection is closed without a response.
+    Drop,
+}
+
+/// A request the server received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// The method.
+    pub method: String,
+    /// The path and query.
+    pub target: String,
+    /// The `Content-Type`, if any.
+    pub content_type: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub(crate) nodes: BTreeMap<String, Object>,
+    pub(crate) configmaps: BTreeMap<(String, String), BTreeMap<String, String>>,
+    pub(crate) events: Vec<Value>,
+    pub(crate) requests: Vec<Seen>,
+    pub(crate) faults: VecDeque<Fault>,
+    pub(crate) fault_rate: f64,
+    pub(crate) rng: u64,
+    pub(crate) next_rv: u64,
+    pub(crate) next_uid: u64,
+}
+
+impl State {
+    pub(crate) fn bump(&mut self) -> u64 {
+        self.next_rv += 1;
+        self.next_rv
+    }
+
+    /// The next fault to inject, if any.
+    pub(crate) fn fault(&mut self) -> Option<Fault> {
+        if let Some(f) = self.faults.pop_front() {
+            return Some(f);
+        }
+        if self.fault_rate <= 0.0 {
+            return None;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let roll = (self.rng % 10_000) as f64 / 10_000.0;
+        if roll >= self.fault_rate {
+            return None;
+        }
+        Some(match self.rng % 5 {
+            0 => Fault::Internal,
+            1 => Fault::Unavailable,
+            2 => Fault::TooManyRequests,
+            3 => Fault::Slow(Duration::from_millis(50)),
+            _ => Fault::Drop,
+        })
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) state: Mutex<State>,
+    /// Bumped on every change of a Node (for watches and waiters).
+    pub(crate) changed: watch::Sender<u64>,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A running emulator.
+pub struct ApiServer {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Why the emulator could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("could not listen on loopback")]
+pub struct StartError(#[source] std::io::Error);
+
+impl ApiServer {
+    /// Listens on `127.0.0.1:0`. Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// When no port can be bound.
+    pub async fn start() -> Result<Self, StartError> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(StartError)?;
+        let addr = listener.local_addr().map_err(StartError)?;
+        let (changed, _) = watch::channel(0);
+        let state = State {
+            rng: 0x9e37_79b9_7f4a_7c15,
+            next_rv: 100,
+            ..State::default()
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            changed,
+        });
+        let task = tokio::spawn(http::serve(listener, Arc::clone(&shared)));
+        Ok(Self { shared, addr, task })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig for this server (bearer token `emulator`).
+    #[must_use]
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster:\n    server: {}\ncontexts:\n- name: emulator\n  context:\n    cluster: emulator\n    user: emulator\n    namespace: kube-system\ncurrent-context: emulator\nusers:\n- name: emulator\n  user:\n    token: emulator\n",
+            self.url()
+        )
+    }
+
+    fn notify(&self) {
+        self.shared.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Creates a Node (as a kubelet registering).
+    pub fn add_node(&self, name: &str) {
+        {
+            let mut st = self.shared.lock();
+            let rv = st.bump();
+            st.next_uid += 1;
+            let uid = st.next_uid;
+            st.nodes.insert(name.to_owned(), Object::new(name, uid, rv));
+        }
+        self.notify();
+    }
+
+    /// Deletes a Node.
+    pub fn delete_node(&self, name: &str) {
+        self.shared.lock().nodes.remove(name);
+        self.notify();
+    }
+
+    /// The Node, if it exists.
+    #[must_use]
+    pub fn node(&self, name: &str) -> Option<Object> {
+        self.shared.lock().nodes.get(name).cloned()
+    }
+
+    /// Sets (or with `None` removes) a label as another manager would with
+    /// a merge patch (e.g. `kubectl label`).
+    pub fn set_label(&self, node: &str, manager: &str, key: &str, value: Option<&str>) {
+        self.merge(node, manager, key, value, true);
+    }
+
+    /// Sets (or removes) an annotation as another manager would.
+    pub fn set_annotation(&self, node: &str, manager: &str, key: &str, value: Option<&str>) {
+        self.merge(node, manager, key, value, false);
+    }
+
+    fn merge(&self, node: &str, manager: &str, key: &str, value: Option<&str>, label: bool) {
+        {
+            let mut st = self.shared.lock();
+            let rv = st.bump();
+            if let Some(o) = st.nodes.get_mut(node) {
+                let mut patch = serde_json::Map::new();
+                patch.insert(
+                    key.to_owned(),
+                    value.map_or(Value::Null, |v| Value::String(v.to_owned())),
+                );
+                let empty = serde_json::Map::new();
+                let (l, a) = if label {
+                    (&patch, &empty)
+                } else {
+                    (&empty, &patch)
+                };
+                if o.merge(manager, l, a) {
+                    o.resource_version = rv;
+                }
+            }
+        }
+        self.notify();
+    }
+
+    /// Creates or replaces a ConfigMap's data.
+    pub fn set_configmap(&self, namespace: &str, name: &str, data: &[(&str, &str)]) {
+        let data = data
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.shared
+            .lock()
+            .configmaps
+            .insert((namespace.to_owned(), name.to_owned()), data);
+    }
+
+    /// Deletes a ConfigMap.
+    pub fn delete_configmap(&self, namespace: &str, name: &str) {
+        self.shared
+            .lock()
+            .configmaps
+            .remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// Queues faults for the next requests, in order.
+    pub fn inject(&self, faults: &[Fault]) {
+        self.shared.lock().faults.extend(faults.iter().copied());
+    }
+
+    /// Fails this fraction of requests (0 to 1) with random faults.
+    pub fn fault_rate(&self, rate: f64) {
+        self.shared.lock().fault_rate = rate.clamp(0.0, 1.0);
+    }
+
+    /// Every request received so far.
+    #[must_use]
+    pub fn requests(&self) -> Vec<Seen> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// Events created so far.
+    #[must_use]
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.lock().events.clone()
+    }
+
+    /// Waits until `f` holds for the Node (or its absence).
+    ///
+    /// # Errors
+    /// The last state seen, when the time runs out.
+    pub async fn wait_node(
+        &self,
+        name: &str,
+        timeout: Duration,
+        f: impl Fn(Option<&Object>) -> bool,
+    ) -> Result<Option<Object>, Option<Object>> {
+        let mut rx = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let now = self.node(name);
+            if f(now.as_ref()) {
+                return Ok(now);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(self.node(name));
+            }
+        }
+    }
+}
