@@ -14,3 +14,5 @@
 
 pub mod desired;
 pub mod reconcile;
+pub mod cluster;
+pub mod engine;

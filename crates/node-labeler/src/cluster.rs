@@ -1,0 +1,193 @@
+//! The Kubernetes side: read the Node and what the labeller owns on it,
+//! apply the owned labels with server-side apply, read the enabled-plugins
+//! ConfigMap, report conflicts as Events.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, ObjectReference};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+use crate::reconcile::{FIELD_MANAGER, NodeView};
+
+/// Why a call to the API server failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// The call failed.
+    #[error("could not {action} {what}")]
+    Api {
+        /// What was being done.
+        action: &'static str,
+        /// On which object.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Every apply met a newer resourceVersion.
+    #[error("node {node} changed during every one of 3 attempts to apply labels")]
+    KeepsChanging {
+        /// The Node.
+        node: String,
+    },
+}
+
+impl ClusterError {
+    /// The HTTP status code, when the API server answered.
+    #[must_use]
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            Self::Api { source: kube::Error::Api(status), .. } => Some(status.code),
+            Self::Api { .. } | Self::KeepsChanging { .. } => None,
+        }
+    }
+}
+
+/// A Node read from the API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeState {
+    /// Labels, annotations and what we own.
+    pub view: NodeView,
+    /// `metadata.resourceVersion`, the precondition of our apply.
+    pub resource_version: String,
+}
+
+/// The labeller's handle on one Node.
+#[derive(Clone)]
+pub struct Cluster {
+    nodes: Api<Node>,
+    client: kube::Client,
+    node: String,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("node", &self.node).finish_non_exhaustive()
+    }
+}
+
+/// The keys under `f:metadata.<part>` of a managedFields entry.
+fn owned_keys(fields: Option<&Value>, part: &str) -> BTreeSet<String> {
+    fields
+        .and_then(|f| f.get("f:metadata"))
+        .and_then(|m| m.get(format!("f:{part}")))
+        .and_then(Value::as_object)
+        .map(|o| o.keys().filter_map(|k| k.strip_prefix("f:").map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+impl Cluster {
+    /// Works on Node `node` through `client`.
+    #[must_use]
+    pub fn new(client: kube::Client, node: &str) -> Self {
+        Self { nodes: Api::all(client.clone()), client, node: node.to_owned() }
+    }
+
+    /// The Node's name.
+    #[must_use]
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Reads the Node; `None` when it does not exist.
+    ///
+    /// # Errors
+    /// When the API server cannot be asked.
+    pub async fn read(&self) -> Result<Option<NodeState>, ClusterError> {
+        let node = self.nodes.get_opt(&self.node).await.map_err(|source| ClusterError::Api {
+            action: "read",
+            what: format!("node {}", self.node),
+            source,
+        })?;
+        Ok(node.map(|n| {
+            let meta = n.metadata;
+            let mut view = NodeView {
+                labels: meta.labels.unwrap_or_default(),
+                annotations: meta.annotations.unwrap_or_default(),
+                ..NodeView::default()
+            };
+            for entry in meta.managed_fields.unwrap_or_default() {
+                if entry.manager.as_deref() == Some(FIELD_MANAGER) && entry.operation.as_deref() == Some("Apply") {
+                    let fields = entry.fields_v1.map(|f| f.0);
+                    view.owned_labels.extend(owned_keys(fields.as_ref(), "labels"));
+                    view.owned_annotations.extend(owned_keys(fields.as_ref(), "annotations"));
+                }
+            }
+            NodeState { view, resource_version: meta.resource_version.unwrap_or_default() }
+        }))
+    }
+
+    /// Applies exactly these owned labels and annotations (server-side
+    /// apply, field manager `intel-gpu-labeler`, no force), with the
+    /// resourceVersion read before as a precondition: the API server refuses
+    /// a stale one (409) and refuses to create an object that carries one,
+    /// so a deleted Node is never re-created.
+    ///
+    /// # Errors
+    /// When the API server refuses or cannot be reached.
+    pub async fn apply(
+        &self,
+        labels: &BTreeMap<String, String>,
+        annotations: &BTreeMap<String, String>,
+        resource_version: &str,
+    ) -> Result<(), ClusterError> {
+        let body = json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": self.node,
+                "resourceVersion": resource_version,
+                "labels": labels,
+                "annotations": annotations,
+            },
+        });
+        self.nodes
+            .patch(&self.node, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(body))
+            .await
+            .map(drop)
+            .map_err(|source| ClusterError::Api { action: "apply labels to", what: format!("node {}", self.node), source })
+    }
+
+    /// The value of `key` in ConfigMap `namespace/name`; `None` when the
+    /// ConfigMap or the key does not exist.
+    ///
+    /// # Errors
+    /// When the API server cannot be asked.
+    pub async fn configmap(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, ClusterError> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+        let cm = api.get_opt(name).await.map_err(|source| ClusterError::Api {
+            action: "read",
+            what: format!("configmap {namespace}/{name}"),
+            source,
+        })?;
+        Ok(cm.and_then(|c| c.data).and_then(|mut d| d.remove(key)))
+    }
+
+    /// Records a Warning Event on the Node (best effort: failures are
+    /// logged, never fatal).
+    pub async fn warn_event(&self, reason: &str, message: &str) {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), "default");
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+        let event = Event {
+            metadata: kube::api::ObjectMeta { generate_name: Some(format!("{}.", self.node)), ..Default::default() },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(self.node.clone()),
+                ..Default::default()
+            },
+            reason: Some(reason.to_owned()),
+            message: Some(message.to_owned()),
+            type_: Some("Warning".into()),
+            source: Some(k8s_openapi::api::core::v1::EventSource { component: Some(FIELD_MANAGER.into()), host: Some(self.node.clone()) }),
+            first_timestamp: Some(now.clone()),
+            last_timestamp: Some(now),
+            count: Some(1),
+            ..Default::default()
+        };
+        if let Err(error) = api.create(&PostParams::default(), &event).await {
+            tracing::warn!(%error, reason, "could not record an Event");
+        }
+    }
+}

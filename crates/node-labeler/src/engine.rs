@@ -1,0 +1,216 @@
+//! One reconcile, end to end: decide from the enabled-plugins sources,
+//! read the Node (or the NFD feature file), decide what to own, write it.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use enabled_plugins::{EnabledPlugins, ParseError, ReadError, parse, read_file};
+use gpu_discovery::Inventory;
+
+use crate::cluster::{Cluster, ClusterError};
+use crate::desired::Decision;
+use crate::reconcile::{ABSENT_SINCE_ANNOTATION, Conflict, Intent, NodeView, Policy, reconcile};
+
+/// The ConfigMap key that holds the enabled-plugins content.
+pub const CONFIGMAP_KEY: &str = "enabled_kube_plugins";
+/// The NFD feature file the labeller writes in its features directory.
+pub const NFD_FILE: &str = "intel-gpu-labeler";
+
+/// Where the enabled-plugins decision may come from, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A file (StarlingX: `/etc/platform/enabled_kube_plugins`).
+    File(PathBuf),
+    /// A ConfigMap's `enabled_kube_plugins` key.
+    ConfigMap {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(p) => write!(f, "{}", p.display()),
+            Self::ConfigMap { namespace, name } => write!(f, "configmap {namespace}/{name}"),
+        }
+    }
+}
+
+fn decision_of(set: &EnabledPlugins) -> Decision {
+    set.gpu_plugin().map_or(Decision::Disabled, |l| Decision::Enabled(l.clone()))
+}
+
+/// The decision of the first source that exists. Missing sources are
+/// skipped; a source that exists but cannot be read makes the decision
+/// unknown; invalid content is an error (the daemon keeps its last good
+/// decision, `--oneshot` fails).
+///
+/// # Errors
+/// The parse error of the first existing source, naming it and the
+/// position.
+pub async fn decide(sources: &[Source], cluster: Option<&Cluster>) -> Result<Decision, ParseError> {
+    let mut looked = Vec::new();
+    for source in sources {
+        match source {
+            Source::File(path) => match read_file(path) {
+                Ok(set) => return Ok(decision_of(&set)),
+                Err(ReadError::Missing { .. }) => looked.push(format!("{source} is missing")),
+                Err(ReadError::Invalid(e)) => return Err(e),
+                Err(e) => return Ok(Decision::Unknown(chain(&e))),
+            },
+            Source::ConfigMap { namespace, name } => {
+                let Some(cluster) = cluster else {
+                    looked.push(format!("{source} needs the API"));
+                    continue;
+                };
+                match cluster.configmap(namespace, name, CONFIGMAP_KEY).await {
+                    Ok(Some(text)) => return parse(&source.to_string(), text.as_bytes()).map(|s| decision_of(&s)),
+                    Ok(None) => looked.push(format!("{source} (key {CONFIGMAP_KEY}) is missing")),
+                    Err(e) => return Ok(Decision::Unknown(chain(&e))),
+                }
+            }
+        }
+    }
+    Ok(Decision::Unknown(if looked.is_empty() { "no enabled-plugins source is configured".into() } else { looked.join("; ") }))
+}
+
+/// What a reconcile did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The Node does not exist: nothing was written (never re-created).
+    NodeMissing,
+    /// The Node opted out.
+    OptedOut,
+    /// The Node already carries what we want: nothing was written.
+    Unchanged {
+        /// Labels owned.
+        labels: BTreeMap<String, String>,
+        /// Conflicts left alone.
+        conflicts: Vec<Conflict>,
+    },
+    /// New owned labels were written.
+    Applied {
+        /// Labels owned now.
+        labels: BTreeMap<String, String>,
+        /// Conflicts left alone.
+        conflicts: Vec<Conflict>,
+        /// Why the plugin label is as it is.
+        note: String,
+    },
+}
+
+/// Reconciles the Node through the API once (re-reading and retrying on a
+/// stale resourceVersion).
+///
+/// # Errors
+/// When the API server fails or keeps answering 409.
+pub async fn reconcile_node(cluster: &Cluster, inventory: &Inventory, decision: &Decision, policy: &Policy, now: u64) -> Result<Outcome, ClusterError> {
+    for _ in 0..3 {
+        let Some(state) = cluster.read().await? else { return Ok(Outcome::NodeMissing) };
+        let Intent::Apply { labels, annotations, conflicts, changed, note } = reconcile(&state.view, inventory, decision, policy, now) else {
+            return Ok(Outcome::OptedOut);
+        };
+        for c in &conflicts {
+            tracing::warn!(key = %c.key, wanted = %c.wanted, found = %c.found, "label set by someone else to another value; leaving it");
+        }
+        if !changed {
+            return Ok(Outcome::Unchanged { labels, conflicts });
+        }
+        match cluster.apply(&labels, &annotations, &state.resource_version).await {
+            Ok(()) => {
+                tracing::info!(node = %cluster.node(), labels = labels.len(), %note, "labels applied");
+                for c in &conflicts {
+                    let message = format!("label {} is {:?}, set by another manager; the labeller wanted {:?} and left it", c.key, c.found, c.wanted);
+                    cluster.warn_event("LabelConflict", &message).await;
+                }
+                return Ok(Outcome::Applied { labels, conflicts, note });
+            }
+            Err(e) if e.code() == Some(409) => tracing::debug!(error = %chain(&e), "node changed meanwhile; reading it again"),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ClusterError::KeepsChanging { node: cluster.node().to_owned() })
+}
+
+/// Removes exactly what the labeller owns on the Node.
+///
+/// # Errors
+/// When the API server fails.
+pub async fn cleanup(cluster: &Cluster) -> Result<Outcome, ClusterError> {
+    let Some(state) = cluster.read().await? else { return Ok(Outcome::NodeMissing) };
+    if state.view.owned_labels.is_empty() && state.view.owned_annotations.is_empty() {
+        return Ok(Outcome::Unchanged { labels: BTreeMap::new(), conflicts: Vec::new() });
+    }
+    cluster.apply(&BTreeMap::new(), &BTreeMap::new(), &state.resource_version).await?;
+    Ok(Outcome::Applied { labels: BTreeMap::new(), conflicts: Vec::new(), note: "cleanup".into() })
+}
+
+/// The NFD feature file as a [`NodeView`]: its labels are ours; the grace
+/// clock is kept in a comment.
+#[must_use]
+pub fn read_features_file(dir: &Path) -> NodeView {
+    let mut view = NodeView::default();
+    let Ok(text) = std::fs::read_to_string(dir.join(NFD_FILE)) else { return view };
+    for line in text.lines() {
+        if let Some(since) = line.strip_prefix(&format!("# {ABSENT_SINCE_ANNOTATION}=")) {
+            view.annotations.insert(ABSENT_SINCE_ANNOTATION.into(), since.trim().into());
+            view.owned_annotations.insert(ABSENT_SINCE_ANNOTATION.into());
+        } else if let Some((k, v)) = line.split_once('=').filter(|_| !line.starts_with('#')) {
+            view.labels.insert(k.trim().into(), v.trim().into());
+            view.owned_labels.insert(k.trim().into());
+        }
+    }
+    view
+}
+
+/// Writes the NFD feature file atomically (`key=value` lines; NFD prefixes
+/// unprefixed keys with `feature.node.kubernetes.io/`).
+///
+/// # Errors
+/// When the directory or file cannot be written.
+pub fn write_features_file(dir: &Path, labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut text = String::from("# Written by intel-gpu-labeler. Do not edit.\n");
+    if let Some(since) = annotations.get(ABSENT_SINCE_ANNOTATION) {
+        text.push_str(&format!("# {ABSENT_SINCE_ANNOTATION}={since}\n"));
+    }
+    for (k, v) in labels {
+        text.push_str(&format!("{k}={v}\n"));
+    }
+    let tmp = dir.join(format!(".{NFD_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(NFD_FILE))
+}
+
+/// Reconciles the NFD feature file once.
+///
+/// # Errors
+/// When the file cannot be written.
+pub fn reconcile_features_file(dir: &Path, inventory: &Inventory, decision: &Decision, policy: &Policy, now: u64) -> std::io::Result<Outcome> {
+    let view = read_features_file(dir);
+    let Intent::Apply { labels, annotations, conflicts, changed, note } = reconcile(&view, inventory, decision, policy, now) else {
+        return Ok(Outcome::OptedOut);
+    };
+    if !changed && dir.join(NFD_FILE).exists() {
+        return Ok(Outcome::Unchanged { labels, conflicts });
+    }
+    write_features_file(dir, &labels, &annotations)?;
+    Ok(Outcome::Applied { labels, conflicts, note })
+}
+
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut s = error.to_string();
+    let mut src = error.source();
+    while let Some(e) = src {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        src = e.source();
+    }
+    s
+}
