@@ -38,7 +38,10 @@ impl ClusterError {
     #[must_use]
     pub fn code(&self) -> Option<u16> {
         match self {
-            Self::Api { source: kube::Error::Api(status), .. } => Some(status.code),
+            Self::Api {
+                source: kube::Error::Api(status),
+                ..
+            } => Some(status.code),
             Self::Api { .. } | Self::KeepsChanging { .. } => None,
         }
     }
@@ -63,7 +66,9 @@ pub struct Cluster {
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").field("node", &self.node).finish_non_exhaustive()
+        f.debug_struct("Cluster")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
     }
 }
 
@@ -73,7 +78,11 @@ fn owned_keys(fields: Option<&Value>, part: &str) -> BTreeSet<String> {
         .and_then(|f| f.get("f:metadata"))
         .and_then(|m| m.get(format!("f:{part}")))
         .and_then(Value::as_object)
-        .map(|o| o.keys().filter_map(|k| k.strip_prefix("f:").map(str::to_owned)).collect())
+        .map(|o| {
+            o.keys()
+                .filter_map(|k| k.strip_prefix("f:").map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -81,7 +90,11 @@ impl Cluster {
     /// Works on Node `node` through `client`.
     #[must_use]
     pub fn new(client: kube::Client, node: &str) -> Self {
-        Self { nodes: Api::all(client.clone()), client, node: node.to_owned() }
+        Self {
+            nodes: Api::all(client.clone()),
+            client,
+            node: node.to_owned(),
+        }
     }
 
     /// The Node's name.
@@ -95,11 +108,15 @@ impl Cluster {
     /// # Errors
     /// When the API server cannot be asked.
     pub async fn read(&self) -> Result<Option<NodeState>, ClusterError> {
-        let node = self.nodes.get_opt(&self.node).await.map_err(|source| ClusterError::Api {
-            action: "read",
-            what: format!("node {}", self.node),
-            source,
-        })?;
+        let node = self
+            .nodes
+            .get_opt(&self.node)
+            .await
+            .map_err(|source| ClusterError::Api {
+                action: "read",
+                what: format!("node {}", self.node),
+                source,
+            })?;
         Ok(node.map(|n| {
             let meta = n.metadata;
             let mut view = NodeView {
@@ -108,13 +125,20 @@ impl Cluster {
                 ..NodeView::default()
             };
             for entry in meta.managed_fields.unwrap_or_default() {
-                if entry.manager.as_deref() == Some(FIELD_MANAGER) && entry.operation.as_deref() == Some("Apply") {
+                if entry.manager.as_deref() == Some(FIELD_MANAGER)
+                    && entry.operation.as_deref() == Some("Apply")
+                {
                     let fields = entry.fields_v1.map(|f| f.0);
-                    view.owned_labels.extend(owned_keys(fields.as_ref(), "labels"));
-                    view.owned_annotations.extend(owned_keys(fields.as_ref(), "annotations"));
+                    view.owned_labels
+                        .extend(owned_keys(fields.as_ref(), "labels"));
+                    view.owned_annotations
+                        .extend(owned_keys(fields.as_ref(), "annotations"));
                 }
             }
-            NodeState { view, resource_version: meta.resource_version.unwrap_or_default() }
+            NodeState {
+                view,
+                resource_version: meta.resource_version.unwrap_or_default(),
+            }
         }))
     }
 
@@ -143,10 +167,18 @@ impl Cluster {
             },
         });
         self.nodes
-            .patch(&self.node, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(body))
+            .patch(
+                &self.node,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Apply(body),
+            )
             .await
             .map(drop)
-            .map_err(|source| ClusterError::Api { action: "apply labels to", what: format!("node {}", self.node), source })
+            .map_err(|source| ClusterError::Api {
+                action: "apply labels to",
+                what: format!("node {}", self.node),
+                source,
+            })
     }
 
     /// The value of `key` in ConfigMap `namespace/name`; `None` when the
@@ -154,13 +186,21 @@ impl Cluster {
     ///
     /// # Errors
     /// When the API server cannot be asked.
-    pub async fn configmap(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, ClusterError> {
+    pub async fn configmap(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<Option<String>, ClusterError> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
-        let cm = api.get_opt(name).await.map_err(|source| ClusterError::Api {
-            action: "read",
-            what: format!("configmap {namespace}/{name}"),
-            source,
-        })?;
+        let cm = api
+            .get_opt(name)
+            .await
+            .map_err(|source| ClusterError::Api {
+                action: "read",
+                what: format!("configmap {namespace}/{name}"),
+                source,
+            })?;
         Ok(cm.and_then(|c| c.data).and_then(|mut d| d.remove(key)))
     }
 
@@ -168,9 +208,14 @@ impl Cluster {
     /// logged, never fatal).
     pub async fn warn_event(&self, reason: &str, message: &str) {
         let api: Api<Event> = Api::namespaced(self.client.clone(), "default");
-        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        );
         let event = Event {
-            metadata: kube::api::ObjectMeta { generate_name: Some(format!("{}.", self.node)), ..Default::default() },
+            metadata: kube::api::ObjectMeta {
+                generate_name: Some(format!("{}.", self.node)),
+                ..Default::default()
+            },
             involved_object: ObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Node".into()),
@@ -180,7 +225,10 @@ impl Cluster {
             reason: Some(reason.to_owned()),
             message: Some(message.to_owned()),
             type_: Some("Warning".into()),
-            source: Some(k8s_openapi::api::core::v1::EventSource { component: Some(FIELD_MANAGER.into()), host: Some(self.node.clone()) }),
+            source: Some(k8s_openapi::api::core::v1::EventSource {
+                component: Some(FIELD_MANAGER.into()),
+                host: Some(self.node.clone()),
+            }),
             first_timestamp: Some(now.clone()),
             last_timestamp: Some(now),
             count: Some(1),

@@ -41,7 +41,8 @@ impl std::fmt::Display for Source {
 }
 
 fn decision_of(set: &EnabledPlugins) -> Decision {
-    set.gpu_plugin().map_or(Decision::Disabled, |l| Decision::Enabled(l.clone()))
+    set.gpu_plugin()
+        .map_or(Decision::Disabled, |l| Decision::Enabled(l.clone()))
 }
 
 /// The decision of the first source that exists. Missing sources are
@@ -68,14 +69,20 @@ pub async fn decide(sources: &[Source], cluster: Option<&Cluster>) -> Result<Dec
                     continue;
                 };
                 match cluster.configmap(namespace, name, CONFIGMAP_KEY).await {
-                    Ok(Some(text)) => return parse(&source.to_string(), text.as_bytes()).map(|s| decision_of(&s)),
+                    Ok(Some(text)) => {
+                        return parse(&source.to_string(), text.as_bytes()).map(|s| decision_of(&s));
+                    }
                     Ok(None) => looked.push(format!("{source} (key {CONFIGMAP_KEY}) is missing")),
                     Err(e) => return Ok(Decision::Unknown(chain(&e))),
                 }
             }
         }
     }
-    Ok(Decision::Unknown(if looked.is_empty() { "no enabled-plugins source is configured".into() } else { looked.join("; ") }))
+    Ok(Decision::Unknown(if looked.is_empty() {
+        "no enabled-plugins source is configured".into()
+    } else {
+        looked.join("; ")
+    }))
 }
 
 /// What a reconcile did.
@@ -108,10 +115,25 @@ pub enum Outcome {
 ///
 /// # Errors
 /// When the API server fails or keeps answering 409.
-pub async fn reconcile_node(cluster: &Cluster, inventory: &Inventory, decision: &Decision, policy: &Policy, now: u64) -> Result<Outcome, ClusterError> {
+pub async fn reconcile_node(
+    cluster: &Cluster,
+    inventory: &Inventory,
+    decision: &Decision,
+    policy: &Policy,
+    now: u64,
+) -> Result<Outcome, ClusterError> {
     for _ in 0..3 {
-        let Some(state) = cluster.read().await? else { return Ok(Outcome::NodeMissing) };
-        let Intent::Apply { labels, annotations, conflicts, changed, note } = reconcile(&state.view, inventory, decision, policy, now) else {
+        let Some(state) = cluster.read().await? else {
+            return Ok(Outcome::NodeMissing);
+        };
+        let Intent::Apply {
+            labels,
+            annotations,
+            conflicts,
+            changed,
+            note,
+        } = reconcile(&state.view, inventory, decision, policy, now)
+        else {
             return Ok(Outcome::OptedOut);
         };
         for c in &conflicts {
@@ -120,20 +142,34 @@ pub async fn reconcile_node(cluster: &Cluster, inventory: &Inventory, decision: 
         if !changed {
             return Ok(Outcome::Unchanged { labels, conflicts });
         }
-        match cluster.apply(&labels, &annotations, &state.resource_version).await {
+        match cluster
+            .apply(&labels, &annotations, &state.resource_version)
+            .await
+        {
             Ok(()) => {
                 tracing::info!(node = %cluster.node(), labels = labels.len(), %note, "labels applied");
                 for c in &conflicts {
-                    let message = format!("label {} is {:?}, set by another manager; the labeller wanted {:?} and left it", c.key, c.found, c.wanted);
+                    let message = format!(
+                        "label {} is {:?}, set by another manager; the labeller wanted {:?} and left it",
+                        c.key, c.found, c.wanted
+                    );
                     cluster.warn_event("LabelConflict", &message).await;
                 }
-                return Ok(Outcome::Applied { labels, conflicts, note });
+                return Ok(Outcome::Applied {
+                    labels,
+                    conflicts,
+                    note,
+                });
             }
-            Err(e) if e.code() == Some(409) => tracing::debug!(error = %chain(&e), "node changed meanwhile; reading it again"),
+            Err(e) if e.code() == Some(409) => {
+                tracing::debug!(error = %chain(&e), "node changed meanwhile; reading it again")
+            }
             Err(e) => return Err(e),
         }
     }
-    Err(ClusterError::KeepsChanging { node: cluster.node().to_owned() })
+    Err(ClusterError::KeepsChanging {
+        node: cluster.node().to_owned(),
+    })
 }
 
 /// Removes exactly what the labeller owns on the Node.
@@ -141,12 +177,23 @@ pub async fn reconcile_node(cluster: &Cluster, inventory: &Inventory, decision: 
 /// # Errors
 /// When the API server fails.
 pub async fn cleanup(cluster: &Cluster) -> Result<Outcome, ClusterError> {
-    let Some(state) = cluster.read().await? else { return Ok(Outcome::NodeMissing) };
+    let Some(state) = cluster.read().await? else {
+        return Ok(Outcome::NodeMissing);
+    };
     if state.view.owned_labels.is_empty() && state.view.owned_annotations.is_empty() {
-        return Ok(Outcome::Unchanged { labels: BTreeMap::new(), conflicts: Vec::new() });
+        return Ok(Outcome::Unchanged {
+            labels: BTreeMap::new(),
+            conflicts: Vec::new(),
+        });
     }
-    cluster.apply(&BTreeMap::new(), &BTreeMap::new(), &state.resource_version).await?;
-    Ok(Outcome::Applied { labels: BTreeMap::new(), conflicts: Vec::new(), note: "cleanup".into() })
+    cluster
+        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.resource_version)
+        .await?;
+    Ok(Outcome::Applied {
+        labels: BTreeMap::new(),
+        conflicts: Vec::new(),
+        note: "cleanup".into(),
+    })
 }
 
 /// The NFD feature file as a [`NodeView`]: its labels are ours; the grace
@@ -154,11 +201,15 @@ pub async fn cleanup(cluster: &Cluster) -> Result<Outcome, ClusterError> {
 #[must_use]
 pub fn read_features_file(dir: &Path) -> NodeView {
     let mut view = NodeView::default();
-    let Ok(text) = std::fs::read_to_string(dir.join(NFD_FILE)) else { return view };
+    let Ok(text) = std::fs::read_to_string(dir.join(NFD_FILE)) else {
+        return view;
+    };
     for line in text.lines() {
         if let Some(since) = line.strip_prefix(&format!("# {ABSENT_SINCE_ANNOTATION}=")) {
-            view.annotations.insert(ABSENT_SINCE_ANNOTATION.into(), since.trim().into());
-            view.owned_annotations.insert(ABSENT_SINCE_ANNOTATION.into());
+            view.annotations
+                .insert(ABSENT_SINCE_ANNOTATION.into(), since.trim().into());
+            view.owned_annotations
+                .insert(ABSENT_SINCE_ANNOTATION.into());
         } else if let Some((k, v)) = line.split_once('=').filter(|_| !line.starts_with('#')) {
             view.labels.insert(k.trim().into(), v.trim().into());
             view.owned_labels.insert(k.trim().into());
@@ -172,7 +223,11 @@ pub fn read_features_file(dir: &Path) -> NodeView {
 ///
 /// # Errors
 /// When the directory or file cannot be written.
-pub fn write_features_file(dir: &Path, labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>) -> std::io::Result<()> {
+pub fn write_features_file(
+    dir: &Path,
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut text = String::from("# Written by intel-gpu-labeler. Do not edit.\n");
     if let Some(since) = annotations.get(ABSENT_SINCE_ANNOTATION) {
@@ -192,16 +247,33 @@ pub fn write_features_file(dir: &Path, labels: &BTreeMap<String, String>, annota
 ///
 /// # Errors
 /// When the file cannot be written.
-pub fn reconcile_features_file(dir: &Path, inventory: &Inventory, decision: &Decision, policy: &Policy, now: u64) -> std::io::Result<Outcome> {
+pub fn reconcile_features_file(
+    dir: &Path,
+    inventory: &Inventory,
+    decision: &Decision,
+    policy: &Policy,
+    now: u64,
+) -> std::io::Result<Outcome> {
     let view = read_features_file(dir);
-    let Intent::Apply { labels, annotations, conflicts, changed, note } = reconcile(&view, inventory, decision, policy, now) else {
+    let Intent::Apply {
+        labels,
+        annotations,
+        conflicts,
+        changed,
+        note,
+    } = reconcile(&view, inventory, decision, policy, now)
+    else {
         return Ok(Outcome::OptedOut);
     };
     if !changed && dir.join(NFD_FILE).exists() {
         return Ok(Outcome::Unchanged { labels, conflicts });
     }
     write_features_file(dir, &labels, &annotations)?;
-    Ok(Outcome::Applied { labels, conflicts, note })
+    Ok(Outcome::Applied {
+        labels,
+        conflicts,
+        note,
+    })
 }
 
 fn chain(error: &dyn std::error::Error) -> String {

@@ -12,7 +12,7 @@
 //! under the field manager [`FIELD_MANAGER`](reconcile::FIELD_MANAGER), so
 //! the API server removes what the labeller stops owning and nothing else.
 
-pub mod desired;
-pub mod reconcile;
 pub mod cluster;
+pub mod desired;
 pub mod engine;
+pub mod reconcile;

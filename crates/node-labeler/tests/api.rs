@@ -1,0 +1,368 @@
+//! The labeller against the API-server emulator over real HTTP on loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use apiserver_emulator::{ApiServer, Fault};
+use enabled_plugins::Label;
+use fake_gpu_node::{FakeNode, NodeSpec};
+use gpu_discovery::{DiscoveryConfig, Inventory, scan};
+use node_labeler::cluster::Cluster;
+use node_labeler::desired::Decision;
+use node_labeler::engine::{Outcome, Source, cleanup, decide, reconcile_node};
+use node_labeler::reconcile::{ABSENT_SINCE_ANNOTATION, FIELD_MANAGER, OPT_OUT_ANNOTATION, Policy};
+
+const NODE: &str = "edge-0";
+const POLICY: Policy = Policy {
+    discovery_labels: true,
+    removal_grace: Duration::from_secs(300),
+};
+
+async fn setup() -> (ApiServer, Cluster) {
+    let api = ApiServer::start().await.unwrap();
+    api.add_node(NODE);
+    let mut config = kube::Config::new(api.url().parse().unwrap());
+    config.default_namespace = "kube-system".into();
+    let client = kube::Client::try_from(config).unwrap();
+    let cluster = Cluster::new(client, NODE);
+    (api, cluster)
+}
+
+fn inventory(spec: &NodeSpec) -> Inventory {
+    let dir = tempfile::tempdir().unwrap();
+    let node = FakeNode::build(dir.path(), spec).unwrap();
+    scan(&DiscoveryConfig::new(node.sysfs_root(), node.devfs_root())).unwrap()
+}
+
+fn enabled() -> Decision {
+    Decision::Enabled(Label::parse("intelgpu=enabled").unwrap())
+}
+
+fn patches(api: &ApiServer) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .count()
+}
+
+fn labels(api: &ApiServer) -> BTreeMap<String, String> {
+    api.node(NODE).map(|n| n.labels).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn first_apply_then_nothing_is_written() {
+    let (api, cluster) = setup().await;
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let out = reconcile_node(&cluster, &inv, &enabled(), &POLICY, 1000)
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Applied { .. }), "{out:?}");
+    let l = labels(&api);
+    assert_eq!(l["intelgpu"], "enabled");
+    assert_eq!(l["gpu.intel.com/device-id.0380-56c0.count"], "5");
+    let req = api
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "PATCH")
+        .unwrap();
+    assert!(
+        req.target.contains("fieldManager=intel-gpu-labeler"),
+        "{}",
+        req.target
+    );
+    assert!(!req.target.contains("force"), "never forced");
+    assert_eq!(
+        req.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    let node = api.node(NODE).unwrap();
+    assert!(
+        node.managers
+            .iter()
+            .any(|m| m.name == FIELD_MANAGER && m.labels.contains("intelgpu"))
+    );
+    let before = patches(&api);
+    let out = reconcile_node(&cluster, &inv, &enabled(), &POLICY, 1001)
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Unchanged { .. }));
+    assert_eq!(patches(&api), before, "a no-op reconcile writes nothing");
+}
+
+#[tokio::test]
+async fn gpu_gone_removes_the_plugin_label_after_the_grace_period_only() {
+    let (api, cluster) = setup().await;
+    reconcile_node(
+        &cluster,
+        &inventory(&NodeSpec::starlingx_edge()),
+        &enabled(),
+        &POLICY,
+        1000,
+    )
+    .await
+    .unwrap();
+    let none = inventory(&NodeSpec::default());
+    reconcile_node(&cluster, &none, &enabled(), &POLICY, 2000)
+        .await
+        .unwrap();
+    let node = api.node(NODE).unwrap();
+    assert_eq!(
+        node.labels.get("intelgpu").map(String::as_str),
+        Some("enabled")
+    );
+    assert!(
+        !node.labels.contains_key("gpu.intel.com/tiles"),
+        "discovery labels follow the hardware at once"
+    );
+    assert_eq!(node.annotations[ABSENT_SINCE_ANNOTATION], "2000");
+    // A restarted labeller (state only on the Node) still waits.
+    let fresh = Cluster::new(cluster_client(&api), NODE);
+    reconcile_node(&fresh, &none, &enabled(), &POLICY, 2299)
+        .await
+        .unwrap();
+    assert!(labels(&api).contains_key("intelgpu"));
+    reconcile_node(&fresh, &none, &enabled(), &POLICY, 2300)
+        .await
+        .unwrap();
+    let node = api.node(NODE).unwrap();
+    assert!(
+        !node.labels.contains_key("intelgpu"),
+        "removed after the grace period"
+    );
+    assert!(!node.annotations.contains_key(ABSENT_SINCE_ANNOTATION));
+}
+
+fn cluster_client(api: &ApiServer) -> kube::Client {
+    kube::Client::try_from(kube::Config::new(api.url().parse().unwrap())).unwrap()
+}
+
+#[tokio::test]
+async fn disabling_the_plugin_removes_its_label_and_keeps_discovery_labels() {
+    let (api, cluster) = setup().await;
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    reconcile_node(&cluster, &inv, &enabled(), &POLICY, 1000)
+        .await
+        .unwrap();
+    reconcile_node(&cluster, &inv, &Decision::Disabled, &POLICY, 1001)
+        .await
+        .unwrap();
+    let l = labels(&api);
+    assert!(!l.contains_key("intelgpu"));
+    assert_eq!(l["gpu.intel.com/tiles"], "5");
+}
+
+#[tokio::test]
+async fn other_owners_and_hand_set_values_are_left_alone() {
+    let (api, cluster) = setup().await;
+    api.set_label(NODE, "kubectl", "intelgpu", Some("manual"));
+    api.set_label(NODE, "kubelet", "kubernetes.io/hostname", Some(NODE));
+    api.set_label(NODE, "other-controller", "gpu.intel.com/custom", Some("x"));
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let out = reconcile_node(&cluster, &inv, &enabled(), &POLICY, 1000)
+        .await
+        .unwrap();
+    let Outcome::Applied { conflicts, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(conflicts.len(), 1);
+    let l = labels(&api);
+    assert_eq!(l["intelgpu"], "manual", "the hand-set value stays");
+    assert_eq!(l["kubernetes.io/hostname"], NODE);
+    assert_eq!(l["gpu.intel.com/custom"], "x");
+    let events = api.events();
+    assert!(
+        events.iter().any(|e| e["reason"] == "LabelConflict"
+            && e["message"].as_str().unwrap().contains("intelgpu")),
+        "{events:?}"
+    );
+    // Disabling later removes only what we own.
+    reconcile_node(
+        &cluster,
+        &inventory(&NodeSpec::default()),
+        &Decision::Disabled,
+        &POLICY,
+        2000,
+    )
+    .await
+    .unwrap();
+    let l = labels(&api);
+    assert_eq!(l["intelgpu"], "manual");
+    assert_eq!(l["gpu.intel.com/custom"], "x");
+    assert!(!l.contains_key("gpu.intel.com/tiles"));
+}
+
+#[tokio::test]
+async fn a_deleted_node_is_not_recreated_and_labels_return_with_it() {
+    let (api, cluster) = setup().await;
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    api.delete_node(NODE);
+    assert_eq!(
+        reconcile_node(&cluster, &inv, &enabled(), &POLICY, 1000)
+            .await
+            .unwrap(),
+        Outcome::NodeMissing
+    );
+    assert!(api.node(NODE).is_none(), "never re-created");
+    api.add_node(NODE);
+    reconcile_node(&cluster, &inv, &enabled(), &POLICY, 1001)
+        .await
+        .unwrap();
+    assert_eq!(labels(&api)["intelgpu"], "enabled");
+}
+
+#[tokio::test]
+async fn the_precondition_refuses_to_create_and_to_overwrite_a_newer_node() {
+    let (api, cluster) = setup().await;
+    let state = cluster.read().await.unwrap().unwrap();
+    api.set_annotation(NODE, "kubelet", "heartbeat", Some("1"));
+    let err = cluster
+        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.resource_version)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(409));
+    api.delete_node(NODE);
+    let err = cluster
+        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.resource_version)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(409));
+    assert!(api.node(NODE).is_none());
+}
+
+#[tokio::test]
+async fn opted_out_nodes_are_untouched() {
+    let (api, cluster) = setup().await;
+    api.set_annotation(NODE, "admin", OPT_OUT_ANNOTATION, Some("disabled"));
+    let out = reconcile_node(
+        &cluster,
+        &inventory(&NodeSpec::starlingx_edge()),
+        &enabled(),
+        &POLICY,
+        1000,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out, Outcome::OptedOut);
+    assert!(labels(&api).is_empty());
+}
+
+#[tokio::test]
+async fn converges_under_thirty_percent_faults() {
+    let (api, cluster) = setup().await;
+    api.fault_rate(0.3);
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let mut failures = 0;
+    let mut done = false;
+    for _ in 0..40 {
+        match reconcile_node(&cluster, &inv, &enabled(), &POLICY, 1000).await {
+            Ok(Outcome::Applied { .. } | Outcome::Unchanged { .. }) => {
+                if labels(&api).get("intelgpu").is_some_and(|v| v == "enabled") {
+                    done = true;
+                    break;
+                }
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => failures += 1,
+        }
+    }
+    assert!(done, "did not converge");
+    api.fault_rate(0.0);
+    let out = reconcile_node(&cluster, &inv, &enabled(), &POLICY, 1001)
+        .await
+        .unwrap();
+    assert!(
+        matches!(out, Outcome::Unchanged { .. }),
+        "{out:?} after {failures} failures"
+    );
+}
+
+#[tokio::test]
+async fn cleanup_removes_exactly_what_the_labeller_owns() {
+    let (api, cluster) = setup().await;
+    api.set_label(NODE, "kubelet", "kubernetes.io/os", Some("linux"));
+    reconcile_node(
+        &cluster,
+        &inventory(&NodeSpec::starlingx_edge()),
+        &enabled(),
+        &POLICY,
+        1000,
+    )
+    .await
+    .unwrap();
+    assert!(labels(&api).len() > 5);
+    cleanup(&cluster).await.unwrap();
+    assert_eq!(
+        labels(&api),
+        BTreeMap::from([("kubernetes.io/os".to_owned(), "linux".to_owned())])
+    );
+    assert!(
+        api.node(NODE)
+            .unwrap()
+            .managers
+            .iter()
+            .all(|m| m.name != FIELD_MANAGER)
+    );
+}
+
+#[tokio::test]
+async fn the_first_existing_source_decides() {
+    let (api, cluster) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("enabled_kube_plugins");
+    let cm = Source::ConfigMap {
+        namespace: "kube-system".into(),
+        name: "enabled-kube-plugins".into(),
+    };
+    let sources = [Source::File(file.clone()), cm.clone()];
+    assert!(matches!(
+        decide(&sources, Some(&cluster)).await.unwrap(),
+        Decision::Unknown(_)
+    ));
+    api.set_configmap(
+        "kube-system",
+        "enabled-kube-plugins",
+        &[("enabled_kube_plugins", r#"["intelgpu"]"#)],
+    );
+    assert_eq!(decide(&sources, Some(&cluster)).await.unwrap(), enabled());
+    std::fs::write(&file, r#"{"intel-qat-plugin": "intelqat=enabled"}"#).unwrap();
+    assert_eq!(
+        decide(&sources, Some(&cluster)).await.unwrap(),
+        Decision::Disabled,
+        "the file comes first"
+    );
+    std::fs::write(&file, r#"{"intel-gpu-plugin": "intelgpu"}"#).unwrap();
+    let err = decide(&sources, Some(&cluster)).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is not a label of the form key=value"),
+        "{err}"
+    );
+    api.set_configmap(
+        "kube-system",
+        "enabled-kube-plugins",
+        &[("enabled_kube_plugins", "[")],
+    );
+    std::fs::remove_file(&file).unwrap();
+    let err = decide(&sources, Some(&cluster)).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("configmap kube-system/enabled-kube-plugins: invalid JSON"),
+        "{err}"
+    );
+    api.inject(&[
+        Fault::Internal,
+        Fault::Internal,
+        Fault::Internal,
+        Fault::Internal,
+        Fault::Internal,
+    ]);
+    assert!(
+        matches!(
+            decide(&[cm], Some(&cluster)).await.unwrap(),
+            Decision::Unknown(_)
+        ),
+        "an unreadable source is unknown"
+    );
+}
