@@ -172,7 +172,12 @@ fn libraries_do_not_use_binary_only_crates() {
 }
 
 /// Crates that exist for tests, benchmarks and the demo only.
-const TEST_ONLY_CRATES: &[&str] = &["bench-report", "fake-gpu-node", "kubelet-emulator"];
+const TEST_ONLY_CRATES: &[&str] = &[
+    "bench-report",
+    "fake-gpu-node",
+    "kubelet-emulator",
+    "apiserver-emulator",
+];
 
 #[test]
 fn shipped_binaries_carry_no_test_code() {

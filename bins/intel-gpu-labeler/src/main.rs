@@ -1,15 +1,172 @@
 //! `intel-gpu-labeler`: labels Kubernetes nodes that have Intel GPUs.
 
-use clap::Parser;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Labels nodes that have Intel GPUs (`intelgpu=enabled` and the
 /// `gpu.intel.com/*` discovery labels) when the cluster enables the GPU
-/// plugin.
+/// plugin, and takes back only what it set.
 #[derive(Debug, Parser)]
 #[command(name = "intel-gpu-labeler", version, about, long_about = None)]
-struct Cli {}
+pub struct Cli {
+    /// What to do (default: run).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The Node to label.
+    #[arg(long, env = "NODE_NAME", global = true)]
+    pub node_name: Option<String>,
+    /// Where sysfs is read.
+    #[arg(long, default_value = "/sys", global = true)]
+    pub sysfs_root: PathBuf,
+    /// Where devfs is read.
+    #[arg(long, default_value = "/dev", global = true)]
+    pub devfs_root: PathBuf,
+    /// Count only these PCI device ids (same as the plugin's flag).
+    #[arg(long, global = true)]
+    pub allow_ids: Option<String>,
+    /// Count all but these PCI device ids (same as the plugin's flag).
+    #[arg(long, global = true)]
+    pub deny_ids: Option<String>,
+    /// An enabled-plugins file; repeatable, in order (default: the
+    /// StarlingX locations under --host-root).
+    #[arg(long = "enabled-plugins-file", global = true)]
+    pub enabled_plugins_files: Vec<PathBuf>,
+    /// The root the default StarlingX locations are found under.
+    #[arg(long, default_value = "/", global = true)]
+    pub host_root: PathBuf,
+    /// A ConfigMap `NAMESPACE/NAME` whose `enabled_kube_plugins` key is
+    /// consulted after the files.
+    #[arg(long, global = true)]
+    pub enabled_plugins_configmap: Option<String>,
+    /// A kubeconfig (in-cluster configuration when absent).
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Where labels go.
+    #[arg(long, value_enum, default_value_t = Output::Api, global = true)]
+    pub output: Output,
+    /// The NFD features directory (with --output nfd-features-file).
+    #[arg(
+        long,
+        default_value = "/etc/kubernetes/node-feature-discovery/features.d",
+        global = true
+    )]
+    pub nfd_features_dir: PathBuf,
+    /// How long a node without GPUs keeps the plugin label (e.g. 5m, 30s, 0s).
+    #[arg(long, default_value = "5m", value_parser = parse_duration, global = true)]
+    pub removal_grace: Duration,
+    /// Do not set the gpu.intel.com/* discovery labels.
+    #[arg(long, global = true)]
+    pub no_discovery_labels: bool,
+    /// Reconcile once and exit.
+    #[arg(long, global = true)]
+    pub oneshot: bool,
+    /// Print the desired labels as a JSON object; touch nothing.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
+    /// How often the daemon reconciles without a trigger.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, global = true)]
+    pub resync: Duration,
+    /// Address of /metrics, /healthz and /readyz ("" turns it off).
+    #[arg(long, default_value = "0.0.0.0:8081", global = true)]
+    pub http_address: String,
+    /// Log level.
+    #[arg(long, default_value = "info", global = true)]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("the node labeller is not built yet: only --version and --help work")
+/// Subcommands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Label the node (the default).
+    Run,
+    /// Remove exactly what the labeller owns on the node, and exit.
+    Cleanup,
+}
+
+/// Where labels go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// The Node object, by server-side apply.
+    Api,
+    /// An NFD feature file.
+    NfdFeaturesFile,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `90`, `90s`, `5m`, `1h`, `0s`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 30s, 5m or 1h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "ms" => return Ok(Duration::from_millis(n)),
+        _ => return Err(format!("{s:?} is not a duration such as 30s, 5m or 1h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            print!("{e}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            eprintln!(
+                "intel-gpu-labeler: {}",
+                text.lines()
+                    .next()
+                    .unwrap_or("invalid arguments")
+                    .trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    run::main(cli)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
 }

@@ -3,7 +3,6 @@
 //! spellings (`cli`). The binary in `main.rs` only wires them up.
 
 pub mod cli;
-pub mod http;
 pub mod inspect;
 pub mod plan;
 pub mod server;

@@ -16,8 +16,8 @@ use gpu_discovery::{DiscoveryConfig, Inventory, InventoryWatcher, WatcherConfig}
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::http;
 use crate::plan::{self, Memory, Options, Plan, Policy, ResourceKind};
+use ops_http as http;
 
 /// Everything the plugin needs to run.
 #[derive(Debug, Clone)]

@@ -70,7 +70,8 @@ pub async fn decide(sources: &[Source], cluster: Option<&Cluster>) -> Result<Dec
                 };
                 match cluster.configmap(namespace, name, CONFIGMAP_KEY).await {
                     Ok(Some(text)) => {
-                        return parse(&source.to_string(), text.as_bytes()).map(|s| decision_of(&s));
+                        return parse(&source.to_string(), text.as_bytes())
+                            .map(|s| decision_of(&s));
                     }
                     Ok(None) => looked.push(format!("{source} (key {CONFIGMAP_KEY}) is missing")),
                     Err(e) => return Ok(Decision::Unknown(chain(&e))),

@@ -1,5 +1,6 @@
-//! A minimal HTTP/1.1 endpoint for /metrics, /healthz and /readyz (GET
-//! only; one request per connection).
+//! A minimal HTTP/1.1 endpoint for `/metrics`, `/healthz` and `/readyz`
+//! (GET only; one request per connection), shared by the plugin and the
+//! labeller. Implement [`Endpoints`], [`bind`] an address, [`serve`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ pub trait Endpoints: Send + Sync + 'static {
     fn ready(&self) -> Result<(), String>;
 }
 
-/// Serves until the listener fails. Returns the bound address first.
+/// Binds the address.
 ///
 /// # Errors
 /// When the address cannot be bound.
@@ -70,4 +71,55 @@ async fn answer(mut stream: TcpStream, endpoints: &dyn Endpoints) -> std::io::Re
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(bool);
+
+    impl Endpoints for Fixed {
+        fn metrics(&self) -> String {
+            "m 1\n".into()
+        }
+        fn ready(&self) -> Result<(), String> {
+            if self.0 {
+                Ok(())
+            } else {
+                Err("waiting".into())
+            }
+        }
+    }
+
+    async fn get(addr: SocketAddr, req: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn routes() {
+        for (ready, path, want) in [
+            (true, "/metrics", "200 OK"),
+            (true, "/healthz", "200 OK"),
+            (true, "/readyz", "200 OK"),
+            (false, "/readyz", "503 Service Unavailable"),
+            (true, "/x", "404 Not Found"),
+        ] {
+            let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let task = tokio::spawn(serve(listener, Arc::new(Fixed(ready))));
+            let out = get(addr, &format!("GET {path} HTTP/1.1\r\n\r\n")).await;
+            assert!(
+                out.starts_with(&format!("HTTP/1.1 {want}")),
+                "{path}: {out}"
+            );
+            let post = get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
+            assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+            task.abort();
+        }
+    }
 }

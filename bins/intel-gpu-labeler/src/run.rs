@@ -1,0 +1,431 @@
+//! Wiring: flags → sources, discovery, the cluster; dry run, oneshot,
+//! cleanup and the daemon loop.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use enabled_plugins::{FileWatcher, WatchConfig, starlingx_locations};
+use gpu_discovery::{DiscoveryConfig, IdFilter, InventoryWatcher, WatcherConfig, scan};
+use node_labeler::cluster::Cluster;
+use node_labeler::desired::Decision;
+use node_labeler::engine::{
+    Outcome, Source, cleanup, decide, reconcile_features_file, reconcile_node,
+};
+use node_labeler::reconcile::{Intent, NodeView, Policy, reconcile};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::{Cli, Command, LogFormat, Output};
+
+/// Exit code for unusable flags.
+const USAGE: u8 = 2;
+
+struct Setup {
+    sources: Vec<Source>,
+    discovery: DiscoveryConfig,
+    policy: Policy,
+    http: Option<std::net::SocketAddr>,
+}
+
+fn usage(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("intel-gpu-labeler: {message}");
+    ExitCode::from(USAGE)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub(crate) fn main(cli: Cli) -> ExitCode {
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log_level) {
+        Ok(f) => f,
+        Err(_) => {
+            return usage(format!(
+                "--log-level {:?} is not a level such as info or debug",
+                cli.log_level
+            ));
+        }
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let id_filter = match IdFilter::parse(cli.allow_ids.as_deref(), cli.deny_ids.as_deref()) {
+        Ok(p) => {
+            for w in p.warnings {
+                tracing::warn!("{w}");
+            }
+            p.filter
+        }
+        Err(e) => return usage(e),
+    };
+    let http = if cli.http_address.is_empty() {
+        None
+    } else {
+        match cli.http_address.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                return usage(format!(
+                    "--http-address {:?} is not an address such as 0.0.0.0:8081",
+                    cli.http_address
+                ));
+            }
+        }
+    };
+    let mut sources: Vec<Source> = if cli.enabled_plugins_files.is_empty() {
+        starlingx_locations(&cli.host_root)
+            .into_iter()
+            .map(Source::File)
+            .collect()
+    } else {
+        cli.enabled_plugins_files
+            .iter()
+            .cloned()
+            .map(Source::File)
+            .collect()
+    };
+    if let Some(cm) = &cli.enabled_plugins_configmap {
+        match cm.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                sources.push(Source::ConfigMap {
+                    namespace: ns.into(),
+                    name: name.into(),
+                });
+            }
+            _ => {
+                return usage(format!(
+                    "--enabled-plugins-configmap {cm:?} is not NAMESPACE/NAME"
+                ));
+            }
+        }
+    }
+    let needs_node =
+        !cli.dry_run && (cli.output == Output::Api || cli.command == Some(Command::Cleanup));
+    if needs_node && cli.node_name.as_deref().is_none_or(str::is_empty) {
+        return usage("--node-name (or NODE_NAME) is required");
+    }
+    let setup = Setup {
+        sources,
+        discovery: DiscoveryConfig::new(&cli.sysfs_root, &cli.devfs_root).filter(id_filter),
+        policy: Policy {
+            discovery_labels: !cli.no_discovery_labels,
+            removal_grace: cli.removal_grace,
+        },
+        http,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("intel-gpu-labeler: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli, setup)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("intel-gpu-labeler: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn client(cli: &Cli) -> anyhow::Result<kube::Client> {
+    let config = match &cli.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("cannot use kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no --kubeconfig and no in-cluster configuration")?,
+    };
+    kube::Client::try_from(config).context("cannot build the Kubernetes client")
+}
+
+async fn dispatch(cli: Cli, setup: Setup) -> anyhow::Result<()> {
+    if cli.dry_run {
+        let inventory = scan(&setup.discovery).context("cannot read the GPU inventory")?;
+        let decision = decide(&setup.sources, None).await?;
+        let Intent::Apply { labels, .. } = reconcile(
+            &NodeView::default(),
+            &inventory,
+            &decision,
+            &setup.policy,
+            now(),
+        ) else {
+            bail!("unreachable: an empty node cannot opt out");
+        };
+        println!("{}", serde_json::to_string_pretty(&labels)?);
+        return Ok(());
+    }
+    let needs_api = cli.output == Output::Api
+        || cli.enabled_plugins_configmap.is_some()
+        || cli.command == Some(Command::Cleanup);
+    let cluster = if needs_api {
+        let node = cli.node_name.clone().unwrap_or_default();
+        Some(Cluster::new(client(&cli).await?, &node))
+    } else {
+        None
+    };
+    if cli.command == Some(Command::Cleanup) {
+        let Some(cluster) = &cluster else {
+            bail!("cleanup needs the API")
+        };
+        let out = cleanup(cluster).await?;
+        println!("cleanup: {}", summary(&out));
+        return Ok(());
+    }
+    if cli.oneshot {
+        let inventory = scan(&setup.discovery).context("cannot read the GPU inventory")?;
+        let decision = decide(&setup.sources, cluster.as_ref()).await?;
+        let out = once(&cli, &setup, cluster.as_ref(), &inventory, &decision).await?;
+        println!("{}", summary(&out));
+        return Ok(());
+    }
+    daemon(cli, setup, cluster).await
+}
+
+async fn once(
+    cli: &Cli,
+    setup: &Setup,
+    cluster: Option<&Cluster>,
+    inventory: &gpu_discovery::Inventory,
+    decision: &Decision,
+) -> anyhow::Result<Outcome> {
+    match (cli.output, cluster) {
+        (Output::Api, Some(c)) => {
+            Ok(reconcile_node(c, inventory, decision, &setup.policy, now()).await?)
+        }
+        (Output::NfdFeaturesFile, _) => reconcile_features_file(
+            &cli.nfd_features_dir,
+            inventory,
+            decision,
+            &setup.policy,
+            now(),
+        )
+        .with_context(|| {
+            format!(
+                "cannot write the feature file in {}",
+                cli.nfd_features_dir.display()
+            )
+        }),
+        (Output::Api, None) => bail!("no API client"),
+    }
+}
+
+fn summary(out: &Outcome) -> String {
+    match out {
+        Outcome::NodeMissing => "node does not exist; nothing written".into(),
+        Outcome::OptedOut => {
+            "node opted out (gpu.intel.com/labeler: disabled); nothing written".into()
+        }
+        Outcome::Unchanged { labels, conflicts } => format!(
+            "unchanged: {} labels owned, {} conflicts",
+            labels.len(),
+            conflicts.len()
+        ),
+        Outcome::Applied {
+            labels,
+            conflicts,
+            note,
+        } => format!(
+            "applied: {} labels owned, {} conflicts; {note}",
+            labels.len(),
+            conflicts.len()
+        ),
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    reconciles: AtomicU64,
+    writes: AtomicU64,
+    errors: AtomicU64,
+    conflicts: AtomicU64,
+    owned: AtomicU64,
+    last_success: AtomicU64,
+    ready: AtomicBool,
+}
+
+impl ops_http::Endpoints for Stats {
+    fn metrics(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let rows = [
+            (
+                "reconciles_total",
+                "counter",
+                "Reconciles run.",
+                g(&self.reconciles),
+            ),
+            (
+                "writes_total",
+                "counter",
+                "Reconciles that wrote labels.",
+                g(&self.writes),
+            ),
+            (
+                "errors_total",
+                "counter",
+                "Reconciles that failed.",
+                g(&self.errors),
+            ),
+            (
+                "label_conflicts",
+                "gauge",
+                "Labels left alone because someone else set another value.",
+                g(&self.conflicts),
+            ),
+            (
+                "owned_labels",
+                "gauge",
+                "Labels the labeller owns on the node.",
+                g(&self.owned),
+            ),
+            (
+                "last_success_timestamp_seconds",
+                "gauge",
+                "Unix time of the last successful reconcile.",
+                g(&self.last_success),
+            ),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, v) in rows {
+            out.push_str(&format!("# HELP intel_gpu_labeler_{name} {help}\n# TYPE intel_gpu_labeler_{name} {kind}\nintel_gpu_labeler_{name} {v}\n"));
+        }
+        out
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.ready.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("the last reconcile did not succeed".into())
+        }
+    }
+}
+
+async fn daemon(cli: Cli, setup: Setup, cluster: Option<Cluster>) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let stats = Arc::new(Stats::default());
+    if let Some(addr) = setup.http {
+        let listener = ops_http::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        tokio::spawn(ops_http::serve(
+            listener,
+            Arc::clone(&stats) as Arc<dyn ops_http::Endpoints>,
+        ));
+    }
+    let watcher = InventoryWatcher::spawn(WatcherConfig::new(setup.discovery.clone()))
+        .context("cannot read the GPU inventory")?;
+    let mut inventory = watcher.subscribe();
+    let (trigger_tx, mut triggers) = mpsc::channel::<()>(8);
+    for source in &setup.sources {
+        if let Source::File(path) = source {
+            let mut fw = FileWatcher::new(WatchConfig::new(path).resync(cli.resync));
+            let tx = trigger_tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let _ = fw.next().await;
+                    if tx.send(()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    let mut last_good: Option<Decision> = None;
+    let mut failures: u32 = 0;
+    loop {
+        stats.reconciles.fetch_add(1, Ordering::Relaxed);
+        let decision = match decide(&setup.sources, cluster.as_ref()).await {
+            Ok(d) => {
+                last_good = Some(d.clone());
+                d
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "invalid enabled-plugins content; keeping the last good decision");
+                last_good
+                    .clone()
+                    .unwrap_or_else(|| Decision::Unknown(format!("invalid content: {e}")))
+            }
+        };
+        if let Decision::Unknown(why) = &decision {
+            tracing::warn!(%why, "enabled-plugins decision unknown: the plugin label is neither added nor removed");
+        }
+        let current = std::sync::Arc::clone(&inventory.borrow_and_update());
+        let wait = match once(&cli, &setup, cluster.as_ref(), &current, &decision).await {
+            Ok(out) => {
+                failures = 0;
+                stats.ready.store(true, Ordering::Relaxed);
+                stats.last_success.store(now(), Ordering::Relaxed);
+                let (labels, conflicts): (Option<&BTreeMap<String, String>>, usize) = match &out {
+                    Outcome::Applied {
+                        labels, conflicts, ..
+                    } => {
+                        stats.writes.fetch_add(1, Ordering::Relaxed);
+                        (Some(labels), conflicts.len())
+                    }
+                    Outcome::Unchanged { labels, conflicts } => (Some(labels), conflicts.len()),
+                    _ => (None, 0),
+                };
+                stats
+                    .owned
+                    .store(labels.map_or(0, |l| l.len() as u64), Ordering::Relaxed);
+                stats.conflicts.store(conflicts as u64, Ordering::Relaxed);
+                tracing::debug!(outcome = %summary(&out), "reconciled");
+                // A missing node is polled until it (re)appears.
+                if out == Outcome::NodeMissing {
+                    Duration::from_secs(5).min(cli.resync)
+                } else {
+                    cli.resync
+                }
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                stats.ready.store(false, Ordering::Relaxed);
+                let delay = backoff(failures);
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "reconcile failed");
+                delay
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            changed = inventory.changed() => if changed.is_err() { break },
+            Some(()) = triggers.recv() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+    // Labels are never removed on shutdown or rollout.
+    tracing::info!("stopping; labels stay as they are");
+    Ok(())
+}
+
+/// 1 s, 2 s, 4 s … capped at 60 s, ±20 % jitter.
+fn backoff(failures: u32) -> Duration {
+    let base =
+        Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60));
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    base.mul_f64(0.8 + f64::from(nanos % 4001) / 10_000.0)
+}
