@@ -133,6 +133,33 @@ pub fn discovery_labels(inventory: &Inventory) -> BTreeMap<String, String> {
     out
 }
 
+/// Whether a kubelet may set the label `key` on its own Node under the
+/// NodeRestriction admission plugin: unprefixed and foreign keys yes;
+/// `node-restriction.kubernetes.io/` never; other `kubernetes.io` and
+/// `k8s.io` keys only in the `kubelet.kubernetes.io` and
+/// `node.kubernetes.io` namespaces (and their subdomains) or a few
+/// well-known keys.
+#[must_use]
+pub fn kubelet_may_set(key: &str) -> bool {
+    const WELL_KNOWN: &[&str] = &[
+        "kubernetes.io/hostname",
+        "kubernetes.io/arch",
+        "kubernetes.io/os",
+        "topology.kubernetes.io/region",
+        "topology.kubernetes.io/zone",
+        "node.kubernetes.io/instance-type",
+    ];
+    let Some((ns, _)) = key.split_once('/') else { return true };
+    let within = |base: &str| ns == base || ns.ends_with(&format!(".{base}"));
+    if within("node-restriction.kubernetes.io") {
+        return false;
+    }
+    if within("kubernetes.io") || within("k8s.io") {
+        return WELL_KNOWN.contains(&key) || within("kubelet.kubernetes.io") || within("node.kubernetes.io");
+    }
+    true
+}
+
 /// Whether `key` is one of the discovery labels (ours by name).
 #[must_use]
 pub fn is_discovery_key(key: &str) -> bool {
@@ -142,6 +169,16 @@ pub fn is_discovery_key(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_restriction() {
+        for ok in ["intelgpu", "gpu.intel.com/tiles", FEATURE_LABEL, "kubernetes.io/hostname", "x.kubelet.kubernetes.io/y"] {
+            assert!(kubelet_may_set(ok), "{ok}");
+        }
+        for no in ["node-restriction.kubernetes.io/a", "kubernetes.io/gpu", "example.k8s.io/a", "a.node-restriction.kubernetes.io/b"] {
+            assert!(!kubelet_may_set(no), "{no}");
+        }
+    }
 
     #[test]
     fn short_values_stay_whole() {
