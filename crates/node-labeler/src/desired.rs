@@ -149,13 +149,17 @@ pub fn kubelet_may_set(key: &str) -> bool {
         "topology.kubernetes.io/zone",
         "node.kubernetes.io/instance-type",
     ];
-    let Some((ns, _)) = key.split_once('/') else { return true };
+    let Some((ns, _)) = key.split_once('/') else {
+        return true;
+    };
     let within = |base: &str| ns == base || ns.ends_with(&format!(".{base}"));
     if within("node-restriction.kubernetes.io") {
         return false;
     }
     if within("kubernetes.io") || within("k8s.io") {
-        return WELL_KNOWN.contains(&key) || within("kubelet.kubernetes.io") || within("node.kubernetes.io");
+        return WELL_KNOWN.contains(&key)
+            || within("kubelet.kubernetes.io")
+            || within("node.kubernetes.io");
     }
     true
 }
@@ -172,10 +176,21 @@ mod tests {
 
     #[test]
     fn node_restriction() {
-        for ok in ["intelgpu", "gpu.intel.com/tiles", FEATURE_LABEL, "kubernetes.io/hostname", "x.kubelet.kubernetes.io/y"] {
+        for ok in [
+            "intelgpu",
+            "gpu.intel.com/tiles",
+            FEATURE_LABEL,
+            "kubernetes.io/hostname",
+            "x.kubelet.kubernetes.io/y",
+        ] {
             assert!(kubelet_may_set(ok), "{ok}");
         }
-        for no in ["node-restriction.kubernetes.io/a", "kubernetes.io/gpu", "example.k8s.io/a", "a.node-restriction.kubernetes.io/b"] {
+        for no in [
+            "node-restriction.kubernetes.io/a",
+            "kubernetes.io/gpu",
+            "example.k8s.io/a",
+            "a.node-restriction.kubernetes.io/b",
+        ] {
             assert!(!kubelet_may_set(no), "{no}");
         }
     }

@@ -87,7 +87,10 @@ fn discovery_labels_of_the_starlingx_edge_server() {
     assert!(discovery_labels(&empty()).is_empty());
     for (k, v) in labels.iter().chain(&xe) {
         assert!(Label::new(k, v).is_ok(), "{k}={v}");
-        assert!(node_labeler::desired::kubelet_may_set(k), "NodeRestriction would refuse {k}");
+        assert!(
+            node_labeler::desired::kubelet_may_set(k),
+            "NodeRestriction would refuse {k}"
+        );
     }
 }
 
