@@ -139,52 +139,37 @@ async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
             });
             st.fault()
         };
-        match fault {
+        let close = req
+            .headers
+            .get("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let injected = match fault {
             Some(Fault::Drop) => return,
-            Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
+            Some(Fault::Slow(d)) => {
+                tokio::time::sleep(d).await;
+                None
+            }
             Some(Fault::Internal) => {
-                if write(
-                    &mut stream,
-                    500,
-                    &status(500, "InternalError", "injected fault"),
-                    &[],
-                )
-                .await
-                .is_err()
-                {
-                    return;
-                }
-                continue;
+                Some((500, status(500, "InternalError", "injected fault"), None))
             }
-            Some(Fault::Unavailable) => {
-                if write(
-                    &mut stream,
-                    503,
-                    &status(503, "ServiceUnavailable", "injected fault"),
-                    &[],
-                )
-                .await
-                .is_err()
-                {
-                    return;
-                }
-                continue;
+            Some(Fault::Unavailable) => Some((
+                503,
+                status(503, "ServiceUnavailable", "injected fault"),
+                None,
+            )),
+            Some(Fault::TooManyRequests) => Some((
+                429,
+                status(429, "TooManyRequests", "injected fault"),
+                Some(("Retry-After", "1")),
+            )),
+            None => None,
+        };
+        if let Some((code, body, header)) = injected {
+            let extra: Vec<(&str, &str)> = header.into_iter().collect();
+            if write(&mut stream, code, &body, &extra).await.is_err() || close {
+                return;
             }
-            Some(Fault::TooManyRequests) => {
-                if write(
-                    &mut stream,
-                    429,
-                    &status(429, "TooManyRequests", "injected fault"),
-                    &[("Retry-After", "1")],
-                )
-                .await
-                .is_err()
-                {
-                    return;
-                }
-                continue;
-            }
-            None => {}
+            continue;
         }
         if req.method == "GET" && req.query("watch").is_some_and(|w| w == "true" || w == "1") {
             watch(stream, &shared, &req).await;

@@ -1,0 +1,149 @@
+//! The emulator over raw HTTP: what a real API server would answer.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+use apiserver_emulator::{ApiServer, Fault};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn call(
+    api: &ApiServer,
+    method: &str,
+    path: &str,
+    ctype: &str,
+    body: &Value,
+) -> (u16, Value) {
+    let addr = api.url().trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.to_string();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let json = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| serde_json::from_str(b).unwrap_or(Value::Null))
+        .unwrap_or(Value::Null);
+    (code, json)
+}
+
+const APPLY: &str = "application/apply-patch+yaml";
+
+#[tokio::test]
+async fn apply_creates_a_missing_object_unless_it_carries_a_resource_version() {
+    let api = ApiServer::start().await.unwrap();
+    let body = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "labels": {"a": "1"}}});
+    let (code, node) = call(
+        &api,
+        "PATCH",
+        "/api/v1/nodes/n1?fieldManager=m",
+        APPLY,
+        &body,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(node["metadata"]["labels"]["a"], "1");
+    assert!(
+        api.node("n1").is_some(),
+        "created, as the real API server does"
+    );
+    let body = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n2", "resourceVersion": "5", "labels": {"a": "1"}}});
+    let (code, status) = call(
+        &api,
+        "PATCH",
+        "/api/v1/nodes/n2?fieldManager=m",
+        APPLY,
+        &body,
+    )
+    .await;
+    assert_eq!(code, 409);
+    assert_eq!(status["kind"], "Status");
+    assert!(api.node("n2").is_none());
+}
+
+#[tokio::test]
+async fn conflicts_and_errors_are_statuses() {
+    let api = ApiServer::start().await.unwrap();
+    api.add_node("n");
+    api.set_label("n", "kubectl", "a", Some("mine"));
+    let body = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n", "labels": {"a": "theirs"}}});
+    let (code, status) = call(
+        &api,
+        "PATCH",
+        "/api/v1/nodes/n?fieldManager=m",
+        APPLY,
+        &body,
+    )
+    .await;
+    assert_eq!(code, 409);
+    assert_eq!(
+        status["details"]["causes"][0]["field"],
+        ".metadata.labels.a"
+    );
+    let (code, _) = call(
+        &api,
+        "PATCH",
+        "/api/v1/nodes/n?fieldManager=m&force=true",
+        APPLY,
+        &body,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(api.node("n").unwrap().labels["a"], "theirs");
+    let (code, _) = call(&api, "PATCH", "/api/v1/nodes/n", APPLY, &body).await;
+    assert_eq!(code, 422, "apply needs a field manager");
+    let (code, status) = call(
+        &api,
+        "GET",
+        "/api/v1/nodes/missing",
+        "application/json",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!((code, status["reason"].as_str()), (404, Some("NotFound")));
+    api.inject(&[Fault::TooManyRequests, Fault::Unavailable]);
+    assert_eq!(
+        call(
+            &api,
+            "GET",
+            "/api/v1/nodes/n",
+            "application/json",
+            &Value::Null
+        )
+        .await
+        .0,
+        429
+    );
+    assert_eq!(
+        call(
+            &api,
+            "GET",
+            "/api/v1/nodes/n",
+            "application/json",
+            &Value::Null
+        )
+        .await
+        .0,
+        503
+    );
+    assert_eq!(
+        call(
+            &api,
+            "GET",
+            "/api/v1/nodes/n",
+            "application/json",
+            &Value::Null
+        )
+        .await
+        .0,
+        200
+    );
+}
