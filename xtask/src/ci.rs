@@ -16,6 +16,7 @@ pub(crate) const STEPS: &[(&str, &str)] = &[
     ("clippy", "clippy on all targets, warnings denied"),
     ("test", "every test of the workspace"),
     ("tidy", "repository rules (xtask's own tests)"),
+    ("demo", "cargo xtask demo exits 0 and reports every step"),
     (
         "libudev",
         "gpu-discovery's optional libudev monitor builds, lints and opens",
@@ -86,6 +87,7 @@ fn run_step(step: &str) -> Result<()> {
             run(cargo().args(["test", "--workspace", "--locked", "--exclude", "xtask"])).map(drop)
         }
         "tidy" => run(cargo().args(["test", "--locked", "-p", "xtask"])).map(drop),
+        "demo" => crate::demo::check(),
         "libudev" => {
             ensure_libudev()?;
             let feature = ["-p", "gpu-discovery", "--features", "libudev"];

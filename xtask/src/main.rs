@@ -3,12 +3,14 @@
 //! Tasks:
 //! - `ci [STEP…]`: everything CI checks (see [`ci::STEPS`]), each step timed.
 //! - `bench`: every benchmark target, merged into `target/bench/report.json`.
+//! - `demo [--keep]`: the whole system on a simulated node.
 //! - `codegen [--check]`: the device plugin API's generated code.
 //! - `fuzz [CRATE/TARGET]`: a `cargo fuzz` target on nightly (opt-in).
 
 mod bench;
 mod ci;
 mod codegen;
+mod demo;
 mod fuzz;
 mod util;
 
@@ -18,6 +20,7 @@ const USAGE: &str = "\
 usage: cargo xtask <task> [args]
 
 tasks:
+  demo [--keep]  run the whole system on a simulated StarlingX node
   ci [STEP...]   run what CI runs (steps: fmt clippy test tidy deny); all steps by default
   bench          run every benchmark and write target/bench/report.json
   codegen [--check]
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args.collect();
     let result = match task.as_deref() {
         Some("ci") => ci::task(&rest),
+        Some("demo") => demo::task(&rest),
         Some("bench") => bench::task(&rest),
         Some("fuzz") => fuzz::task(&rest),
         Some("codegen") => codegen::task(&rest),

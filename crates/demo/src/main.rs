@@ -1,0 +1,389 @@
+//! The demo driver behind `cargo xtask demo`: runs the real
+//! `intel-gpu-plugin` and `intel-gpu-labeler` against a simulated StarlingX
+//! edge server (fake sysfs/devfs, the kubelet emulator, the API-server
+//! emulator, an enabled-plugins file) and tells what happens, step by step.
+//!
+//! `demo --plugin PATH --labeler PATH [--keep]`. Exits 0 when every step
+//! held, 1 naming the step that did not.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use apiserver_emulator::ApiServer;
+use fake_gpu_node::{FakeNode, GpuSpec, NodeSpec};
+use kubelet_emulator::{KubeletEmulator, View};
+
+const NODE: &str = "controller-0";
+const I915: &str = "gpu.intel.com/i915";
+const XE: &str = "gpu.intel.com/xe";
+const LIMIT: Duration = Duration::from_secs(20);
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Demo {
+    root: PathBuf,
+    node: FakeNode,
+    kubelet: KubeletEmulator,
+    api: ApiServer,
+    plugins_file: PathBuf,
+    plugin_bin: PathBuf,
+    labeler_bin: PathBuf,
+}
+
+fn ids(v: &View, r: &str) -> Vec<String> {
+    v.devices(r)
+        .map(|d| {
+            d.devices()
+                .iter()
+                .map(|x| x.id.as_str().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+impl Demo {
+    async fn new(root: &Path, plugin_bin: PathBuf, labeler_bin: PathBuf) -> anyhow::Result<Self> {
+        let mut spec = NodeSpec::starlingx_edge();
+        spec.gpus.push(
+            GpuSpec::new(8)
+                .at("0000:8a:00.0")
+                .device("0xe20b")
+                .driver(Some("xe")),
+        );
+        let node = FakeNode::build(&root.join("node"), &spec)?;
+        std::fs::create_dir_all(root.join("kubelet"))?;
+        let kubelet = KubeletEmulator::start(&root.join("kubelet")).await?;
+        let api = ApiServer::start().await?;
+        api.add_node(NODE);
+        api.set_label(NODE, "kubelet", "kubernetes.io/hostname", Some(NODE));
+        std::fs::write(root.join("kubeconfig"), api.kubeconfig())?;
+        let plugins_file = root.join("etc/platform/enabled_kube_plugins");
+        std::fs::create_dir_all(plugins_file.parent().unwrap_or(root))?;
+        // Byte for byte what StarlingX's bootstrap writes.
+        std::fs::write(&plugins_file, r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#)?;
+        Ok(Self {
+            root: root.to_owned(),
+            node,
+            kubelet,
+            api,
+            plugins_file,
+            plugin_bin,
+            labeler_bin,
+        })
+    }
+
+    fn roots(&self, c: &mut Command) {
+        c.arg("--sysfs-root")
+            .arg(self.node.sysfs_root())
+            .arg("--devfs-root")
+            .arg(self.node.devfs_root());
+    }
+
+    fn labeler(&self) -> anyhow::Result<Proc> {
+        let mut c = Command::new(&self.labeler_bin);
+        self.roots(&mut c);
+        c.arg("--kubeconfig")
+            .arg(self.root.join("kubeconfig"))
+            .arg("--enabled-plugins-file")
+            .arg(&self.plugins_file);
+        c.args([
+            "--node-name",
+            NODE,
+            "--removal-grace",
+            "0s",
+            "--resync",
+            "2s",
+            "--http-address",
+            "",
+            "--log-level",
+            "warn",
+        ]);
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        Ok(Proc(c.spawn().with_context(|| {
+            format!("cannot start {}", self.labeler_bin.display())
+        })?))
+    }
+
+    fn plugin(&self) -> anyhow::Result<Proc> {
+        let mut c = Command::new(&self.plugin_bin);
+        self.roots(&mut c);
+        c.arg("--kubelet-dir")
+            .arg(self.kubelet.dir())
+            .arg("--cdi-dir")
+            .arg(self.root.join("cdi"));
+        c.args([
+            "--shared-dev-num",
+            "2",
+            "--http-address",
+            "",
+            "--log-level",
+            "warn",
+        ]);
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        Ok(Proc(c.spawn().with_context(|| {
+            format!("cannot start {}", self.plugin_bin.display())
+        })?))
+    }
+
+    async fn wait_kubelet(&self, what: &str, f: impl Fn(&View) -> bool) -> anyhow::Result<View> {
+        self.kubelet
+            .wait_until(LIMIT, f)
+            .await
+            .map_err(|e| anyhow::anyhow!("{what}: {e}"))
+    }
+
+    async fn wait_label(&self, present: bool) -> anyhow::Result<()> {
+        let ok = self
+            .api
+            .wait_node(NODE, LIMIT, |n| {
+                n.is_some_and(|n| {
+                    n.labels.get("intelgpu").is_some_and(|v| v == "enabled") == present
+                })
+            })
+            .await
+            .is_ok();
+        ensure!(
+            ok,
+            "the node label intelgpu=enabled was {} within {LIMIT:?}",
+            if present { "not set" } else { "not removed" }
+        );
+        Ok(())
+    }
+}
+
+async fn steps(
+    demo: &mut Demo,
+    keep: bool,
+) -> Result<Vec<Proc>, (usize, &'static str, anyhow::Error)> {
+    let mut procs = Vec::new();
+    macro_rules! step {
+        ($n:expr, $name:expr, $body:expr) => {{
+            println!("\n== step {}: {}", $n, $name);
+            match $body.await {
+                Ok(v) => {
+                    println!("demo: step {} {}: ok", $n, $name);
+                    v
+                }
+                Err(e) => return Err(($n, $name, e)),
+            }
+        }};
+    }
+
+    step!(1, "labeller labels the node", async {
+        println!(
+            "enabled-plugins file {}: {}",
+            demo.plugins_file.display(),
+            std::fs::read_to_string(&demo.plugins_file)?
+        );
+        procs.push(demo.labeler()?);
+        demo.wait_label(true).await?;
+        let node = demo.api.node(NODE).context("node vanished")?;
+        for (k, v) in &node.labels {
+            println!("  {k}={v}");
+        }
+        anyhow::Ok(())
+    });
+
+    step!(2, "plugin registers its resources", async {
+        let start = Instant::now();
+        procs.push(demo.plugin()?);
+        let v = demo
+            .wait_kubelet("both resources", |v| {
+                ids(v, I915).len() == 10 && ids(v, XE).len() == 2
+            })
+            .await?;
+        println!(
+            "registered in {} (exec → the kubelet has both lists)",
+            ms(start.elapsed())
+        );
+        println!("  {I915}: {}", ids(&v, I915).join(" "));
+        println!("  {XE}: {}", ids(&v, XE).join(" "));
+        ensure!(
+            !ids(&v, I915).iter().any(|i| i.starts_with("card1-")),
+            "the Flex 170 PF (card1, 4 VFs enabled) must not be advertised"
+        );
+        println!(
+            "  card1 (Flex 170 PF with 4 VFs) is hidden; its VFs card2–card5 are advertised, 2 shares each"
+        );
+        anyhow::Ok(())
+    });
+
+    step!(3, "a sample pod is allocated", async {
+        let a = demo.kubelet.allocate(I915, &["card3-0", "card3-1"]).await?;
+        for d in &a.devices {
+            println!("  device {} ({})", d.host_path, d.permissions);
+        }
+        for m in &a.mounts {
+            println!("  mount {} (read-only: {})", m.host_path, m.read_only);
+        }
+        for c in &a.cdi_devices {
+            println!("  CDI {}", c.name);
+        }
+        ensure!(
+            a.devices.len() == 2,
+            "two shares of card3 give its two nodes once"
+        );
+        ensure!(
+            demo.root
+                .join("cdi/intel.cdi.k8s.io-gpu-card3.yaml")
+                .exists(),
+            "the CDI spec exists"
+        );
+        anyhow::Ok(())
+    });
+
+    step!(4, "a GPU is hot-removed and re-added", async {
+        let xe = GpuSpec::new(8)
+            .at("0000:8a:00.0")
+            .device("0xe20b")
+            .driver(Some("xe"));
+        let start = Instant::now();
+        demo.node.remove_gpu(8)?;
+        demo.wait_kubelet("xe emptied", |v| {
+            v.devices(XE).is_some_and(|d| d.devices().is_empty())
+        })
+        .await?;
+        println!(
+            "  removed card8 (Arc B580, xe): the kubelet saw capacity 0 after {}",
+            ms(start.elapsed())
+        );
+        let start = Instant::now();
+        demo.node.add_gpu(&xe)?;
+        demo.wait_kubelet("xe back", |v| ids(v, XE).len() == 2)
+            .await?;
+        println!(
+            "  re-added card8: the kubelet saw it after {} (the Go plugin polls every 5000 ms)",
+            ms(start.elapsed())
+        );
+        anyhow::Ok(())
+    });
+
+    step!(5, "the kubelet restarts", async {
+        let before = demo.kubelet.view().registrations(I915);
+        // Every socket but the checkpoint deleted, then a new kubelet.sock.
+        let start = Instant::now();
+        demo.kubelet.restart().await?;
+        demo.wait_kubelet("re-registered", |v| {
+            v.registrations(I915) > before && ids(v, I915).len() == 10
+        })
+        .await?;
+        println!(
+            "  re-registered with the full list after {}",
+            ms(start.elapsed())
+        );
+        anyhow::Ok(())
+    });
+
+    step!(
+        6,
+        "the plugin is disabled and the label taken back",
+        async {
+            let tmp = demo.plugins_file.with_extension("new");
+            std::fs::write(&tmp, r#"{"intel-qat-plugin": "intelqat=enabled"}"#)?;
+            std::fs::rename(&tmp, &demo.plugins_file)?;
+            let start = Instant::now();
+            demo.wait_label(false).await?;
+            println!(
+                "  intelgpu=enabled removed {} after the file changed; discovery labels stay",
+                ms(start.elapsed())
+            );
+            ensure!(
+                demo.api
+                    .node(NODE)
+                    .is_some_and(|n| n.labels.contains_key("gpu.intel.com/tiles")),
+                "discovery labels stay"
+            );
+            anyhow::Ok(())
+        }
+    );
+    let _ = keep;
+    Ok(procs)
+}
+
+fn parse_args() -> anyhow::Result<(PathBuf, PathBuf, bool)> {
+    let mut args = std::env::args().skip(1);
+    let (mut plugin, mut labeler, mut keep) = (None, None, false);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--plugin" => plugin = args.next().map(PathBuf::from),
+            "--labeler" => labeler = args.next().map(PathBuf::from),
+            "--keep" => keep = true,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok((
+        plugin.context("--plugin PATH is required")?,
+        labeler.context("--labeler PATH is required")?,
+        keep,
+    ))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let (plugin, labeler, keep) = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("demo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let dir = match tempfile::Builder::new().prefix("intel-gpu-demo-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("demo: cannot create a directory: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut demo = match Demo::new(dir.path(), plugin, labeler).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("demo: cannot build the simulated node: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "Simulated StarlingX edge server in {}",
+        dir.path().display()
+    );
+    println!(
+        "  GPUs: Alder Lake iGPU (card0), Flex 170 PF (card1) with 4 VFs (card2–card5), Arc B580 on xe (card8)"
+    );
+    match steps(&mut demo, keep).await {
+        Ok(procs) => {
+            println!("\ndemo: all 6 steps held");
+            if keep {
+                let path = dir.keep();
+                println!("\nThe simulated node keeps running (Ctrl-C ends it). Poke at it:");
+                println!(
+                    "  {} inspect --sysfs-root {0}/node/sys --devfs-root {0}/node/dev",
+                    path.display()
+                );
+                println!(
+                    "  kubelet directory: {}/kubelet; API server: {}",
+                    path.display(),
+                    demo.api.url()
+                );
+                let _ = tokio::signal::ctrl_c().await;
+            }
+            drop(procs);
+            ExitCode::SUCCESS
+        }
+        Err((n, name, e)) => {
+            println!("\ndemo: step {n} ({name}) FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `cargo xtask demo [--keep]`: builds the real binaries and the demo
+//! driver, then runs the whole system on a simulated StarlingX edge node.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{cargo, project_root, run};
+
+/// The lines a passing demo prints.
+pub(crate) const STEPS: usize = 6;
+pub(crate) const ALL_HELD: &str = "demo: all 6 steps held";
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| project_root().join("target"), PathBuf::from)
+}
+
+/// Builds what the demo runs and returns the command that runs it.
+pub(crate) fn command(args: &[String]) -> Result<Command> {
+    for a in args {
+        if a != "--keep" {
+            bail!("unknown demo argument `{a}` (only --keep)");
+        }
+    }
+    run(cargo().args([
+        "build",
+        "--locked",
+        "-q",
+        "-p",
+        "intel-gpu-plugin",
+        "-p",
+        "intel-gpu-labeler",
+        "-p",
+        "demo",
+    ]))
+    .context("could not build the demo")?;
+    let bin = target_dir().join("debug");
+    let mut cmd = Command::new(bin.join("demo"));
+    cmd.arg("--plugin")
+        .arg(bin.join("intel-gpu-plugin"))
+        .arg("--labeler")
+        .arg(bin.join("intel-gpu-labeler"));
+    cmd.args(args);
+    Ok(cmd)
+}
+
+pub(crate) fn task(args: &[String]) -> Result<()> {
+    let status = command(args)?
+        .status()
+        .context("could not start the demo")?;
+    if !status.success() {
+        bail!("the demo failed ({status}); the step that did not hold is named above");
+    }
+    Ok(())
+}
+
+/// The CI check: the demo exits 0 and prints every step's summary line.
+pub(crate) fn check() -> Result<()> {
+    let out = command(&[])?.output().context("could not start the demo")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!("{text}");
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("the demo exited with {}", out.status);
+    }
+    for n in 1..=STEPS {
+        let prefix = format!("demo: step {n} ");
+        if !text
+            .lines()
+            .any(|l| l.starts_with(&prefix) && l.ends_with(": ok"))
+        {
+            bail!("the demo did not report step {n} as ok");
+        }
+    }
+    if !text.lines().any(|l| l == ALL_HELD) {
+        bail!("the demo did not print `{ALL_HELD}`");
+    }
+    Ok(())
+}
