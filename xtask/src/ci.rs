@@ -18,6 +18,10 @@ pub(crate) const STEPS: &[(&str, &str)] = &[
     ("tidy", "repository rules (xtask's own tests)"),
     ("demo", "cargo xtask demo exits 0 and reports every step"),
     (
+        "manifests",
+        "deploy/ renders, validates (1.27, 1.30, 1.34) and lints",
+    ),
+    (
         "libudev",
         "gpu-discovery's optional libudev monitor builds, lints and opens",
     ),
@@ -88,6 +92,7 @@ fn run_step(step: &str) -> Result<()> {
         }
         "tidy" => run(cargo().args(["test", "--locked", "-p", "xtask"])).map(drop),
         "demo" => crate::demo::check(),
+        "manifests" => crate::deploy::check_manifests(),
         "libudev" => {
             ensure_libudev()?;
             let feature = ["-p", "gpu-discovery", "--features", "libudev"];

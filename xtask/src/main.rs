@@ -11,6 +11,7 @@ mod bench;
 mod ci;
 mod codegen;
 mod demo;
+mod deploy;
 mod fuzz;
 mod util;
 
