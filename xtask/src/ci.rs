@@ -22,6 +22,10 @@ pub(crate) const STEPS: &[(&str, &str)] = &[
         "deploy/ renders, validates (1.27, 1.30, 1.34) and lints",
     ),
     (
+        "ansible",
+        "the StarlingX role writes, renders and re-runs as a no-op",
+    ),
+    (
         "libudev",
         "gpu-discovery's optional libudev monitor builds, lints and opens",
     ),
@@ -93,6 +97,7 @@ fn run_step(step: &str) -> Result<()> {
         "tidy" => run(cargo().args(["test", "--locked", "-p", "xtask"])).map(drop),
         "demo" => crate::demo::check(),
         "manifests" => crate::deploy::check_manifests(),
+        "ansible" => crate::deploy::check_ansible(),
         "libudev" => {
             ensure_libudev()?;
             let feature = ["-p", "gpu-discovery", "--features", "libudev"];

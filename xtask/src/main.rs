@@ -24,6 +24,8 @@ tasks:
   demo [--keep]  run the whole system on a simulated StarlingX node
   ci [STEP...]   run what CI runs (steps: fmt clippy test tidy deny); all steps by default
   bench          run every benchmark and write target/bench/report.json
+  manifests [--write]
+                 render deploy/overlays (--write: regenerate the Ansible template)
   codegen [--check]
                  regenerate (or check) the gRPC code from the .proto files
   fuzz [CRATE/TARGET] [--seconds N]
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
     let result = match task.as_deref() {
         Some("ci") => ci::task(&rest),
         Some("demo") => demo::task(&rest),
+        Some("manifests") => deploy::task(&rest),
         Some("bench") => bench::task(&rest),
         Some("fuzz") => fuzz::task(&rest),
         Some("codegen") => codegen::task(&rest),
