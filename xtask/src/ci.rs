@@ -21,6 +21,7 @@ pub(crate) const STEPS: &[(&str, &str)] = &[
         "manifests",
         "deploy/ renders, validates (1.27, 1.30, 1.34) and lints",
     ),
+    ("image", "image assembly is deterministic and well-formed"),
     (
         "ansible",
         "the StarlingX role writes, renders and re-runs as a no-op",
@@ -98,6 +99,7 @@ fn run_step(step: &str) -> Result<()> {
         "demo" => crate::demo::check(),
         "manifests" => crate::deploy::check_manifests(),
         "ansible" => crate::deploy::check_ansible(),
+        "image" => crate::image::check_assembly(),
         "libudev" => {
             ensure_libudev()?;
             let feature = ["-p", "gpu-discovery", "--features", "libudev"];

@@ -13,6 +13,7 @@ mod codegen;
 mod demo;
 mod deploy;
 mod fuzz;
+mod image;
 mod util;
 
 use std::process::ExitCode;
@@ -24,6 +25,8 @@ tasks:
   demo [--keep]  run the whole system on a simulated StarlingX node
   ci [STEP...]   run what CI runs (steps: fmt clippy test tidy deny); all steps by default
   bench          run every benchmark and write target/bench/report.json
+  image [--check] [--verify-reproducible]
+                 OCI image archives in target/images (static release binaries)
   manifests [--write]
                  render deploy/overlays (--write: regenerate the Ansible template)
   codegen [--check]
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         Some("ci") => ci::task(&rest),
         Some("demo") => demo::task(&rest),
         Some("manifests") => deploy::task(&rest),
+        Some("image") => image::task(&rest),
         Some("bench") => bench::task(&rest),
         Some("fuzz") => fuzz::task(&rest),
         Some("codegen") => codegen::task(&rest),
