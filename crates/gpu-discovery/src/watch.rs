@@ -146,8 +146,8 @@ impl InventoryWatcher {
     /// # Errors
     /// When the first scan fails (see [`scan`]).
     pub fn spawn(config: WatcherConfig) -> Result<Self, DiscoveryError> {
-        let first = scan(&config.discovery)?;
-        let (tx, rx) = watch::channel(Arc::new(first));
+        // Sources are opened and armed before the first scan, so a change
+        // between the two is never missed.
         let (hint_tx, hint_rx) = mpsc::channel(64);
         let mut sources = Vec::new();
         if config.uevents {
@@ -164,11 +164,8 @@ impl InventoryWatcher {
         if config.inotify {
             match DirWatch::new() {
                 Ok(w) => {
-                    tokio::spawn(devfs_source(
-                        w,
-                        config.discovery.devfs_root().to_owned(),
-                        hint_tx.clone(),
-                    ));
+                    let devfs = DevfsWatch::armed(w, config.discovery.devfs_root());
+                    tokio::spawn(devfs_source(devfs, hint_tx.clone()));
                     sources.push(Source::DevfsInotify);
                 }
                 Err(error) => {
@@ -186,6 +183,8 @@ impl InventoryWatcher {
             }
         }
         drop(hint_tx);
+        let first = scan(&config.discovery)?;
+        let (tx, rx) = watch::channel(Arc::new(first));
         let interval = if sources.is_empty() {
             tracing::warn!(every = ?config.fallback_rescan, "no hotplug event source could be opened; rescanning periodically");
             config.fallback_rescan
@@ -421,38 +420,58 @@ fn libudev_source(socket: &udev::MonitorSocket, hints: &mpsc::Sender<Hint>) {
     }
 }
 
-/// Watches `<devfs>/dri` and `<devfs>/dri/by-path`, or devfs itself while
-/// `dri` does not exist.
-async fn devfs_source(mut watch: DirWatch, devfs: PathBuf, hints: mpsc::Sender<Hint>) {
-    let mask = Mask::IN_CREATE
-        | Mask::IN_DELETE
-        | Mask::IN_MOVED_TO
-        | Mask::IN_MOVED_FROM
-        | Mask::IN_ATTRIB
-        | Mask::IN_DELETE_SELF;
-    let dri = devfs.join("dri");
-    let by_path = dri.join("by-path");
-    let mut watched: Vec<(PathBuf, dir_watch::WatchId)> = Vec::new();
-    let arm = |watch: &mut DirWatch, watched: &mut Vec<(PathBuf, dir_watch::WatchId)>| {
-        for dir in [devfs.as_path(), dri.as_path(), by_path.as_path()] {
-            let present = watched.iter().any(|(p, _)| p.as_path() == dir);
+/// inotify on `<devfs>`, `<devfs>/dri` and `<devfs>/dri/by-path`, re-armed
+/// as they appear.
+struct DevfsWatch {
+    watch: DirWatch,
+    devfs: PathBuf,
+    watched: Vec<(PathBuf, dir_watch::WatchId)>,
+}
+
+impl DevfsWatch {
+    const MASK: Mask = Mask::IN_CREATE
+        .union(Mask::IN_DELETE)
+        .union(Mask::IN_MOVED_TO)
+        .union(Mask::IN_MOVED_FROM)
+        .union(Mask::IN_ATTRIB)
+        .union(Mask::IN_DELETE_SELF);
+
+    /// Watches what exists now, synchronously.
+    fn armed(watch: DirWatch, devfs: &std::path::Path) -> Self {
+        let mut me = Self {
+            watch,
+            devfs: devfs.to_owned(),
+            watched: Vec::new(),
+        };
+        me.arm();
+        me
+    }
+
+    fn arm(&mut self) {
+        let dri = self.devfs.join("dri");
+        let by_path = dri.join("by-path");
+        for dir in [self.devfs.clone(), dri, by_path] {
+            let present = self.watched.iter().any(|(p, _)| *p == dir);
             if !present
                 && dir.is_dir()
-                && let Ok(id) = watch.add(dir, mask)
+                && let Ok(id) = self.watch.add(&dir, Self::MASK)
             {
-                watched.push((dir.to_owned(), id));
+                self.watched.push((dir, id));
             }
         }
-        watched.retain(|(p, _)| p.is_dir());
-    };
-    arm(&mut watch, &mut watched);
+        self.watched.retain(|(p, _)| p.is_dir());
+    }
+}
+
+/// Turns devfs events into hints, re-arming as directories appear.
+async fn devfs_source(mut devfs: DevfsWatch, hints: mpsc::Sender<Hint>) {
     loop {
-        match watch.next().await {
+        match devfs.watch.next().await {
             Ok(events) => {
                 let relevant = events.iter().any(|e| {
-                    e.dir.as_deref() != Some(devfs.as_path()) || is_dri(e.name.as_deref())
+                    e.dir.as_deref() != Some(devfs.devfs.as_path()) || is_dri(e.name.as_deref())
                 });
-                arm(&mut watch, &mut watched);
+                devfs.arm();
                 if relevant && hints.try_send(Hint).is_err() && hints.is_closed() {
                     return;
                 }
