@@ -352,23 +352,40 @@ async fn daemon(cli: Cli, setup: Setup, cluster: Option<Cluster>) -> anyhow::Res
         }
     }
     let mut last_good: Option<Decision> = None;
+    // What was last said about the decision: logged once per change, not
+    // on every resync.
+    let mut said = String::new();
     let mut failures: u32 = 0;
     loop {
         stats.reconciles.fetch_add(1, Ordering::Relaxed);
-        let decision = match decide(&setup.sources, cluster.as_ref()).await {
+        let (decision, note) = match decide(&setup.sources, cluster.as_ref()).await {
             Ok(d) => {
                 last_good = Some(d.clone());
-                d
+                let note = format!("{d:?}");
+                (d, note)
             }
             Err(e) => {
-                tracing::error!(error = %e, "invalid enabled-plugins content; keeping the last good decision");
-                last_good
-                    .clone()
-                    .unwrap_or_else(|| Decision::Unknown(format!("invalid content: {e}")))
+                let note = format!(
+                    "invalid enabled-plugins content ({e}); keeping the last good decision"
+                );
+                (
+                    last_good
+                        .clone()
+                        .unwrap_or_else(|| Decision::Unknown(format!("invalid content: {e}"))),
+                    note,
+                )
             }
         };
-        if let Decision::Unknown(why) = &decision {
-            tracing::warn!(%why, "enabled-plugins decision unknown: the plugin label is neither added nor removed");
+        if note != said {
+            match &decision {
+                _ if note.starts_with("invalid") => tracing::error!("{note}"),
+                Decision::Unknown(why) => {
+                    tracing::warn!(%why, "enabled-plugins decision unknown: the plugin label is neither added nor removed")
+                }
+                Decision::Enabled(label) => tracing::info!(%label, "the GPU plugin is enabled"),
+                Decision::Disabled => tracing::info!("the GPU plugin is not enabled"),
+            }
+            said = note;
         }
         let current = std::sync::Arc::clone(&inventory.borrow_and_update());
         let wait = match once(&cli, &setup, cluster.as_ref(), &current, &decision).await {

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -255,5 +255,4 @@ async fn daemon_follows_the_file_and_keeps_labels_on_sigterm() {
         has(&api, "gpu.intel.com/tiles"),
         "labels are never removed on shutdown"
     );
-    let _ = Path::new("");
 }

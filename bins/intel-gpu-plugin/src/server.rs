@@ -98,6 +98,8 @@ struct State {
     options: Arc<Options>,
     framework: Framework,
     cdi: SpecDir,
+    /// The CDI specs this process wrote, by file name.
+    written: BTreeMap<String, devplugin_api::cdi::Spec>,
     memory: Memory,
     shared: Shared,
     handles: BTreeMap<ResourceName, ResourceHandle>,
@@ -113,23 +115,40 @@ impl State {
         };
         let plan = plan::plan(inventory, &self.options, &mut self.memory, &temps);
         // CDI specs first: a card is never advertised before its spec exists.
+        // Only specs that differ from what this process last wrote, or that
+        // someone removed, are written (the temperature tick re-plans every
+        // 5 s: a stat per card instead of a read).
         let mut keep = BTreeSet::new();
         for card in plan.cards.values() {
             let name = plan::cdi_file_name(card);
-            match self
-                .cdi
-                .write(&name, &plan::cdi_spec(card, self.options.bypath))
-            {
-                Ok(true) => tracing::info!(card = %card.name, "CDI spec written"),
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::error!(card = %card.name, error = %chain(&error), "could not write the CDI spec")
+            let spec = plan::cdi_spec(card, self.options.bypath);
+            if self.written.get(&name) != Some(&spec) || !self.cdi.dir().join(&name).exists() {
+                match self.cdi.write(&name, &spec) {
+                    Ok(wrote) => {
+                        if wrote {
+                            tracing::info!(card = %card.name, "CDI spec written");
+                        }
+                        self.written.insert(name.clone(), spec);
+                    }
+                    Err(error) => {
+                        tracing::error!(card = %card.name, error = %chain(&error), "could not write the CDI spec")
+                    }
                 }
             }
             keep.insert(name);
         }
-        for card in plan.cards.values().filter(|c| c.why.is_some()) {
-            tracing::warn!(card = %card.name, reason = card.why.as_deref().unwrap_or_default(), "card is unhealthy");
+        self.written.retain(|name, _| keep.contains(name));
+        // Health changes are logged once, when they happen.
+        let previous = Arc::clone(&self.shared.read().unwrap_or_else(PoisonError::into_inner));
+        for card in plan.cards.values() {
+            let before = previous.cards.get(&card.index).map(|c| &c.why);
+            match (&card.why, before) {
+                (Some(why), Some(None) | None) => {
+                    tracing::warn!(card = %card.name, reason = %why, "card is unhealthy")
+                }
+                (None, Some(Some(_))) => tracing::info!(card = %card.name, "card is healthy again"),
+                _ => {}
+            }
         }
         *self.shared.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(plan.clone());
         for (name, (kind, list)) in &plan.resources {
@@ -264,6 +283,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut state = State {
         options: Arc::new(config.options.clone()),
         cdi: SpecDir::new(&config.cdi_dir, plan::CDI_PREFIX),
+        written: BTreeMap::new(),
         config,
         framework,
         memory: Memory::default(),

@@ -164,10 +164,7 @@ impl Demo {
     }
 }
 
-async fn steps(
-    demo: &mut Demo,
-    keep: bool,
-) -> Result<Vec<Proc>, (usize, &'static str, anyhow::Error)> {
+async fn steps(demo: &mut Demo) -> Result<Vec<Proc>, (usize, &'static str, anyhow::Error)> {
     let mut procs = Vec::new();
     macro_rules! step {
         ($n:expr, $name:expr, $body:expr) => {{
@@ -309,7 +306,6 @@ async fn steps(
             anyhow::Ok(())
         }
     );
-    let _ = keep;
     Ok(procs)
 }
 
@@ -361,7 +357,7 @@ async fn main() -> ExitCode {
     println!(
         "  GPUs: Alder Lake iGPU (card0), Flex 170 PF (card1) with 4 VFs (card2–card5), Arc B580 on xe (card8)"
     );
-    match steps(&mut demo, keep).await {
+    match steps(&mut demo).await {
         Ok(procs) => {
             println!("\ndemo: all 6 steps held");
             if keep {

@@ -137,9 +137,6 @@ pub async fn reconcile_node(
         else {
             return Ok(Outcome::OptedOut);
         };
-        for c in &conflicts {
-            tracing::warn!(key = %c.key, wanted = %c.wanted, found = %c.found, "label set by someone else to another value; leaving it");
-        }
         if !changed {
             return Ok(Outcome::Unchanged { labels, conflicts });
         }
@@ -150,6 +147,7 @@ pub async fn reconcile_node(
             Ok(()) => {
                 tracing::info!(node = %cluster.node(), labels = labels.len(), %note, "labels applied");
                 for c in &conflicts {
+                    tracing::warn!(key = %c.key, wanted = %c.wanted, found = %c.found, "label set by someone else to another value; leaving it");
                     let message = format!(
                         "label {} is {:?}, set by another manager; the labeller wanted {:?} and left it",
                         c.key, c.found, c.wanted
