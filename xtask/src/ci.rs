@@ -14,7 +14,10 @@ pub(crate) const STEPS: &[(&str, &str)] = &[
     ("fmt", "cargo fmt --check"),
     ("codegen", "generated gRPC code is fresh"),
     ("clippy", "clippy on all targets, warnings denied"),
-    ("test", "every test of the workspace"),
+    (
+        "test",
+        "every test of the workspace, the grpcio interop tests included",
+    ),
     ("tidy", "repository rules (xtask's own tests)"),
     ("demo", "cargo xtask demo exits 0 and reports every step"),
     (
@@ -93,7 +96,13 @@ fn run_step(step: &str) -> Result<()> {
         .map(drop),
         "codegen" => crate::codegen::task(&["--check".to_owned()]),
         "test" => {
-            run(cargo().args(["test", "--workspace", "--locked", "--exclude", "xtask"])).map(drop)
+            // The interop tests need Python's grpcio; here they must run.
+            let python = crate::deploy::venv()?.join("python");
+            run(cargo()
+                .args(["test", "--workspace", "--locked", "--exclude", "xtask"])
+                .env("DEVPLUGIN_INTEROP_PYTHON", python)
+                .env("INTEROP_REQUIRED", "1"))
+            .map(drop)
         }
         "tidy" => run(cargo().args(["test", "--locked", "-p", "xtask"])).map(drop),
         "demo" => crate::demo::check(),

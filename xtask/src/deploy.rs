@@ -21,7 +21,15 @@ pub(crate) const OVERLAYS: &[(&str, &[&str])] = &[
     ("admission-policy", &["1.30.0", "1.34.0"]),
 ];
 
-const PY_TOOLS: &[&str] = &["kubernetes-validate", "yamllint", "ansible-core"];
+/// `grpcio` and `grpcio-tools` are the independent gRPC peer of the
+/// framework's interop tests (≥ 1.57: the percent-encoded `:authority`).
+const PY_TOOLS: &[&str] = &[
+    "kubernetes-validate",
+    "yamllint",
+    "ansible-core",
+    "grpcio>=1.57",
+    "grpcio-tools>=1.57",
+];
 
 /// The CI virtualenv's `bin/`, with the Python tools installed.
 pub(crate) fn venv() -> Result<PathBuf> {
@@ -29,7 +37,8 @@ pub(crate) fn venv() -> Result<PathBuf> {
     let bin = dir.join("bin");
     let ready = ["kubernetes-validate", "yamllint", "ansible-playbook"]
         .iter()
-        .all(|t| bin.join(t).exists());
+        .all(|t| bin.join(t).exists())
+        && succeeds(Command::new(bin.join("python")).args(["-c", "import grpc, grpc_tools"]));
     if !ready {
         eprintln!("installing {} into {}", PY_TOOLS.join(", "), dir.display());
         if !bin.join("pip").exists() {

@@ -45,6 +45,7 @@
 //! emulator for tests is the separate `kubelet-emulator` crate. This crate
 //! knows nothing about GPUs.
 
+pub mod authority;
 pub mod cdi;
 mod lifecycle;
 mod metrics;

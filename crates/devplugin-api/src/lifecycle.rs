@@ -9,7 +9,6 @@ use std::time::Duration;
 use dir_watch::{DirWatch, Mask};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::metrics::ResourceMetrics;
 use crate::pb;
@@ -158,7 +157,7 @@ impl<P: Plugin> Runtime<P> {
         Ok(tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .add_service(pb::device_plugin_server::DevicePluginServer::new(service))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(uds::incoming(listener), async move {
                     let _ = signal.wait_for(|s| *s).await;
                 })
                 .await;

@@ -7,6 +7,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::authority::{AuthorityRule, SendAuthority};
+
 /// Why a socket could not be dialled.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -30,18 +32,45 @@ pub enum DialError {
     },
 }
 
-/// Opens a gRPC channel to the Unix socket at `path`.
+/// Opens a gRPC channel to the Unix socket at `path`. Its requests carry
+/// `:authority: localhost`, as the kubelet's since 1.26.
 ///
 /// # Errors
 /// When the socket does not accept a connection within `timeout`.
 pub async fn connect(path: &Path, timeout: Duration) -> Result<Channel, DialError> {
+    dial(path, timeout, None).await
+}
+
+/// Like [`connect`], with the `:authority` its requests carry set by `rule`
+/// whatever the HTTP/2 client chose: how an emulator dials like a client
+/// that sends a socket path or nothing (see [`crate::authority`]).
+///
+/// # Errors
+/// When the socket does not accept a connection within `timeout`.
+pub async fn connect_with_authority(
+    path: &Path,
+    timeout: Duration,
+    rule: AuthorityRule,
+) -> Result<Channel, DialError> {
+    dial(path, timeout, Some(rule)).await
+}
+
+async fn dial(
+    path: &Path,
+    timeout: Duration,
+    rule: Option<AuthorityRule>,
+) -> Result<Channel, DialError> {
     let owned = path.to_owned();
     let shown = path.display().to_string();
     // The URI is required by the HTTP layer but never resolved.
     let endpoint = Endpoint::from_static("http://localhost").connect_timeout(timeout);
     let connect = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
         let path = owned.clone();
-        async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        let rule = rule.clone();
+        async move {
+            let stream = UnixStream::connect(path).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(SendAuthority::maybe(stream, rule)))
+        }
     }));
     match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(channel)) => Ok(channel),
@@ -54,4 +83,15 @@ pub async fn connect(path: &Path, timeout: Duration) -> Result<Channel, DialErro
             timeout,
         }),
     }
+}
+
+/// The connections of `listener`, each accepting any `:authority` (see
+/// [`crate::authority`]): what every server the framework runs on a Unix
+/// socket serves, and what emulators of kubelet-facing servers should too.
+pub fn incoming(
+    listener: tokio::net::UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<crate::authority::AnyAuthority<UnixStream>>> {
+    use tokio_stream::StreamExt as _;
+    tokio_stream::wrappers::UnixListenerStream::new(listener)
+        .map(|conn| conn.map(crate::authority::AnyAuthority::new))
 }

@@ -3,9 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
+mod common;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+use common::{Null, config, list, res};
 
 use devplugin_api::*;
 use kubelet_emulator::{KubeletEmulator, View};
@@ -13,53 +17,8 @@ use kubelet_emulator::{KubeletEmulator, View};
 const LIMIT: Duration = Duration::from_secs(10);
 const RES: &str = "example.com/null";
 
-/// Allocates nothing special: one env var naming the devices.
-#[derive(Default)]
-struct Null {
-    calls: AtomicUsize,
-}
-
-impl Plugin for Null {
-    fn allocate(&self, request: &AllocateRequest) -> Result<ContainerAllocation, PluginError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        let ids: Vec<&str> = request.device_ids.iter().map(DeviceId::as_str).collect();
-        let mut a = ContainerAllocation::default();
-        a.envs.insert("NULL_DEVICES".into(), ids.join(","));
-        Ok(a)
-    }
-
-    fn options(&self) -> PluginOptions {
-        PluginOptions {
-            preferred_allocation: true,
-            pre_start_required: false,
-        }
-    }
-}
-
-fn list(n: usize) -> DeviceList {
-    DeviceList::new(
-        (0..n)
-            .map(|i| Device::healthy(DeviceId::new(&format!("null-{i}")).unwrap()))
-            .collect(),
-    )
-    .unwrap()
-}
-
 fn count(v: &View, resource: &str) -> Option<usize> {
     v.devices(resource).map(|d| d.devices().len())
-}
-
-fn config(dir: &std::path::Path) -> FrameworkConfig {
-    FrameworkConfig::new(dir)
-        .backoff(Backoff {
-            initial: Duration::from_millis(10),
-            max: Duration::from_millis(200),
-        })
-        .check_interval(Duration::from_millis(500))
-}
-
-fn res(name: &str) -> ResourceName {
-    ResourceName::new(name).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
