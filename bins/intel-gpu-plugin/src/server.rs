@@ -153,11 +153,7 @@ impl State {
         *self.shared.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(plan.clone());
         for (name, (kind, list)) in &plan.resources {
             match self.handles.get(name) {
-                Some(handle) => {
-                    if let Err(error) = handle.publish(list.clone()) {
-                        tracing::error!(resource = %name, %error, "device list not published");
-                    }
-                }
+                Some(handle) => handle.publish(list.clone()),
                 None => {
                     let plugin = GpuPlugin {
                         kind: kind.clone(),
@@ -186,10 +182,8 @@ impl State {
         }
         // A resource whose last GPU went stays registered with capacity 0.
         for (name, handle) in &self.handles {
-            if !plan.resources.contains_key(name)
-                && let Err(error) = handle.publish(DeviceList::empty())
-            {
-                tracing::error!(resource = %name, %error, "empty device list not published");
+            if !plan.resources.contains_key(name) {
+                handle.publish(DeviceList::empty());
             }
         }
         match self.cdi.retain(&keep) {

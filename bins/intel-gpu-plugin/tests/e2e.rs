@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fake_gpu_node::{FakeNode, GpuSpec, NodeSpec};
-use kubelet_emulator::{KubeletEmulator, View};
+use kubelet_emulator::{KubeletEmulator, KubeletVersion, View};
 
 const BIN: &str = env!("CARGO_BIN_EXE_intel-gpu-plugin");
 const LIMIT: Duration = Duration::from_secs(15);
@@ -32,10 +32,14 @@ struct Env {
 
 impl Env {
     async fn new(spec: &NodeSpec) -> Self {
+        Self::new_as(spec, KubeletVersion::default()).await
+    }
+
+    async fn new_as(spec: &NodeSpec, version: KubeletVersion) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let node = FakeNode::build(&dir.path().join("node"), spec).unwrap();
         std::fs::create_dir(dir.path().join("kubelet")).unwrap();
-        let kubelet = KubeletEmulator::start(&dir.path().join("kubelet"))
+        let kubelet = KubeletEmulator::start_as(&dir.path().join("kubelet"), version)
             .await
             .unwrap();
         Self { dir, node, kubelet }
@@ -143,6 +147,38 @@ async fn both_resources_register_and_allocate_with_cdi() {
     assert_eq!(a.cdi_devices[0].name, "intel.cdi.k8s.io/gpu=card0");
     let err = env.kubelet.allocate(XE, &["card0-0"]).await.unwrap_err();
     assert!(err.to_string().contains("card0-0"), "{err}");
+}
+
+/// Kubelet 1.25 dials back with the socket path as `:authority`, 1.34 with
+/// `localhost`; either may drop a stream and stay up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_with_kubelet_1_25_and_1_34_and_survives_a_dropped_stream() {
+    for version in KubeletVersion::ALL {
+        let env = Env::new_as(&mixed(), version).await;
+        let _p = env.start(&[]);
+        let v = env
+            .until("both resources", |v| {
+                ids(v, I915).len() == 1 && ids(v, XE).len() == 1
+            })
+            .await;
+        let xe = ids(&v, XE);
+        let a = env.kubelet.allocate(XE, &[xe[0].as_str()]).await.unwrap();
+        assert_eq!(
+            a.cdi_devices[0].name, "intel.cdi.k8s.io/gpu=card1",
+            "{version:?}"
+        );
+        assert!(env.kubelet.end_stream(I915));
+        let v = env
+            .until("i915 registered again", |v| {
+                v.registrations(I915) == 2 && v.is_connected(I915) && ids(v, I915).len() == 1
+            })
+            .await;
+        assert_eq!(
+            v.registrations(XE),
+            1,
+            "{version:?}: the other resource is left alone"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -186,7 +186,7 @@ async fn main() {
     let mut updates = Samples::new();
     for i in 1..=UPDATES {
         let start = Instant::now();
-        handle.publish(list(8, i)).unwrap();
+        handle.publish(list(8, i));
         let want = format!("dev-{i}-0");
         kubelet
             .wait_until(Duration::from_secs(10), |v| {

@@ -36,7 +36,7 @@
 //! let framework = Framework::new(FrameworkConfig::new("/var/lib/kubelet/device-plugins"));
 //! let resource = ResourceName::new("example.com/null")?;
 //! let handle = framework.serve(resource, Arc::new(Null), DeviceList::empty())?;
-//! handle.publish(DeviceList::new(vec![Device::healthy(DeviceId::new("null-0")?)])?)?;
+//! handle.publish(DeviceList::new(vec![Device::healthy(DeviceId::new("null-0")?)])?);
 //! handle.stop().await;
 //! # Ok(()) }
 //! ```
@@ -57,7 +57,7 @@ pub mod uds;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -113,6 +113,7 @@ pub struct FrameworkConfig {
     backoff: Backoff,
     check_interval: Duration,
     register_timeout: Duration,
+    stream_timeout: Duration,
 }
 
 impl FrameworkConfig {
@@ -127,7 +128,25 @@ impl FrameworkConfig {
             },
             check_interval: Duration::from_secs(5),
             register_timeout: Duration::from_secs(15),
+            stream_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// How long `Register` may take before it is tried again (default 15 s;
+    /// the kubelet itself dials back within 10 s).
+    #[must_use]
+    pub fn register_timeout(mut self, timeout: Duration) -> Self {
+        self.register_timeout = timeout;
+        self
+    }
+
+    /// How long a registered resource waits for the kubelet to open its
+    /// ListAndWatch stream before registering again (default 10 s, the
+    /// kubelet's dial timeout).
+    #[must_use]
+    pub fn stream_timeout(mut self, timeout: Duration) -> Self {
+        self.stream_timeout = timeout;
+        self
     }
 
     /// Retry delays after a failed registration.
@@ -165,6 +184,12 @@ pub enum RegistrationStatus {
         /// The socket file name registered.
         endpoint: String,
     },
+    /// `Register` succeeded but the kubelet holds no ListAndWatch stream
+    /// yet: not ready.
+    AwaitingStream {
+        /// The socket file name registered.
+        endpoint: String,
+    },
     /// The last attempt failed; another follows.
     Retrying {
         /// Failed attempts in a row.
@@ -183,7 +208,8 @@ pub enum RegistrationStatus {
 }
 
 impl RegistrationStatus {
-    /// Whether the resource is registered.
+    /// Whether the resource is registered and the kubelet reads its list
+    /// (its readiness).
     #[must_use]
     pub fn is_registered(&self) -> bool {
         matches!(self, Self::Registered { .. })
@@ -197,18 +223,6 @@ pub enum ServeError {
     /// This framework already serves the resource.
     #[error("resource {0} is already served by this process")]
     AlreadyServed(ResourceName),
-    /// The encoded list would exceed the kubelet's message limit.
-    #[error(
-        "the device list of {resource} encodes to {bytes} bytes, more than the kubelet's limit of {limit}; it was not sent"
-    )]
-    TooLarge {
-        /// The resource.
-        resource: ResourceName,
-        /// The encoded size.
-        bytes: usize,
-        /// The limit.
-        limit: usize,
-    },
 }
 
 /// Serves resources to the kubelet; one socket and server per resource.
@@ -218,6 +232,7 @@ pub struct Framework {
     metrics: Arc<Metrics>,
     served: Arc<Mutex<BTreeSet<ResourceName>>>,
     instance: String,
+    generation: Arc<AtomicU64>,
 }
 
 impl Framework {
@@ -235,6 +250,7 @@ impl Framework {
             metrics: Arc::new(Metrics::default()),
             served: Arc::new(Mutex::new(BTreeSet::new())),
             instance,
+            generation: Arc::new(AtomicU64::new(1)),
         }
     }
 
@@ -248,15 +264,19 @@ impl Framework {
     /// registration and its upkeep run in a task until the handle is
     /// stopped or dropped. Must be called inside a tokio runtime.
     ///
+    /// A device list larger than the kubelet's message limit is clamped:
+    /// see [`ResourceHandle::publish`].
+    ///
     /// # Errors
-    /// When the resource is already served, or `initial` is too large.
+    /// When the resource is already served: by a live handle, or by one
+    /// dropped whose task has not removed its socket yet
+    /// ([`ResourceHandle::stop`] waits for that).
     pub fn serve<P: Plugin>(
         &self,
         resource: ResourceName,
         plugin: Arc<P>,
         initial: DeviceList,
     ) -> Result<ResourceHandle, ServeError> {
-        let published = publishable(&resource, initial)?;
         {
             let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
             if !served.insert(resource.clone()) {
@@ -264,6 +284,7 @@ impl Framework {
             }
         }
         let metrics = self.metrics.resource(&resource);
+        let published = publishable(&resource, initial, &metrics);
         note_update(&metrics);
         let (devices_tx, devices_rx) = watch::channel(Arc::new(published));
         let (status_tx, status_rx) = watch::channel(RegistrationStatus::Starting);
@@ -277,6 +298,11 @@ impl Framework {
             metrics: Arc::clone(&metrics),
             stop: stop_rx,
             instance: self.instance.clone(),
+            generation: Arc::clone(&self.generation),
+            release: Some(lifecycle::Release {
+                served: Arc::clone(&self.served),
+                resource: resource.clone(),
+            }),
         };
         let task = tokio::spawn(runtime.run());
         Ok(ResourceHandle {
@@ -286,22 +312,46 @@ impl Framework {
             stop: stop_tx,
             task: Some(task),
             metrics,
-            served: Arc::clone(&self.served),
         })
     }
 }
 
-fn publishable(resource: &ResourceName, list: DeviceList) -> Result<Published, ServeError> {
-    let message = list.to_pb();
+/// The list as sent: clamped to the kubelet's message limit, keeping the
+/// devices in the order given, with a warning when the clamp changes.
+fn publishable(resource: &ResourceName, list: DeviceList, metrics: &ResourceMetrics) -> Published {
+    let mut message = list.to_pb();
     let bytes = message.encoded_len();
+    let mut dropped = 0;
+    let mut list = list;
     if bytes > MAX_MESSAGE_BYTES {
-        return Err(ServeError::TooLarge {
-            resource: resource.clone(),
-            bytes,
-            limit: MAX_MESSAGE_BYTES,
-        });
+        // Each device is one length-delimited field 1 of the response.
+        let mut total = 0;
+        let fits = message
+            .devices
+            .iter()
+            .take_while(|d| {
+                let len = d.encoded_len();
+                total += prost::length_delimiter_len(len) + 1 + len;
+                total <= MAX_MESSAGE_BYTES
+            })
+            .count();
+        dropped = message.devices.len() - fits;
+        message.devices.truncate(fits);
+        let kept = list.devices()[..fits].to_vec();
+        // A prefix of a list with unique IDs has unique IDs.
+        list = DeviceList::new(kept).unwrap_or_default();
     }
-    Ok(Published { list, message })
+    let before = metrics
+        .clamped_devices
+        .swap(dropped as u64, Ordering::Relaxed);
+    if before != dropped as u64 {
+        if dropped > 0 {
+            tracing::warn!(%resource, bytes, limit = MAX_MESSAGE_BYTES, left_out = dropped, "the device list exceeds the kubelet's message limit; the last devices are left out");
+        } else {
+            tracing::info!(%resource, "the device list fits the kubelet's message limit again");
+        }
+    }
+    Published { list, message }
 }
 
 fn note_update(metrics: &ResourceMetrics) {
@@ -326,7 +376,6 @@ pub struct ResourceHandle {
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
     metrics: Arc<ResourceMetrics>,
-    served: Arc<Mutex<BTreeSet<ResourceName>>>,
 }
 
 impl ResourceHandle {
@@ -340,11 +389,12 @@ impl ResourceHandle {
     /// ListAndWatch stream sends the latest list as soon as it can. An
     /// empty list keeps the resource registered with capacity 0.
     ///
-    /// # Errors
-    /// When the encoded list exceeds the kubelet's 4 MiB limit: nothing is
-    /// sent and the previous list stays.
-    pub fn publish(&self, list: DeviceList) -> Result<(), ServeError> {
-        let published = publishable(&self.resource, list)?;
+    /// A list whose message would exceed the kubelet's 4 MiB limit (the
+    /// kubelet would drop the stream) is clamped: the devices that fit, in
+    /// the order given, are sent; the rest are counted in
+    /// [`ResourceMetrics::clamped_devices`] and logged once.
+    pub fn publish(&self, list: DeviceList) {
+        let published = publishable(&self.resource, list, &self.metrics);
         let changed = self.devices.send_if_modified(|current| {
             if current.list == published.list {
                 false
@@ -357,7 +407,6 @@ impl ResourceHandle {
             note_update(&self.metrics);
             tracing::info!(resource = %self.resource, devices = self.devices.borrow().list.devices().len(), "device list published");
         }
-        Ok(())
     }
 
     /// The current status.
@@ -389,12 +438,10 @@ impl ResourceHandle {
 }
 
 impl Drop for ResourceHandle {
+    /// Tells the task to stop; it removes the socket and then frees the
+    /// resource name.
     fn drop(&mut self) {
         let _ = self.stop.send(true);
-        self.served
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.resource);
     }
 }
 

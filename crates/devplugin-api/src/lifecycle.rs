@@ -1,9 +1,11 @@
 //! The life of one resource: serve a fresh socket, register, follow the
 //! kubelet's restarts, re-register; never give up on a transient failure.
 
+use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dir_watch::{DirWatch, Mask};
@@ -31,13 +33,47 @@ pub(crate) struct Runtime<P> {
     pub(crate) metrics: Arc<ResourceMetrics>,
     pub(crate) stop: watch::Receiver<bool>,
     pub(crate) instance: String,
+    /// The framework's socket generation counter: names never repeat
+    /// within one process, so an old task never removes a new socket.
+    pub(crate) generation: Arc<AtomicU64>,
+    /// Releases the resource name when the task ends, however it ends
+    /// (taken just before `Stopped` is announced).
+    pub(crate) release: Option<Release>,
 }
 
-/// What woke a wait.
+/// Takes the resource name out of the framework's served set on drop: the
+/// name is free again only once the task (and its socket) is gone.
+pub(crate) struct Release {
+    pub(crate) served: Arc<Mutex<BTreeSet<ResourceName>>>,
+    pub(crate) resource: ResourceName,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.resource);
+    }
+}
+
+/// How long after a lost ListAndWatch stream the resource registers again.
+/// The kubelet closes its connection to the plugin before it marks the
+/// resource disconnected (`plugin/v1beta1/client.go` `Disconnect`, then
+/// `manager.go` `PluginDisconnected`, 1.25–1.34): a registration that
+/// overtook that late mark would be stopped by it.
+const REREGISTER_SETTLE: Duration = Duration::from_millis(20);
+/// A stream lost sooner than this after registering counts as a failed
+/// attempt: the retries back off instead of looping.
+const STABLE_AFTER: Duration = Duration::from_secs(1);
+
+/// What ended a wait.
 enum Wake {
     Stop,
+    /// `kubelet.sock` created, our socket deleted, or events lost: look at
+    /// the directory again (an event may be older than what it announces).
+    Changed,
     Timeout,
-    Events(Vec<dir_watch::Event>),
 }
 
 enum Registered {
@@ -46,6 +82,19 @@ enum Registered {
     /// Our socket vanished while registering: serve a new one.
     SocketGone,
     Stop,
+}
+
+/// How a registration ended.
+enum Held {
+    /// The resource was stopped.
+    Stop,
+    /// The kubelet restarted (our socket deleted, `kubelet.sock` new).
+    Restart,
+    /// The kubelet stayed up but holds no stream: register again.
+    StreamLost {
+        /// Whether the stream lived long enough to call it stable.
+        stable: bool,
+    },
 }
 
 enum RegisterError {
@@ -67,6 +116,12 @@ impl<P: Plugin> Runtime<P> {
         });
     }
 
+    /// The end: the name is free before anyone hears `Stopped`.
+    fn finish(&mut self) {
+        self.release.take();
+        self.set(RegistrationStatus::Stopped);
+    }
+
     fn kubelet_socket(&self) -> PathBuf {
         self.config.kubelet_dir.join(KUBELET_SOCKET)
     }
@@ -76,10 +131,9 @@ impl<P: Plugin> Runtime<P> {
         let dir = self.config.kubelet_dir.clone();
         clean_stale_sockets(&dir, &prefix).await;
         let mut watch = open_watch(&dir);
-        let mut generation: u64 = 0;
         let mut attempt: u32 = 0;
         loop {
-            generation += 1;
+            let generation = self.generation.fetch_add(1, Ordering::Relaxed);
             let name = format!("{prefix}-{}-{generation}.sock", self.instance);
             let path = dir.join(&name);
             if path.as_os_str().len() > MAX_SOCKET_PATH {
@@ -90,12 +144,12 @@ impl<P: Plugin> Runtime<P> {
                 tracing::error!(resource = %self.resource, %reason, "cannot serve");
                 self.set(RegistrationStatus::Rejected { reason });
                 let _ = self.stop.wait_for(|s| *s).await;
-                self.set(RegistrationStatus::Stopped);
+                self.finish();
                 return;
             }
             let (shutdown_tx, shutdown_rx) = watch::channel(false);
-            let server = match self.serve(&path, shutdown_rx) {
-                Ok(server) => server,
+            let (server, mut streams) = match self.serve(&path, shutdown_rx) {
+                Ok(served) => served,
                 Err(error) => {
                     ResourceMetrics::inc(&self.metrics.registration_failures);
                     self.set(RegistrationStatus::Retrying {
@@ -105,30 +159,22 @@ impl<P: Plugin> Runtime<P> {
                     tracing::warn!(resource = %self.resource, %error, "could not serve; retrying");
                     let delay = self.config.backoff.delay(attempt);
                     attempt = attempt.saturating_add(1);
-                    if matches!(self.wait(&mut watch, delay).await, Wake::Stop) {
-                        self.set(RegistrationStatus::Stopped);
+                    if matches!(self.wait(&mut watch, delay, &name).await, Wake::Stop) {
+                        self.finish();
                         return;
                     }
                     continue;
                 }
             };
-            let outcome = self
-                .register_loop(&path, &name, &mut watch, &mut attempt)
+            let restart = self
+                .session(&path, &name, &mut watch, &mut streams, &mut attempt)
                 .await;
-            let restart = match outcome {
-                Registered::Stop => false,
-                Registered::SocketGone => true,
-                Registered::Yes(kubelet) => {
-                    self.wait_for_restart(&path, &name, kubelet, &mut watch)
-                        .await
-                }
-            };
             let _ = shutdown_tx.send(true);
             stop_server(server).await;
             remove_socket(&path);
             if !restart {
                 tracing::info!(resource = %self.resource, "stopped; socket removed");
-                self.set(RegistrationStatus::Stopped);
+                self.finish();
                 return;
             }
             ResourceMetrics::inc(&self.metrics.kubelet_restarts);
@@ -136,14 +182,59 @@ impl<P: Plugin> Runtime<P> {
         }
     }
 
+    /// Registers the socket and keeps it registered, again after every
+    /// stream the kubelet drops while it stays up. Returns whether to serve
+    /// a new socket (false: stop).
+    async fn session(
+        &mut self,
+        path: &Path,
+        name: &str,
+        watch: &mut Option<DirWatch>,
+        streams: &mut watch::Receiver<usize>,
+        attempt: &mut u32,
+    ) -> bool {
+        loop {
+            let kubelet = match self.register_loop(path, name, watch, attempt).await {
+                Registered::Stop => return false,
+                Registered::SocketGone => return true,
+                Registered::Yes(kubelet) => kubelet,
+            };
+            match self.hold(path, name, kubelet, watch, streams).await {
+                Held::Stop => return false,
+                Held::Restart => return true,
+                Held::StreamLost { stable } => {
+                    ResourceMetrics::inc(&self.metrics.stream_losses);
+                    let delay = if stable {
+                        *attempt = 0;
+                        REREGISTER_SETTLE
+                    } else {
+                        let d = self.config.backoff.delay(*attempt);
+                        *attempt = attempt.saturating_add(1);
+                        d.max(REREGISTER_SETTLE)
+                    };
+                    tracing::warn!(resource = %self.resource, delay_ms = delay.as_millis(), "the kubelet dropped the ListAndWatch stream; registering again");
+                    self.set(RegistrationStatus::Retrying {
+                        attempt: *attempt,
+                        error: "the kubelet dropped the ListAndWatch stream".to_owned(),
+                    });
+                    // What the wait saw, register_loop looks at.
+                    if matches!(self.wait(watch, delay, name).await, Wake::Stop) {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
     fn serve(
         &self,
         path: &Path,
         shutdown: watch::Receiver<bool>,
-    ) -> Result<tokio::task::JoinHandle<()>, String> {
+    ) -> Result<(tokio::task::JoinHandle<()>, watch::Receiver<usize>), String> {
         remove_socket(path);
         let listener = UnixListener::bind(path)
             .map_err(|e| format!("could not listen on {}: {e}", path.display()))?;
+        let (streams_tx, streams_rx) = watch::channel(0);
         let service = Service {
             resource: self.resource.clone(),
             plugin: Arc::clone(&self.plugin),
@@ -151,10 +242,11 @@ impl<P: Plugin> Runtime<P> {
             devices: self.devices.clone(),
             shutdown: shutdown.clone(),
             metrics: Arc::clone(&self.metrics),
+            streams: Arc::new(streams_tx),
         };
         let mut signal = shutdown;
         let resource = self.resource.clone();
-        Ok(tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .add_service(pb::device_plugin_server::DevicePluginServer::new(service))
                 .serve_with_incoming_shutdown(uds::incoming(listener), async move {
@@ -164,7 +256,8 @@ impl<P: Plugin> Runtime<P> {
             if let Err(error) = result {
                 tracing::warn!(%resource, %error, "device plugin server ended with an error");
             }
-        }))
+        });
+        Ok((task, streams_rx))
     }
 
     /// Registers, retrying transient failures with capped exponential
@@ -187,19 +280,19 @@ impl<P: Plugin> Runtime<P> {
             let kubelet = self.kubelet_socket();
             if !kubelet.exists() {
                 self.set(RegistrationStatus::WaitingForKubelet);
-                match self.wait(watch, self.config.check_interval).await {
+                match self.wait(watch, self.config.check_interval, name).await {
                     Wake::Stop => return Registered::Stop,
-                    Wake::Timeout | Wake::Events(_) => continue,
+                    // Looked at again at the top: our socket, the kubelet's.
+                    Wake::Changed | Wake::Timeout => continue,
                 }
             }
             // Taken before the call: a restart during it is not missed.
             let identity = inode(&kubelet);
             let delay = match self.register(&kubelet, name).await {
                 Ok(()) => {
-                    *attempt = 0;
                     ResourceMetrics::inc(&self.metrics.registrations);
                     tracing::info!(resource = %self.resource, endpoint = %name, "registered with the kubelet");
-                    self.set(RegistrationStatus::Registered {
+                    self.set(RegistrationStatus::AwaitingStream {
                         endpoint: name.to_owned(),
                     });
                     return Registered::Yes(identity);
@@ -223,21 +316,21 @@ impl<P: Plugin> Runtime<P> {
                 }
             };
             match delay {
-                Some(d) => match self.wait(watch, d).await {
+                // Only a new kubelet (or our socket's loss) cuts the delay
+                // short; other plugins' sockets coming and going do not.
+                Some(d) => match self.wait(watch, d, name).await {
                     Wake::Stop => return Registered::Stop,
-                    // A new kubelet socket is worth trying at once.
-                    Wake::Timeout | Wake::Events(_) => {}
+                    Wake::Changed | Wake::Timeout => {}
                 },
                 None => {
                     // Rejected: only a new kubelet changes the answer.
                     let before = inode(&kubelet);
                     loop {
-                        match self.wait(watch, self.config.check_interval).await {
+                        match self.wait(watch, self.config.check_interval, name).await {
                             Wake::Stop => return Registered::Stop,
-                            Wake::Events(ev) if ev.iter().any(kubelet_recreated) => break,
-                            _ if inode(&kubelet) != before => break,
                             _ if !path.exists() => return Registered::SocketGone,
-                            _ => {}
+                            _ if inode(&kubelet) != before => break,
+                            Wake::Changed | Wake::Timeout => {}
                         }
                     }
                 }
@@ -279,76 +372,120 @@ impl<P: Plugin> Runtime<P> {
         }
     }
 
-    /// Waits until the kubelet restarts (our socket deleted, `kubelet.sock`
-    /// recreated) or the resource stops. Returns whether to restart.
-    async fn wait_for_restart(
+    /// Holds a registration: ready while the kubelet reads a ListAndWatch
+    /// stream; ends when the kubelet restarts, when it drops the stream
+    /// while staying up (or never opens one), or when the resource stops.
+    async fn hold(
         &mut self,
         path: &Path,
         name: &str,
         kubelet_inode: Option<(u64, u64)>,
         watch: &mut Option<DirWatch>,
-    ) -> bool {
+        streams: &mut watch::Receiver<usize>,
+    ) -> Held {
         let kubelet = self.kubelet_socket();
+        let registered = tokio::time::Instant::now();
+        let mut streamed_since: Option<tokio::time::Instant> = None;
         loop {
-            match self.wait(watch, self.config.check_interval).await {
-                Wake::Stop => return false,
-                Wake::Events(events) => {
-                    let ours_gone = events.iter().any(|e| {
-                        e.name.as_deref().is_some_and(|n| n == name)
-                            && e.mask.intersects(Mask::IN_DELETE | Mask::IN_MOVED_FROM)
-                    });
-                    if ours_gone || events.iter().any(dir_watch::Event::is_overflow) {
-                        return true;
+            let open = *streams.borrow_and_update();
+            match (open, streamed_since) {
+                (0, Some(since)) => {
+                    // The stream ended. A kubelet that went down is a
+                    // restart in the making, not a lost stream.
+                    if inode(&kubelet) == kubelet_inode && path.exists() {
+                        return Held::StreamLost {
+                            stable: since.elapsed() >= STABLE_AFTER,
+                        };
                     }
-                    // Events queued before the registration are not news:
-                    // the socket's identity decides, below.
+                    self.set(RegistrationStatus::WaitingForKubelet);
                 }
-                Wake::Timeout => {}
+                (0, None) if registered.elapsed() >= self.config.stream_timeout => {
+                    tracing::warn!(resource = %self.resource, timeout = ?self.config.stream_timeout, "registered, but the kubelet opened no ListAndWatch stream");
+                    return Held::StreamLost { stable: false };
+                }
+                (0, None) => {}
+                (_, None) => {
+                    streamed_since = Some(tokio::time::Instant::now());
+                    self.set(RegistrationStatus::Registered {
+                        endpoint: name.to_owned(),
+                    });
+                }
+                (_, Some(_)) => {}
             }
-            // The periodic check, also after events that did not decide. A
+            let check = if streamed_since.is_none() {
+                self.config
+                    .stream_timeout
+                    .saturating_sub(registered.elapsed())
+                    .min(self.config.check_interval)
+            } else {
+                self.config.check_interval
+            };
+            let woke = tokio::select! {
+                changed = streams.changed() => {
+                    if changed.is_err() {
+                        // The server is gone: serve anew.
+                        return Held::Restart;
+                    }
+                    continue;
+                }
+                woke = self.wait(watch, check, name) => woke,
+            };
+            if matches!(woke, Wake::Stop) {
+                return Held::Stop;
+            }
+            // After events and periodically. Events queued before the
+            // registration are not news: the socket's identity decides. A
             // missing kubelet.sock is a kubelet going down: the restart is
             // when its new socket appears (or ours is deleted).
             let current = inode(&kubelet);
-            let new_kubelet = current.is_some_and(|i| Some(i) != kubelet_inode);
-            if !path.exists() || new_kubelet {
-                return true;
+            if !path.exists() || current.is_some_and(|i| Some(i) != kubelet_inode) {
+                return Held::Restart;
             }
-            // A kubelet that is down is not reading our list: not ready
-            // until it is back.
             if current.is_none() {
                 self.set(RegistrationStatus::WaitingForKubelet);
-            } else {
-                self.set(RegistrationStatus::Registered {
-                    endpoint: name.to_owned(),
-                });
             }
         }
     }
 
-    async fn wait(&mut self, watch: &mut Option<DirWatch>, timeout: Duration) -> Wake {
+    /// Waits up to `timeout` for what matters to a resource: a stop, a new
+    /// `kubelet.sock`, or the loss of our socket `name`. Other events in the
+    /// directory (other plugins' sockets) do not end the wait.
+    async fn wait(&mut self, watch: &mut Option<DirWatch>, timeout: Duration, name: &str) -> Wake {
         if *self.stop.borrow() {
             return Wake::Stop;
         }
         let sleep = tokio::time::sleep(timeout);
         tokio::pin!(sleep);
-        let stop = &mut self.stop;
-        match watch {
-            Some(w) => tokio::select! {
-                _ = stop.wait_for(|s| *s) => Wake::Stop,
-                () = &mut sleep => Wake::Timeout,
-                events = w.next() => match events {
-                    Ok(events) => Wake::Events(events),
-                    Err(error) => {
-                        tracing::warn!(%error, "watching the kubelet directory failed; checking periodically");
-                        *watch = None;
-                        Wake::Timeout
-                    }
+        loop {
+            let stop = &mut self.stop;
+            let events = match watch {
+                Some(w) => tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return Wake::Stop,
+                    () = &mut sleep => return Wake::Timeout,
+                    events = w.next() => events,
                 },
-            },
-            None => tokio::select! {
-                _ = stop.wait_for(|s| *s) => Wake::Stop,
-                () = &mut sleep => Wake::Timeout,
-            },
+                None => tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return Wake::Stop,
+                    () = &mut sleep => return Wake::Timeout,
+                },
+            };
+            match events {
+                Ok(events) => {
+                    let restart = events.iter().any(|e| {
+                        e.is_overflow()
+                            || kubelet_recreated(e)
+                            || (e.name.as_deref().is_some_and(|n| n == name)
+                                && e.mask.intersects(Mask::IN_DELETE | Mask::IN_MOVED_FROM))
+                    });
+                    if restart {
+                        return Wake::Changed;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "watching the kubelet directory failed; checking periodically");
+                    *watch = None;
+                }
+            }
         }
     }
 }

@@ -28,6 +28,12 @@ pub struct ResourceMetrics {
     pub allocation_failures: AtomicU64,
     /// GetPreferredAllocation calls answered.
     pub preferred_allocations: AtomicU64,
+    /// ListAndWatch streams the kubelet dropped while it stayed up (each
+    /// followed by a new registration).
+    pub stream_losses: AtomicU64,
+    /// Devices left out of the current list to fit the kubelet's message
+    /// limit.
+    pub clamped_devices: AtomicU64,
 }
 
 impl ResourceMetrics {
@@ -77,7 +83,7 @@ impl Metrics {
         fn load(a: &AtomicU64) -> f64 {
             a.load(Ordering::Relaxed) as f64
         }
-        let rows: [(&str, &str, &str, Get); 9] = [
+        let rows: [(&str, &str, &str, Get); 11] = [
             (
                 "registrations_total",
                 "counter",
@@ -131,6 +137,18 @@ impl Metrics {
                 "counter",
                 "GetPreferredAllocation calls answered.",
                 |m| load(&m.preferred_allocations),
+            ),
+            (
+                "stream_losses_total",
+                "counter",
+                "ListAndWatch streams the kubelet dropped while it stayed up.",
+                |m| load(&m.stream_losses),
+            ),
+            (
+                "clamped_devices",
+                "gauge",
+                "Devices left out of the current list to fit the kubelet's message limit.",
+                |m| load(&m.clamped_devices),
             ),
         ];
         for (name, kind, help, get) in rows {

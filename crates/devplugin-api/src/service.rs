@@ -4,8 +4,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use crate::metrics::ResourceMetrics;
@@ -27,14 +31,53 @@ pub(crate) struct Service<P> {
     pub(crate) devices: watch::Receiver<Arc<Published>>,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) metrics: Arc<ResourceMetrics>,
+    /// ListAndWatch streams open on this socket, for the lifecycle.
+    pub(crate) streams: Arc<watch::Sender<usize>>,
 }
 
-/// Decrements the stream gauge when a stream task ends, however it ends.
-struct StreamGuard(Arc<ResourceMetrics>);
+/// Counts a stream while it lives: dropped when tonic drops the stream
+/// (the kubelet went away) or the stream ends.
+struct StreamGuard {
+    metrics: Arc<ResourceMetrics>,
+    streams: Arc<watch::Sender<usize>>,
+}
+
+impl StreamGuard {
+    fn new(metrics: Arc<ResourceMetrics>, streams: Arc<watch::Sender<usize>>) -> Self {
+        metrics.active_streams.fetch_add(1, Ordering::Relaxed);
+        streams.send_modify(|n| *n += 1);
+        Self { metrics, streams }
+    }
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.active_streams.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.active_streams.fetch_sub(1, Ordering::Relaxed);
+        self.streams.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// One ListAndWatch stream: the current list at once, then every change
+/// (latest wins), until the server shuts down. No task of its own: tonic
+/// polls it and drops it when the kubelet goes away.
+pub(crate) struct DeviceStream {
+    devices: WatchStream<Arc<Published>>,
+    shutdown: WatchStream<bool>,
+    _guard: StreamGuard,
+}
+
+impl Stream for DeviceStream {
+    type Item = Result<pb::ListAndWatchResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        while let Poll::Ready(stop) = Pin::new(&mut self.shutdown).poll_next(cx) {
+            if stop != Some(false) {
+                return Poll::Ready(None);
+            }
+        }
+        Pin::new(&mut self.devices)
+            .poll_next(cx)
+            .map(|p| p.map(|p| Ok(p.message.clone())))
     }
 }
 
@@ -150,44 +193,18 @@ impl<P: Plugin> pb::device_plugin_server::DevicePlugin for Service<P> {
         }))
     }
 
-    type ListAndWatchStream = ReceiverStream<Result<pb::ListAndWatchResponse, Status>>;
+    type ListAndWatchStream = DeviceStream;
 
     async fn list_and_watch(
         &self,
         _: Request<pb::Empty>,
     ) -> Result<Response<Self::ListAndWatchStream>, Status> {
-        let (tx, rx) = mpsc::channel(1);
-        let mut devices = self.devices.clone();
-        let mut shutdown = self.shutdown.clone();
-        let metrics = Arc::clone(&self.metrics);
-        metrics.active_streams.fetch_add(1, Ordering::Relaxed);
-        let resource = self.resource.clone();
-        tokio::spawn(async move {
-            let _guard = StreamGuard(metrics);
-            tracing::debug!(%resource, "ListAndWatch stream opened");
-            devices.mark_changed();
-            loop {
-                if *shutdown.borrow() {
-                    break;
-                }
-                tokio::select! {
-                    _ = shutdown.changed() => break,
-                    () = tx.closed() => break,
-                    changed = devices.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        let msg = devices.borrow_and_update().message.clone();
-                        tokio::select! {
-                            sent = tx.send(Ok(msg)) => if sent.is_err() { break },
-                            _ = shutdown.changed() => break,
-                        }
-                    }
-                }
-            }
-            tracing::debug!(%resource, "ListAndWatch stream closed");
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        tracing::debug!(resource = %self.resource, "ListAndWatch stream opened");
+        Ok(Response::new(DeviceStream {
+            devices: WatchStream::new(self.devices.clone()),
+            shutdown: WatchStream::new(self.shutdown.clone()),
+            _guard: StreamGuard::new(Arc::clone(&self.metrics), Arc::clone(&self.streams)),
+        }))
     }
 
     async fn get_preferred_allocation(

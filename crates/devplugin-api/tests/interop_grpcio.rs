@@ -176,9 +176,11 @@ async fn registers_with_a_grpcio_kubelet_that_dials_back_inside_register() {
             .arg(peer_script())
             .args(["registration", "--authority", mode, "--count", "1", "--dir"])
             .arg(dir.path())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
+        let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         std::thread::spawn(move || {
@@ -216,6 +218,7 @@ async fn registers_with_a_grpcio_kubelet_that_dials_back_inside_register() {
         .unwrap()
         .unwrap();
         handle.stop().await;
+        drop(stdin);
         let exit = tokio::task::spawn_blocking(move || child.wait())
             .await
             .unwrap()

@@ -6,13 +6,14 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Null, config, list, res};
+use prost::Message as _;
 
 use devplugin_api::*;
-use kubelet_emulator::{KubeletEmulator, View};
+use kubelet_emulator::{KubeletEmulator, KubeletVersion, View};
 
 const LIMIT: Duration = Duration::from_secs(10);
 const RES: &str = "example.com/null";
@@ -47,14 +48,14 @@ async fn registers_and_streams_every_update() {
         .unwrap();
 
     for n in [3, 0, 5] {
-        handle.publish(list(n)).unwrap();
+        handle.publish(list(n));
         kubelet
             .wait_until(LIMIT, |v| count(v, RES) == Some(n))
             .await
             .unwrap();
     }
     // An empty list keeps the resource registered with capacity 0.
-    handle.publish(DeviceList::empty()).unwrap();
+    handle.publish(DeviceList::empty());
     let v = kubelet
         .wait_until(LIMIT, |v| count(v, RES) == Some(0))
         .await
@@ -64,9 +65,7 @@ async fn registers_and_streams_every_update() {
     // Health flows both ways.
     let mut devices = list(2).devices().to_vec();
     devices[1].health = Health::Unhealthy;
-    handle
-        .publish(DeviceList::new(devices.clone()).unwrap())
-        .unwrap();
+    handle.publish(DeviceList::new(devices.clone()).unwrap());
     kubelet
         .wait_until(LIMIT, |v| {
             v.devices(RES).is_some_and(|d| {
@@ -78,7 +77,7 @@ async fn registers_and_streams_every_update() {
         .await
         .unwrap();
     devices[1].health = Health::Healthy;
-    handle.publish(DeviceList::new(devices).unwrap()).unwrap();
+    handle.publish(DeviceList::new(devices).unwrap());
     kubelet
         .wait_until(LIMIT, |v| {
             v.devices(RES).is_some_and(|d| {
@@ -336,30 +335,49 @@ async fn preferred_allocation_is_checked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_names_and_oversized_lists_are_refused() {
+async fn invalid_names_are_refused_and_oversized_lists_clamped() {
     assert!(ResourceName::new("null").is_err());
     assert!(DeviceId::new(&"x".repeat(64)).is_err());
     let dir = tempfile::tempdir().unwrap();
+    let kubelet = KubeletEmulator::start(dir.path()).await.unwrap();
     let fw = Framework::new(config(dir.path()));
-    // 4 MiB of device IDs: about 70 000 IDs of 60 characters.
+    // Over 4 MiB of device IDs: 70 000 IDs of 60 characters.
     let big: Vec<Device> = (0..70_000)
         .map(|i| Device::healthy(DeviceId::new(&format!("{i:060}")).unwrap()))
         .collect();
     let big = DeviceList::new(big).unwrap();
-    let err = fw
-        .serve(res(RES), Arc::new(Null::default()), big.clone())
-        .unwrap_err();
-    assert!(
-        matches!(err, ServeError::TooLarge { bytes, .. } if bytes > MAX_MESSAGE_BYTES),
-        "{err}"
-    );
+    assert!(big.to_pb().encoded_len() > MAX_MESSAGE_BYTES);
     let handle = fw
         .serve(res(RES), Arc::new(Null::default()), list(1))
         .unwrap();
-    assert!(matches!(
-        handle.publish(big),
-        Err(ServeError::TooLarge { .. })
-    ));
+    kubelet
+        .wait_until(LIMIT, |v| count(v, RES) == Some(1))
+        .await
+        .unwrap();
+    handle.publish(big.clone());
+    // The kubelet gets what fits, in the order given, on a live stream.
+    let view = kubelet
+        .wait_until(LIMIT, |v| count(v, RES).is_some_and(|n| n > 1))
+        .await
+        .unwrap();
+    let got = view.devices(RES).unwrap().devices();
+    let dropped = handle.metrics().clamped_devices.load(Ordering::Relaxed);
+    assert!(dropped > 0);
+    assert_eq!(got.len() + usize::try_from(dropped).unwrap(), 70_000);
+    assert_eq!(got, &big.devices()[..got.len()]);
+    assert!(kubelet.view().is_connected(RES), "the stream survived");
+    assert!(
+        fw.metrics()
+            .render("t")
+            .contains("t_clamped_devices{resource=\"example.com/null\"} ")
+    );
+    // Back under the limit: nothing left out.
+    handle.publish(list(2));
+    kubelet
+        .wait_until(LIMIT, |v| count(v, RES) == Some(2))
+        .await
+        .unwrap();
+    assert_eq!(handle.metrics().clamped_devices.load(Ordering::Relaxed), 0);
     handle.stop().await;
 }
 
@@ -457,4 +475,249 @@ async fn shutdown_removes_the_socket_and_ends_streams() {
         .await
         .unwrap();
     assert_eq!(metrics.streams(), 0);
+}
+
+async fn registered(handle: &ResourceHandle) {
+    let mut status = handle.watch_status();
+    tokio::time::timeout(LIMIT, status.wait_for(RegistrationStatus::is_registered))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_with_every_kubelet_version() {
+    for version in KubeletVersion::ALL {
+        let dir = tempfile::tempdir().unwrap();
+        let kubelet = KubeletEmulator::start_as(dir.path(), version)
+            .await
+            .unwrap();
+        let fw = Framework::new(config(dir.path()));
+        let handle = fw
+            .serve(res(RES), Arc::new(Null::default()), list(2))
+            .unwrap();
+        kubelet
+            .wait_until(LIMIT, |v| count(v, RES) == Some(2))
+            .await
+            .unwrap_or_else(|e| panic!("{version:?}: {e}"));
+        registered(&handle).await;
+        let a = kubelet.allocate(RES, &["null-1"]).await.unwrap();
+        assert_eq!(a.envs["NULL_DEVICES"], "null-1", "{version:?}");
+        handle.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_dropped_while_the_kubelet_stays_up_is_followed_by_a_new_registration() {
+    for version in KubeletVersion::ALL {
+        let dir = tempfile::tempdir().unwrap();
+        let kubelet = KubeletEmulator::start_as(dir.path(), version)
+            .await
+            .unwrap();
+        let fw = Framework::new(config(dir.path()));
+        let handle = fw
+            .serve(res(RES), Arc::new(Null::default()), list(2))
+            .unwrap();
+        kubelet
+            .wait_until(LIMIT, |v| count(v, RES) == Some(2))
+            .await
+            .unwrap();
+        registered(&handle).await;
+        let mut status = handle.watch_status();
+        for round in 2..=4u32 {
+            assert!(kubelet.end_stream(RES));
+            // The kubelet marks the devices unhealthy at once...
+            let c = kubelet.capacity(RES).unwrap();
+            assert_eq!((c.capacity, c.allocatable), (2, 0), "{version:?}");
+            // ...the plugin is not ready while it has no stream...
+            tokio::time::timeout(LIMIT, status.wait_for(|s| !s.is_registered()))
+                .await
+                .unwrap()
+                .unwrap();
+            // ...and registers again, well within a second.
+            let v = kubelet
+                .wait_until(LIMIT, |v| {
+                    v.registrations(RES) == round && v.is_connected(RES) && count(v, RES) == Some(2)
+                })
+                .await
+                .unwrap();
+            let since = v.resources[RES].registered_at.unwrap();
+            assert!(since.elapsed() < LIMIT);
+            registered(&handle).await;
+            let c = kubelet.capacity(RES).unwrap();
+            assert_eq!((c.capacity, c.allocatable), (2, 2), "{version:?}");
+        }
+        assert_eq!(handle.metrics().stream_losses.load(Ordering::Relaxed), 3);
+        handle.stop().await;
+    }
+}
+
+/// Kubelets 1.25–1.34 disconnect the *current* client of a resource when an
+/// older client's stream ends (kubernetes issue 121994): in a rolling
+/// update the old instance's exit knocks out the new one. The new one
+/// registers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_old_stream_that_disconnects_the_new_instance_is_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = KubeletEmulator::start(dir.path()).await.unwrap();
+    let old_fw = Framework::new(config(dir.path()));
+    let old = old_fw
+        .serve(res(RES), Arc::new(Null::default()), list(1))
+        .unwrap();
+    kubelet
+        .wait_until(LIMIT, |v| count(v, RES) == Some(1))
+        .await
+        .unwrap();
+    let new_fw = Framework::new(config(dir.path()));
+    let new = new_fw
+        .serve(res(RES), Arc::new(Null::default()), list(3))
+        .unwrap();
+    kubelet
+        .wait_until(LIMIT, |v| {
+            v.registrations(RES) == 2 && count(v, RES) == Some(3)
+        })
+        .await
+        .unwrap();
+    let new_endpoint = kubelet.view().resources[RES].endpoint.clone();
+    registered(&new).await;
+    old.stop().await;
+    let v = kubelet
+        .wait_until(LIMIT, |v| {
+            v.registrations(RES) == 3 && v.is_connected(RES) && count(v, RES) == Some(3)
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.resources[RES].endpoint, new_endpoint);
+    assert_eq!(new.metrics().stream_losses.load(Ordering::Relaxed), 1);
+    new.stop().await;
+}
+
+/// A kubelet that accepts `Register` but never opens a stream (its
+/// dial-back lost) is asked again after the stream timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_without_a_stream_is_repeated() {
+    use devplugin_api::pb::registration_server::{Registration, RegistrationServer};
+    struct Silent(Arc<AtomicUsize>);
+    #[tonic::async_trait]
+    impl Registration for Silent {
+        async fn register(
+            &self,
+            _: tonic::Request<pb::RegisterRequest>,
+        ) -> Result<tonic::Response<pb::Empty>, tonic::Status> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(tonic::Response::new(pb::Empty {}))
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::UnixListener::bind(dir.path().join(KUBELET_SOCKET)).unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RegistrationServer::new(Silent(Arc::clone(&calls))))
+            .serve_with_incoming(uds::incoming(listener)),
+    );
+    let fw = Framework::new(config(dir.path()).stream_timeout(Duration::from_millis(200)));
+    let handle = fw
+        .serve(res(RES), Arc::new(Null::default()), list(1))
+        .unwrap();
+    let mut status = handle.watch_status();
+    tokio::time::timeout(
+        LIMIT,
+        status.wait_for(|s| matches!(s, RegistrationStatus::AwaitingStream { .. })),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!handle.status().is_registered(), "no stream, not ready");
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while calls.load(Ordering::SeqCst) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Register was not repeated"
+        );
+        status.changed().await.unwrap();
+    }
+    handle.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_backoff_is_not_cut_short_by_other_plugins_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    // A kubelet.sock that refuses connections: every attempt fails.
+    drop(std::os::unix::net::UnixListener::bind(dir.path().join(KUBELET_SOCKET)).unwrap());
+    let fw = Framework::new(config(dir.path()).backoff(Backoff {
+        initial: Duration::from_secs(2),
+        max: Duration::from_secs(2),
+    }));
+    let handle = fw
+        .serve(res(RES), Arc::new(Null::default()), list(1))
+        .unwrap();
+    let mut status = handle.watch_status();
+    tokio::time::timeout(
+        LIMIT,
+        status.wait_for(|s| matches!(s, RegistrationStatus::Retrying { .. })),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Another plugin's socket comes and goes, many times.
+    for i in 0..50 {
+        let p = dir.path().join(format!("qat.intel.com-{i}.sock"));
+        drop(std::os::unix::net::UnixListener::bind(&p).unwrap());
+        std::fs::remove_file(&p).unwrap();
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        handle
+            .metrics()
+            .registration_failures
+            .load(Ordering::Relaxed),
+        1,
+        "the backoff was cut short"
+    );
+    handle.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_handle_frees_its_name_only_after_its_socket_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = KubeletEmulator::start(dir.path()).await.unwrap();
+    let fw = Framework::new(config(dir.path()));
+    let first = fw
+        .serve(res(RES), Arc::new(Null::default()), list(1))
+        .unwrap();
+    kubelet
+        .wait_until(LIMIT, |v| count(v, RES) == Some(1))
+        .await
+        .unwrap();
+    let first_socket = dir.path().join(&kubelet.view().resources[RES].endpoint);
+    let mut status = first.watch_status();
+    drop(first);
+    tokio::time::timeout(
+        LIMIT,
+        status.wait_for(|s| *s == RegistrationStatus::Stopped),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        !first_socket.exists(),
+        "the socket went before the name was freed"
+    );
+    let second = fw
+        .serve(res(RES), Arc::new(Null::default()), list(2))
+        .unwrap();
+    let v = kubelet
+        .wait_until(LIMIT, |v| {
+            v.registrations(RES) == 2 && count(v, RES) == Some(2)
+        })
+        .await
+        .unwrap();
+    assert_ne!(
+        dir.path().join(&v.resources[RES].endpoint),
+        first_socket,
+        "socket names never repeat"
+    );
+    second.stop().await;
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kubelet_emulator::{EmulatorError, KubeletEmulator};
+use kubelet_emulator::{EmulatorError, KubeletEmulator, KubeletVersion};
 
 /// `cargo test` builds the examples next to the test binaries' directory.
 fn example() -> PathBuf {
@@ -17,8 +17,16 @@ fn example() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn null_plugin_serves_allocates_and_exits_cleanly_on_sigterm() {
+    for version in KubeletVersion::ALL {
+        null_plugin_against(version).await;
+    }
+}
+
+async fn null_plugin_against(version: KubeletVersion) {
     let dir = tempfile::tempdir().unwrap();
-    let kubelet = KubeletEmulator::start(dir.path()).await.unwrap();
+    let kubelet = KubeletEmulator::start_as(dir.path(), version)
+        .await
+        .unwrap();
     let mut child = Command::new(example())
         .args([
             "--kubelet-dir",
@@ -67,6 +75,14 @@ async fn null_plugin_serves_allocates_and_exits_cleanly_on_sigterm() {
     };
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("null-7"));
+    // The kubelet drops the stream and stays up: the plugin registers again.
+    assert!(kubelet.end_stream("example.com/null"));
+    kubelet
+        .wait_until(Duration::from_secs(10), |v| {
+            v.registrations("example.com/null") == 2 && v.is_connected("example.com/null")
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{version:?}: {e}"));
 
     let pid = child.id().to_string();
     assert!(

@@ -2,44 +2,98 @@
 //! sockets in a directory, for tests, the demo, benchmarks and other plugin
 //! authors. Never a dependency of a shipped binary.
 //!
-//! Like the kubelet it serves `Registration` on `<dir>/kubelet.sock`,
-//! validates the version, resource name and endpoint, dials the plugin back
-//! and calls `GetDevicePluginOptions` *inside* `Register`, then keeps a
-//! ListAndWatch stream open and records the latest list per resource. It
-//! calls `GetPreferredAllocation` and `Allocate` as the kubelet does (one
-//! container per request), and can restart (every socket but
-//! `kubelet_internal_checkpoint` deleted, `kubelet.sock` recreated) or go
-//! absent.
+//! It behaves as the kubelet of a chosen [`KubeletVersion`] does; every
+//! behaviour names the kubelet source it follows
+//! (`pkg/kubelet/cm/devicemanager/…`, releases 1.25 to 1.34, where the
+//! device manager's plugin code lives in `plugin/v1beta1/`). In short:
+//!
+//! - `Registration` on `<dir>/kubelet.sock`, accepting any `:authority`
+//!   (grpc-go does); `Register` checks the version and the resource name,
+//!   joins the endpoint to the directory without checking it, dials the
+//!   plugin back (10 s) and calls `GetDevicePluginOptions` *inside*
+//!   `Register`, then reads ListAndWatch in the background;
+//! - the dial-back sends the `:authority` of its version: the socket path
+//!   before 1.26, `localhost` since (kubernetes PR 112597);
+//! - a resource registering again replaces the old client without closing
+//!   it, and when any client's stream of that resource ends, the *current*
+//!   client is disconnected (kubernetes issue 121994, 1.25–1.34);
+//! - a stream that ends, the kubelet staying up, closes the connection and
+//!   marks every device unhealthy; the resource leaves the node's capacity
+//!   after a 5 minute grace unless the plugin registers again;
+//! - a restart deletes every entry of the directory but the checkpoint and
+//!   subdirectories, and serves a new `kubelet.sock`.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
+//! use kubelet_emulator::{KubeletEmulator, KubeletVersion};
 //! let dir = tempfile::tempdir()?;
-//! let mut kubelet = kubelet_emulator::KubeletEmulator::start(dir.path()).await?;
+//! let mut kubelet = KubeletEmulator::start_as(dir.path(), KubeletVersion::V1_25).await?;
 //! let view = kubelet
 //!     .wait_until(Duration::from_secs(5), |v| v.devices("example.com/null").is_some_and(|d| d.devices().len() == 2))
 //!     .await?;
 //! let answer = kubelet.allocate("example.com/null", &["null-0"]).await?;
+//! kubelet.end_stream("example.com/null");
 //! kubelet.restart().await?;
 //! # Ok(()) }
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use devplugin_api::authority::AuthorityRule;
 use devplugin_api::pb::device_plugin_client::DevicePluginClient;
 use devplugin_api::pb::registration_server::{Registration, RegistrationServer};
-use devplugin_api::{API_VERSION, DeviceList, KUBELET_SOCKET, ResourceName, pb, uds};
+use devplugin_api::{API_VERSION, DeviceList, Health, KUBELET_SOCKET, ResourceName, pb, uds};
 use tokio::net::UnixListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// The kubelet's checkpoint file, which survives its restarts.
 pub const CHECKPOINT: &str = "kubelet_internal_checkpoint";
+
+/// How long the kubelet keeps a disconnected resource before dropping it
+/// from the node's capacity: `endpointStopGracePeriod` in
+/// `pkg/kubelet/cm/devicemanager/types.go` (5 minutes, 1.10–1.34).
+pub const STOP_GRACE: Duration = Duration::from_secs(5 * 60);
+
+/// The dial-back timeout: `plugin/v1beta1/client.go` `dial`, a 10 s
+/// context with `WithBlock` (1.25–1.34).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The kubelet release whose behaviour is emulated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[non_exhaustive]
+pub enum KubeletVersion {
+    /// 1.25: the device manager's plugin package as in 1.26–1.34, but
+    /// grpc-go dials the plugin with the bare socket path as target and no
+    /// `WithAuthority`, so `:authority` is the socket path (kubernetes
+    /// issues 108254, 109081; StarlingX 8's Kubernetes).
+    V1_25,
+    /// 1.34: `plugin/v1beta1/client.go` `dial` passes
+    /// `grpc.WithAuthority("localhost")` (kubernetes PR 112597, 1.26+).
+    #[default]
+    V1_34,
+}
+
+impl KubeletVersion {
+    /// Every emulated version, oldest first.
+    pub const ALL: [Self; 2] = [Self::V1_25, Self::V1_34];
+
+    /// The `:authority` its dial-back to the plugin at `socket` sends.
+    #[must_use]
+    pub fn authority(self, socket: &Path) -> AuthorityRule {
+        match self {
+            Self::V1_25 => AuthorityRule::Set(socket.as_os_str().as_encoded_bytes().to_vec()),
+            Self::V1_34 => AuthorityRule::Set(b"localhost".to_vec()),
+        }
+    }
+}
 
 /// What the emulator knows about one resource.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -48,18 +102,21 @@ pub struct ResourceView {
     pub endpoint: String,
     /// The options read back from the plugin during `Register`.
     pub options: pb::DevicePluginOptions,
-    /// The latest list received since the last registration, if any.
+    /// The latest list received since the last registration, if any; all
+    /// unhealthy once the resource is disconnected.
     pub devices: Option<DeviceList>,
     /// How many times it registered.
     pub registrations: u32,
     /// How many lists it received.
     pub updates: u64,
-    /// Whether its ListAndWatch stream is open.
+    /// Whether a client of the resource is connected.
     pub connected: bool,
     /// When the latest list arrived.
     pub last_update: Option<Instant>,
     /// When it last registered.
     pub registered_at: Option<Instant>,
+    /// When it was last disconnected (its grace period started).
+    pub stopped_at: Option<tokio::time::Instant>,
 }
 
 /// Everything the emulator knows.
@@ -69,6 +126,9 @@ pub struct View {
     pub resources: BTreeMap<String, ResourceView>,
     /// Registrations refused, with the reason.
     pub rejected: Vec<(String, String)>,
+    /// `Register` calls received, refused ones included (the kubelet counts
+    /// them before any check: `server.go` `Register`).
+    pub register_calls: u64,
 }
 
 impl View {
@@ -84,11 +144,21 @@ impl View {
         self.resources.get(resource).map_or(0, |r| r.registrations)
     }
 
-    /// Whether `resource` is registered with an open stream.
+    /// Whether `resource` is registered with a connected client.
     #[must_use]
     pub fn is_connected(&self, resource: &str) -> bool {
         self.resources.get(resource).is_some_and(|r| r.connected)
     }
+}
+
+/// A resource's share of the node, as the kubelet reports it
+/// (`manager.go` `GetCapacity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Healthy and unhealthy devices.
+    pub capacity: usize,
+    /// Healthy devices.
+    pub allocatable: usize,
 }
 
 /// Why an emulator call failed.
@@ -98,7 +168,7 @@ pub enum EmulatorError {
     /// Waiting for a condition took too long.
     #[error("the condition did not hold within {0:?}; last view: {1:#?}")]
     Timeout(Duration, Box<View>),
-    /// The resource is not registered.
+    /// The resource has no connected client ("endpoint has been stopped").
     #[error("resource {0} is not registered")]
     NotRegistered(String),
     /// The plugin could not be dialled.
@@ -118,29 +188,65 @@ pub enum EmulatorError {
     },
 }
 
-#[derive(Debug, Default)]
+/// One client of a plugin: `plugin/v1beta1/client.go`'s `client`.
+struct Client {
+    id: u64,
+    channel: Channel,
+    /// Ends its ListAndWatch stream as a receive error would.
+    end: Option<oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
 struct State {
-    view: Mutex<View>,
-    streams: Mutex<BTreeMap<String, JoinHandle<()>>>,
+    view: View,
+    /// The current client per resource (`server.go`'s `clients` map).
+    clients: BTreeMap<String, Client>,
+    /// Clients replaced by a newer registration, still connected.
+    replaced: Vec<Client>,
+    /// Every stream task, current or replaced, for shutdown.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 struct Shared {
-    /// Connections to plugins, reused like the kubelet's.
-    channels: Mutex<BTreeMap<String, tonic::transport::Channel>>,
     dir: PathBuf,
-    state: State,
+    version: KubeletVersion,
+    state: Mutex<State>,
     changed: watch::Sender<u64>,
     refusal: Mutex<Option<String>>,
+    next_client: AtomicU64,
 }
 
 impl Shared {
-    fn update(&self, f: impl FnOnce(&mut View)) {
-        f(&mut self
-            .state
-            .view
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner));
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let out = f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner));
         self.changed.send_modify(|v| *v += 1);
+        out
+    }
+
+    /// `handler.go` `disconnectClient` then `client.go` `Disconnect` and
+    /// `manager.go` `PluginDisconnected`: forget the client, close its
+    /// connection, mark every device unhealthy and start the grace period.
+    fn disconnect(state: &mut State, resource: &str) {
+        if let Some(mut client) = state.clients.remove(resource)
+            && let Some(end) = client.end.take()
+        {
+            let _ = end.send(());
+        }
+        if let Some(r) = state.view.resources.get_mut(resource) {
+            r.connected = false;
+            r.stopped_at = Some(tokio::time::Instant::now());
+            if let Some(list) = &r.devices {
+                let sick = list
+                    .devices()
+                    .iter()
+                    .map(|d| devplugin_api::Device {
+                        health: Health::Unhealthy,
+                        ..d.clone()
+                    })
+                    .collect();
+                r.devices = DeviceList::new(sick).ok();
+            }
+        }
     }
 }
 
@@ -154,39 +260,60 @@ impl std::fmt::Debug for KubeletEmulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KubeletEmulator")
             .field("dir", &self.shared.dir)
+            .field("version", &self.shared.version)
             .finish_non_exhaustive()
     }
 }
 
-const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-
 impl KubeletEmulator {
-    /// Serves `Registration` on `<dir>/kubelet.sock`.
+    /// A kubelet of the newest emulated version serving `Registration` on
+    /// `<dir>/kubelet.sock`.
     ///
     /// # Errors
     /// When the socket cannot be served.
     pub async fn start(dir: &Path) -> Result<Self, EmulatorError> {
-        let mut me = Self::absent(dir);
+        Self::start_as(dir, KubeletVersion::default()).await
+    }
+
+    /// A kubelet of `version` serving `Registration` on `<dir>/kubelet.sock`.
+    ///
+    /// # Errors
+    /// When the socket cannot be served.
+    pub async fn start_as(dir: &Path, version: KubeletVersion) -> Result<Self, EmulatorError> {
+        let mut me = Self::absent_as(dir, version);
         me.serve()?;
         Ok(me)
     }
 
-    /// Creates an emulator that is not serving (a kubelet not started yet);
-    /// [`KubeletEmulator::resume`] starts it.
+    /// A kubelet of the newest version that is not serving (not started
+    /// yet); [`KubeletEmulator::resume`] starts it.
     #[must_use]
     pub fn absent(dir: &Path) -> Self {
+        Self::absent_as(dir, KubeletVersion::default())
+    }
+
+    /// A kubelet of `version` that is not serving yet.
+    #[must_use]
+    pub fn absent_as(dir: &Path, version: KubeletVersion) -> Self {
         let (changed, _) = watch::channel(0);
         let shared = Shared {
-            channels: Mutex::new(BTreeMap::new()),
             dir: dir.to_owned(),
-            state: State::default(),
+            version,
+            state: Mutex::new(State::default()),
             changed,
             refusal: Mutex::new(None),
+            next_client: AtomicU64::new(1),
         };
         Self {
             shared: Arc::new(shared),
             server: None,
         }
+    }
+
+    /// The version emulated.
+    #[must_use]
+    pub fn version(&self) -> KubeletVersion {
+        self.shared.version
     }
 
     fn serve(&mut self) -> Result<(), EmulatorError> {
@@ -204,10 +331,11 @@ impl KubeletEmulator {
         let service = RegistrationService {
             shared: Arc::clone(&self.shared),
         };
+        // grpc-go's server takes any `:authority`; so does this one.
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(RegistrationServer::new(service))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(uds::incoming(listener), async move {
                     let _ = stop_rx.wait_for(|s| *s).await;
                 })
                 .await;
@@ -243,10 +371,32 @@ impl KubeletEmulator {
     pub fn view(&self) -> View {
         self.shared
             .state
-            .view
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .view
             .clone()
+    }
+
+    /// The resource's capacity as the kubelet would report it now;
+    /// `None` once it is gone (never registered, or disconnected for longer
+    /// than [`STOP_GRACE`], when it is dropped as `GetCapacity` drops it).
+    #[must_use]
+    pub fn capacity(&self, resource: &str) -> Option<Capacity> {
+        self.shared.with(|state| {
+            let r = state.view.resources.get(resource)?;
+            if !r.connected && r.stopped_at.is_some_and(|t| t.elapsed() > STOP_GRACE) {
+                state.view.resources.remove(resource);
+                return None;
+            }
+            let devices = r.devices.as_ref().map_or(&[][..], DeviceList::devices);
+            Some(Capacity {
+                capacity: devices.len(),
+                allocatable: devices
+                    .iter()
+                    .filter(|d| d.health == Health::Healthy)
+                    .count(),
+            })
+        })
     }
 
     /// Waits until `condition` holds for the view, and returns that view.
@@ -274,46 +424,32 @@ impl KubeletEmulator {
         }
     }
 
-    async fn client(
-        &self,
-        resource: &str,
-    ) -> Result<DevicePluginClient<tonic::transport::Channel>, EmulatorError> {
-        // Only the endpoint: cloning the whole view would cost more than
-        // the call measured.
-        let endpoint = self
-            .shared
-            .state
-            .view
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .resources
-            .get(resource)
-            .filter(|r| r.connected)
-            .map(|r| r.endpoint.clone())
-            .ok_or_else(|| EmulatorError::NotRegistered(resource.to_owned()))?;
-        let cached = self
-            .shared
-            .channels
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&endpoint)
-            .cloned();
-        let channel = match cached {
-            Some(c) => c,
-            None => {
-                let c = uds::connect(&self.shared.dir.join(&endpoint), DIAL_TIMEOUT).await?;
-                self.shared
-                    .channels
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(endpoint, c.clone());
-                c
-            }
-        };
-        Ok(DevicePluginClient::new(channel))
+    /// Ends the current ListAndWatch stream of `resource` as a receive
+    /// error would, the kubelet staying up: the resource is disconnected
+    /// (`handler.go` `runClient`). Returns whether there was one.
+    pub fn end_stream(&self, resource: &str) -> bool {
+        self.shared.with(|state| {
+            let found = state.clients.contains_key(resource);
+            Shared::disconnect(state, resource);
+            found
+        })
     }
 
-    /// Calls `Allocate` for one container, as the kubelet does.
+    /// The current client's connection, as `m.endpoints[resource]` holds.
+    fn client(&self, resource: &str) -> Result<DevicePluginClient<Channel>, EmulatorError> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clients
+            .get(resource)
+            .map(|c| DevicePluginClient::new(c.channel.clone()))
+            .ok_or_else(|| EmulatorError::NotRegistered(resource.to_owned()))
+    }
+
+    /// Calls `Allocate` for one container, as the kubelet does (one
+    /// `ContainerAllocateRequest`, no deadline, the first answer used:
+    /// `manager.go` `allocateContainerResources`).
     ///
     /// # Errors
     /// When the resource is not registered or the plugin refuses.
@@ -322,7 +458,7 @@ impl KubeletEmulator {
         resource: &str,
         ids: &[&str],
     ) -> Result<pb::ContainerAllocateResponse, EmulatorError> {
-        let mut client = self.client(resource).await?;
+        let mut client = self.client(resource)?;
         let request = pb::AllocateRequest {
             container_requests: vec![pb::ContainerAllocateRequest {
                 devices_ids: ids.iter().map(|s| (*s).to_owned()).collect(),
@@ -330,7 +466,7 @@ impl KubeletEmulator {
         };
         let mut response = client.allocate(request).await?.into_inner();
         if response.container_responses.is_empty() {
-            return Err(Status::internal("the plugin answered no container").into());
+            return Err(Status::internal("no containers return in allocation response").into());
         }
         Ok(response.container_responses.swap_remove(0))
     }
@@ -346,7 +482,7 @@ impl KubeletEmulator {
         must_include: &[&str],
         size: i32,
     ) -> Result<Vec<String>, EmulatorError> {
-        let mut client = self.client(resource).await?;
+        let mut client = self.client(resource)?;
         let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
         let request = pb::PreferredAllocationRequest {
             container_requests: vec![pb::ContainerPreferredAllocationRequest {
@@ -362,8 +498,8 @@ impl KubeletEmulator {
         Ok(response.container_responses.swap_remove(0).device_i_ds)
     }
 
-    /// Stops serving, drops every stream and removes `kubelet.sock` (a
-    /// kubelet that is down).
+    /// A kubelet going down (`server.go` `Stop`): the server stops, every
+    /// client is disconnected, `kubelet.sock` is removed.
     pub async fn stop(&mut self) {
         if let Some((stop, task)) = self.server.take() {
             let _ = stop.send(true);
@@ -375,28 +511,24 @@ impl KubeletEmulator {
                 abort.abort();
             }
         }
-        let streams = std::mem::take(
-            &mut *self
-                .shared
-                .state
-                .streams
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        for (_, s) in streams {
-            s.abort();
-        }
-        self.shared.update(|v| {
-            for r in v.resources.values_mut() {
-                r.connected = false;
+        let tasks = self.shared.with(|state| {
+            let names: Vec<String> = state.clients.keys().cloned().collect();
+            for name in names {
+                Shared::disconnect(state, &name);
             }
+            state.replaced.clear();
+            std::mem::take(&mut state.tasks)
         });
+        for t in tasks {
+            t.abort();
+        }
         let _ = std::fs::remove_file(self.socket_path());
     }
 
-    /// Starts serving again after [`KubeletEmulator::stop`] or
-    /// [`KubeletEmulator::absent`], as a starting kubelet does: every file
-    /// in the directory but the checkpoint is deleted first.
+    /// A kubelet starting (`server.go` `Start`): every entry of the
+    /// directory but the checkpoint and subdirectories is removed
+    /// (`manager.go` `CleanupPluginDirectory`, which looks with `Lstat`),
+    /// then `kubelet.sock` is served.
     ///
     /// # Errors
     /// When the directory cannot be cleaned or the socket served.
@@ -407,15 +539,16 @@ impl KubeletEmulator {
             source,
         })?;
         for entry in entries.flatten() {
-            if entry.file_name() != CHECKPOINT && !entry.path().is_dir() {
-                let path = entry.path();
+            let path = entry.path();
+            let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            if entry.file_name() != CHECKPOINT && !is_dir {
                 std::fs::remove_file(&path).map_err(|source| EmulatorError::Io { path, source })?;
             }
         }
         self.serve()
     }
 
-    /// A kubelet restart: stop, delete every socket, serve a new
+    /// A kubelet restart: stop, clean the directory, serve a new
     /// `kubelet.sock`.
     ///
     /// # Errors
@@ -432,17 +565,35 @@ impl Drop for KubeletEmulator {
             let _ = stop.send(true);
             task.abort();
         }
-        for (_, s) in std::mem::take(
-            &mut *self
+        let tasks = std::mem::take(
+            &mut self
                 .shared
                 .state
-                .streams
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        ) {
-            s.abort();
+                .unwrap_or_else(PoisonError::into_inner)
+                .tasks,
+        );
+        for t in tasks {
+            t.abort();
         }
     }
+}
+
+/// Go's `filepath.Join(dir, endpoint)`: joined and cleaned lexically, so
+/// an absolute endpoint stays under `dir` and `..` can leave it. The
+/// kubelet checks the endpoint no further (`server.go` `Register`).
+fn go_join(dir: &Path, endpoint: &str) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for part in dir.components().chain(Path::new(endpoint).components()) {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(p) => out.push(p),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
 }
 
 struct RegistrationService {
@@ -452,9 +603,58 @@ struct RegistrationService {
 impl RegistrationService {
     fn reject(&self, resource: &str, message: String) -> Status {
         self.shared
-            .update(|v| v.rejected.push((resource.to_owned(), message.clone())));
-        // The kubelet returns plain errors: they arrive as Unknown.
+            .with(|s| s.view.rejected.push((resource.to_owned(), message.clone())));
+        // The kubelet returns plain Go errors: grpc-go sends them as Unknown.
         Status::unknown(message)
+    }
+
+    /// `handler.go` `runClient`: read the stream until it ends, then
+    /// disconnect whichever client is current for the name.
+    fn run_client(
+        &self,
+        resource: String,
+        id: u64,
+        mut client: DevicePluginClient<Channel>,
+        end: oneshot::Receiver<()>,
+    ) -> JoinHandle<()> {
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            let read = async {
+                let Ok(stream) = client.list_and_watch(pb::Empty {}).await else {
+                    return;
+                };
+                let mut stream = stream.into_inner();
+                while let Ok(Some(msg)) = stream.message().await {
+                    let list = DeviceList::from_pb(&msg).ok();
+                    shared.with(|s| {
+                        // `PluginListAndWatchReceiver` updates by name: an
+                        // old client still streaming writes too.
+                        if let Some(r) = s.view.resources.get_mut(&resource) {
+                            r.devices = list;
+                            r.updates += 1;
+                            r.last_update = Some(Instant::now());
+                        }
+                    });
+                }
+            };
+            tokio::select! {
+                () = read => {}
+                _ = end => {}
+            }
+            drop(client);
+            shared.with(|s| {
+                s.replaced.retain(|c| c.id != id);
+                // `getClient(name)`: the current client, which may be a
+                // newer registration's (kubernetes issue 121994).
+                let current = s.clients.get(&resource).map(|c| c.id);
+                if current.is_some() {
+                    if current != Some(id) {
+                        tracing::debug!(%resource, "an old stream ended: the current client is disconnected (kubelet issue 121994)");
+                    }
+                    Shared::disconnect(s, &resource);
+                }
+            });
+        })
     }
 }
 
@@ -466,9 +666,12 @@ impl Registration for RegistrationService {
     ) -> Result<Response<pb::Empty>, Status> {
         let req = request.into_inner();
         let resource = req.resource_name.clone();
+        self.shared.with(|s| s.view.register_calls += 1);
+        // `server.go` `Register`: version, then resource name, with the
+        // messages of `api.go`.
         if req.version != API_VERSION {
             let m = format!(
-                "requested API version {:?} is not supported by kubelet. Supported versions are [\"{API_VERSION}\"]",
+                "requested API version {:?} is not supported by kubelet. Supported version is [\"{API_VERSION}\"]",
                 req.version
             );
             return Err(self.reject(&resource, m));
@@ -477,15 +680,6 @@ impl Registration for RegistrationService {
             return Err(self.reject(
                 &resource,
                 format!("the ResourceName {resource:?} is invalid"),
-            ));
-        }
-        if req.endpoint.is_empty() || req.endpoint.contains('/') {
-            return Err(self.reject(
-                &resource,
-                format!(
-                    "invalid endpoint {:?}: a file name in the kubelet directory is required",
-                    req.endpoint
-                ),
             ));
         }
         let refusal = self
@@ -497,23 +691,49 @@ impl Registration for RegistrationService {
         if let Some(message) = refusal {
             return Err(self.reject(&resource, message));
         }
-        // Dial back and read the options before answering, as the kubelet.
-        let path = self.shared.dir.join(&req.endpoint);
-        let channel = uds::connect(&path, DIAL_TIMEOUT).await.map_err(|e| {
-            Status::unavailable(format!(
-                "could not dial the plugin at {}: {e}",
-                path.display()
-            ))
-        })?;
-        let mut client = DevicePluginClient::new(channel);
-        let options = client
-            .get_device_plugin_options(pb::Empty {})
-            .await?
-            .into_inner();
-        let mut generation = 0;
-        self.shared.update(|v| {
-            let r = v.resources.entry(resource.clone()).or_default();
-            generation = r.registrations + 1;
+        // `connectClient`: the endpoint is joined, not checked; the new
+        // client replaces the old in the map without closing it.
+        let path = go_join(&self.shared.dir, &req.endpoint);
+        let rule = self.shared.version.authority(&path);
+        let channel = uds::connect_with_authority(&path, DIAL_TIMEOUT, rule)
+            .await
+            .map_err(|e| {
+                self.shared.with(|s| {
+                    s.clients.remove(&resource);
+                });
+                Status::unknown(format!("failed to dial device plugin: {e}"))
+            })?;
+        let mut client = DevicePluginClient::new(channel.clone());
+        // `PluginConnected`: the options come from the plugin, not from the
+        // request, with no deadline.
+        let options = match client.get_device_plugin_options(pb::Empty {}).await {
+            Ok(o) => o.into_inner(),
+            Err(e) => {
+                self.shared.with(|s| {
+                    s.clients.remove(&resource);
+                });
+                return Err(Status::unknown(format!(
+                    "failed to get device plugin options: {e}"
+                )));
+            }
+        };
+        let id = self.shared.next_client.fetch_add(1, Ordering::Relaxed);
+        let (end_tx, end_rx) = oneshot::channel();
+        self.shared.with(|s| {
+            let replaced = s.clients.insert(
+                resource.clone(),
+                Client {
+                    id,
+                    channel,
+                    end: Some(end_tx),
+                },
+            );
+            // The old client is not closed: its connection and stream live
+            // on (`registerClient` only overwrites the map entry).
+            if let Some(old) = replaced {
+                s.replaced.push(old);
+            }
+            let r = s.view.resources.entry(resource.clone()).or_default();
             r.endpoint.clone_from(&req.endpoint);
             r.options = options;
             r.registrations += 1;
@@ -521,50 +741,33 @@ impl Registration for RegistrationService {
             // The list of this registration has not arrived yet.
             r.devices = None;
             r.connected = true;
+            r.stopped_at = None;
         });
-        // A newer registration replaces the older one's stream.
-        let shared = Arc::clone(&self.shared);
-        let name = resource.clone();
-        let task = tokio::spawn(async move {
-            let stream = client.list_and_watch(pb::Empty {}).await;
-            if let Ok(stream) = stream {
-                let mut stream = stream.into_inner();
-                while let Ok(Some(msg)) = stream.message().await {
-                    let list = DeviceList::from_pb(&msg).ok();
-                    shared.update(|v| {
-                        // A stream of an older registration no longer counts.
-                        if let Some(r) = v
-                            .resources
-                            .get_mut(&name)
-                            .filter(|r| r.registrations == generation)
-                        {
-                            r.devices = list;
-                            r.updates += 1;
-                            r.last_update = Some(Instant::now());
-                        }
-                    });
-                }
-            }
-            shared.update(|v| {
-                if let Some(r) = v
-                    .resources
-                    .get_mut(&name)
-                    .filter(|r| r.registrations == generation)
-                {
-                    r.connected = false;
-                }
-            });
+        // Then `go s.runClient(...)`, racing with the answer.
+        let task = self.run_client(resource, id, client, end_rx);
+        self.shared.with(|s| {
+            s.tasks.retain(|t| !t.is_finished());
+            s.tasks.push(task);
         });
-        let old = self
-            .shared
-            .state
-            .streams
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(resource, task);
-        if let Some(old) = old {
-            old.abort();
-        }
         Ok(Response::new(pb::Empty {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_join_as_go_does() {
+        let dir = Path::new("/var/lib/kubelet/device-plugins");
+        for (endpoint, want) in [
+            ("x.sock", "/var/lib/kubelet/device-plugins/x.sock"),
+            ("/x.sock", "/var/lib/kubelet/device-plugins/x.sock"),
+            ("a/../x.sock", "/var/lib/kubelet/device-plugins/x.sock"),
+            ("../x.sock", "/var/lib/kubelet/x.sock"),
+            ("", "/var/lib/kubelet/device-plugins"),
+        ] {
+            assert_eq!(go_join(dir, endpoint), Path::new(want), "{endpoint:?}");
+        }
     }
 }

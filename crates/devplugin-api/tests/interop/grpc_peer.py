@@ -9,8 +9,8 @@ Two roles, each printing one JSON object per line on stdout:
   registration --dir DIR --authority MODE --count N
       Serves v1beta1.Registration on DIR/kubelet.sock like a kubelet: inside
       Register it dials the plugin back with MODE and calls
-      GetDevicePluginOptions, then reads the first ListAndWatch list. Exits
-      after N registrations.
+      GetDevicePluginOptions, then keeps a ListAndWatch stream open. After
+      N registrations it serves on until its standard input closes.
 
 MODE is how the `:authority` is chosen: `default` (grpc-core's own choice
 for a unix: target), `raw` (the socket path, as grpc-go in kubelets before
@@ -147,8 +147,10 @@ def run_registration(pb, rpc, args):
                 context.abort(grpc.StatusCode.UNKNOWN, f"dial back to {path} failed: {e}")
 
             def watch():
+                # Like the kubelet, the stream stays open while it lives.
                 try:
-                    first = next(stub.ListAndWatch(pb.Empty()))
+                    stream = stub.ListAndWatch(pb.Empty())
+                    first = next(stream)
                     ids = sorted(d.ID for d in first.devices)
                     emit(
                         event="registered",
@@ -158,14 +160,18 @@ def run_registration(pb, rpc, args):
                         preferred=opts.get_preferred_allocation_available,
                         devices=ids,
                     )
-                except grpc.RpcError as e:
-                    emit(event="list-and-watch-failed", resource=request.resource_name, error=str(e))
-                finally:
-                    ch.close()
                     with lock:
                         count["n"] += 1
                         if count["n"] >= args.count:
                             done.set()
+                    for _ in stream:
+                        pass
+                except grpc.RpcError as e:
+                    if not done.is_set():
+                        emit(event="list-and-watch-failed", resource=request.resource_name, error=str(e))
+                        done.set()
+                finally:
+                    ch.close()
 
             threading.Thread(target=watch, daemon=True).start()
             return pb.Empty()
@@ -177,10 +183,13 @@ def run_registration(pb, rpc, args):
     server.start()
     emit(event="serving", socket=sock)
     finished = done.wait(timeout=args.timeout)
-    server.stop(grace=None)
     if not finished:
         emit(event="timeout")
+        server.stop(grace=None)
         sys.exit(1)
+    # Serve on (streams open) until the test closes our standard input.
+    sys.stdin.read()
+    server.stop(grace=None)
 
 
 def main():
