@@ -35,6 +35,17 @@ pub(crate) const GOALS: &[(&str, Goal)] = &[
     ("framework.update_ms_p99", Goal::AtMost(2.0)),
     ("framework.reregister_ms_p99", Goal::AtMost(200.0)),
     (
+        "framework.stream_drop_reregister_ms_p99",
+        Goal::AtMost(100.0),
+    ),
+    (
+        "framework.allocate_adapter_us_p50",
+        Goal::RatioAtMost {
+            baseline: "framework.allocate_baseline_us_p50",
+            ratio: 1.5,
+        },
+    ),
+    (
         "discovery.scan_ms_512",
         Goal::RatioAtMost {
             baseline: "discovery.scan_baseline_ms_512",

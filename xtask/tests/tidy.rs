@@ -357,3 +357,32 @@ fn every_fuzz_target_has_a_corpus_replayed_on_stable() {
     }
     assert_none("fuzz corpora are replayed by stable tests", offenders);
 }
+
+#[test]
+fn unix_socket_grpc_servers_accept_any_authority() {
+    // A tonic server fed a bare `UnixListenerStream` refuses the
+    // `:authority` of kubelets before 1.26 and of grpc-core clients; every
+    // server of ours goes through `devplugin_api::uds::incoming`.
+    let mut offenders = Vec::new();
+    for dir in ["crates", "bins"] {
+        for path in files(dir, ".rs") {
+            let r = rel(&path);
+            // `uds::incoming` itself wraps the listener.
+            if !r.contains("/src/") || r == "crates/devplugin-api/src/uds.rs" {
+                continue;
+            }
+            let text = read(&path);
+            let code = text.split("\n#[cfg(test)]").next().unwrap_or_default();
+            for (i, line) in code.lines().enumerate() {
+                if line.contains("UnixListenerStream::new") && !line.trim_start().starts_with("//")
+                {
+                    offenders.push(format!("{r}:{}: {}", i + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert_none(
+        "Unix-socket gRPC servers use devplugin_api::uds::incoming (any :authority)",
+        offenders,
+    );
+}

@@ -13,7 +13,14 @@ use intel_gpu_plugin::server::{RunConfig, run};
 const USAGE: u8 = 2;
 
 fn init_logging(cli: &Cli) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).map_err(|_| {
+    // The HPACK codec under the `:authority` adapter logs every header at
+    // debug: quiet unless asked for by name.
+    let directives = if cli.log_level.contains("loona_hpack") {
+        cli.log_level.clone()
+    } else {
+        format!("{},loona_hpack=warn", cli.log_level)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives).map_err(|_| {
         format!(
             "--log-level {:?} is not a level such as info or debug",
             cli.log_level

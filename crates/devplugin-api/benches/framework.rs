@@ -4,7 +4,12 @@
 //!   against `framework.allocate_baseline_us_p50`: the same call to a bare
 //!   generated tonic service that answers at once (same client, same run);
 //! - `framework.update_ms_p99`: publish → the emulator has the new list;
-//! - `framework.reregister_ms_p99`: a new `kubelet.sock` → registered again.
+//! - `framework.reregister_ms_p99`: a new `kubelet.sock` → registered again;
+//! - `framework.stream_drop_reregister_ms_p99`: the kubelet drops the
+//!   ListAndWatch stream and stays up → registered again with the list
+//!   (each stream lives 300 ms first, as a stable one would);
+//! - `framework.allocate_adapter_us_p50`: the bare service behind the
+//!   `:authority` adapter, against the same baseline: the adapter's cost.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark may panic
 
@@ -22,6 +27,7 @@ use tonic::{Request, Response, Status};
 const CALLS: usize = 2000;
 const UPDATES: usize = 300;
 const RESTARTS: usize = 50;
+const STREAM_DROPS: usize = 50;
 const RES: &str = "bench.example.com/dev";
 
 struct Fixed;
@@ -166,13 +172,31 @@ async fn main() {
             .await
             .unwrap(),
     );
+    let adapted_path = dir.path().join("adapted.sock");
+    let listener = tokio::net::UnixListener::bind(&adapted_path).unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(DevicePluginServer::new(Bare))
+            .serve_with_incoming(uds::incoming(listener)),
+    );
+    let mut adapted = DevicePluginClient::new(
+        uds::connect(&adapted_path, Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
     // Interleave rounds so that noise hits both.
     let mut ours_s = Samples::new();
     let mut bare_s = Samples::new();
+    let mut adapted_s = Samples::new();
     for _ in 0..3 {
         bare_s.extend(&time_allocates(&mut bare, "dev-0-1").await);
+        adapted_s.extend(&time_allocates(&mut adapted, "dev-0-1").await);
         ours_s.extend(&time_allocates(&mut ours, "dev-0-1").await);
     }
+    report.metric(
+        "framework.allocate_adapter_us_p50",
+        adapted_s.percentile_us(50.0).unwrap_or(f64::NAN),
+    );
     report.metric(
         "framework.allocate_us_p50",
         ours_s.percentile_us(50.0).unwrap_or(f64::NAN),
@@ -229,6 +253,30 @@ async fn main() {
     report.metric(
         "framework.reregister_ms_p50",
         rereg.percentile_ms(50.0).unwrap_or(f64::NAN),
+    );
+
+    // The stream dropped, the kubelet up → registered again with the list.
+    let mut dropped = Samples::new();
+    for i in 0..STREAM_DROPS {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = kubelet.view().registrations(RES);
+        let start = Instant::now();
+        assert!(kubelet.end_stream(RES), "drop {i}: no stream");
+        kubelet
+            .wait_until(Duration::from_secs(10), |v| {
+                v.registrations(RES) > before && v.is_connected(RES) && v.devices(RES).is_some()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("drop {i}: {e}"));
+        dropped.push(start.elapsed());
+    }
+    report.metric(
+        "framework.stream_drop_reregister_ms_p99",
+        dropped.percentile_ms(99.0).unwrap_or(f64::NAN),
+    );
+    report.metric(
+        "framework.stream_drop_reregister_ms_p50",
+        dropped.percentile_ms(50.0).unwrap_or(f64::NAN),
     );
     handle.stop().await;
     report.finish().unwrap();

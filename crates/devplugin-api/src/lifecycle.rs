@@ -65,7 +65,7 @@ impl Drop for Release {
 const REREGISTER_SETTLE: Duration = Duration::from_millis(20);
 /// A stream lost sooner than this after registering counts as a failed
 /// attempt: the retries back off instead of looping.
-const STABLE_AFTER: Duration = Duration::from_secs(1);
+const STABLE_AFTER: Duration = Duration::from_millis(250);
 
 /// What ended a wait.
 enum Wake {
