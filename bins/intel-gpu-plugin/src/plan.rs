@@ -171,7 +171,16 @@ pub fn plan(
     let present: BTreeSet<u32> = inventory.gpus.iter().map(|g| g.index).collect();
     memory.last_driver.retain(|card, _| present.contains(card));
     memory.hot.retain(|card| present.contains(card));
-    for gpu in inventory.advertised() {
+    for gpu in &inventory.gpus {
+        // Advertised cards, and one advertised before whose driver was
+        // unbound (a driver reload): it stays under its resource, Unhealthy,
+        // until it is bound again or removed. The inventory says why it is
+        // not advertised; `inspect` shows both.
+        let unbound_known =
+            gpu.driver.is_none() && memory.last_driver.contains_key(&gpu.index);
+        if !gpu.advertised && !unbound_known {
+            continue;
+        }
         let bound = gpu.driver.as_deref().and_then(Driver::from_name);
         if let Some(d) = bound {
             memory.last_driver.insert(gpu.index, d);

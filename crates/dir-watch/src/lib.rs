@@ -117,16 +117,27 @@ impl DirWatch {
             let mut guard = self.fd.readable().await?;
             match guard.try_io(|inner| inner.get_ref().0.read_events().map_err(io::Error::from)) {
                 Ok(Ok(events)) if !events.is_empty() => {
+                    let mut dropped = Vec::new();
                     let out = events
                         .into_iter()
-                        .map(|e| Event {
-                            dir: self.dirs.get(&e.wd).cloned(),
-                            name: e.name,
-                            mask: e.mask,
+                        .map(|e| {
+                            // The kernel dropped this watch (its directory
+                            // was deleted or unmounted): the descriptor is
+                            // dead even if a new directory of the same name
+                            // exists by now.
+                            if e.mask.contains(Mask::IN_IGNORED) {
+                                dropped.push(e.wd);
+                            }
+                            Event {
+                                dir: self.dirs.get(&e.wd).cloned(),
+                                name: e.name,
+                                mask: e.mask,
+                            }
                         })
                         .collect();
-                    // Watches the kernel dropped (directory removed).
-                    self.forget_ignored();
+                    for wd in dropped {
+                        self.dirs.remove(&wd);
+                    }
                     return Ok(out);
                 }
                 Ok(Ok(_)) | Err(_) => {}
@@ -140,8 +151,10 @@ impl DirWatch {
         let _ = self.fd.get_ref().0.read_events();
     }
 
-    fn forget_ignored(&mut self) {
-        self.dirs.retain(|_, dir| dir.is_dir());
+    /// Whether the watch is still live (the kernel has not dropped it).
+    #[must_use]
+    pub fn is_live(&self, id: WatchId) -> bool {
+        self.dirs.contains_key(&id.0)
     }
 }
 
@@ -170,6 +183,41 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(events.iter().any(|e| e.mask.contains(Mask::IN_DELETE)));
+    }
+
+    #[tokio::test]
+    async fn a_deleted_and_recreated_directory_needs_a_new_watch() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("dri");
+        std::fs::create_dir(&dir).unwrap();
+        let mut w = DirWatch::new().unwrap();
+        let id = w.add(&dir, Mask::IN_CREATE | Mask::IN_DELETE_SELF).unwrap();
+        // Gone and back before anyone looked: the old watch is dead.
+        std::fs::remove_dir(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        let events = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(events.iter().any(|e| e.mask.contains(Mask::IN_DELETE_SELF)));
+        // IN_IGNORED may come in the same batch or the next.
+        if w.is_live(id) {
+            let more = tokio::time::timeout(Duration::from_secs(5), w.next())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(more.iter().any(|e| e.mask.contains(Mask::IN_IGNORED)));
+        }
+        assert!(!w.is_live(id), "a dropped watch is not live although the path is a directory");
+        assert!(dir.is_dir());
+        let again = w.add(&dir, Mask::IN_CREATE).unwrap();
+        assert!(w.is_live(again));
+        std::fs::write(dir.join("card0"), "").unwrap();
+        let events = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(events.iter().any(|e| e.name.as_deref() == Some(std::ffi::OsStr::new("card0"))));
     }
 
     #[tokio::test]

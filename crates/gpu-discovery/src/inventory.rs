@@ -158,6 +158,10 @@ pub struct Gpu {
     /// Why it is not advertised.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What the kernel's uevents said about its health, while it holds
+    /// (wedged, resetting); set by the watcher, never by a plain scan.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_health: Option<String>,
     /// Attributes that were unreadable or garbage but not needed to use
     /// the card.
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -92,7 +92,11 @@ fn decide_advertised(config: &DiscoveryConfig, gpus: &mut [Gpu]) {
 /// when the card is advertised, else why not.
 #[must_use]
 pub fn not_advertised_reason(config: &DiscoveryConfig, gpu: &Gpu) -> Option<String> {
-    if let Some(driver) = &gpu.driver {
+    let Some(driver) = &gpu.driver else {
+        // No resource to put it under: the resource is the driver's.
+        return Some("no driver is bound".to_owned());
+    };
+    {
         let enabled =
             Driver::from_name(driver).is_some_and(|d| config.enabled_drivers().contains(&d));
         if !enabled {
@@ -290,6 +294,7 @@ fn read_card(
         pci_path: pci_path(&ctx.devices, &dev),
         advertised: false,
         reason: None,
+        kernel_health: None,
         warnings,
     })
 }
@@ -406,7 +411,9 @@ fn temperature_inputs(dev: &Path) -> Vec<PathBuf> {
 fn mei_nodes(dev: &Path, entries: &[String], host_dev: &Path) -> Vec<PathBuf> {
     let mut names = BTreeSet::new();
     for entry in entries {
-        if entry.contains(".mei-gscfi") {
+        // Every `*.mei-*` child (`i915.mei-gscfi`, DG2's `i915.mei-gsc`,
+        // `xe.mei-gscfi`), as the Go plugin globs `device/*.mei-*/mei`.
+        if entry.contains(".mei-") {
             for (n, mei) in numbered_entries(&dev.join(entry).join("mei"), "mei") {
                 names.insert((n, mei));
             }

@@ -84,6 +84,46 @@ impl Uevent {
         self.properties.get("SUBSYSTEM").map(String::as_str)
     }
 
+    /// The DRM card (`cardN`) whose primary node this event is about: a
+    /// `drm` event whose devpath ends in `/drm/cardN` (not a connector such
+    /// as `cardN-DP-1`, not a render node).
+    #[must_use]
+    pub fn drm_card(&self) -> Option<&str> {
+        if self.subsystem() != Some("drm") {
+            return None;
+        }
+        let (parent, name) = self.devpath.rsplit_once('/')?;
+        let digits = name.strip_prefix("card")?;
+        let is_card = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
+        (is_card && parent.ends_with("/drm")).then_some(name)
+    }
+
+    /// What a `change` event on a card says about its health (see
+    /// [`HealthSignal`]); `None` for every other event.
+    #[must_use]
+    pub fn health_signal(&self) -> Option<HealthSignal> {
+        if self.action != Action::Change || self.drm_card().is_none() {
+            return None;
+        }
+        let get = |k: &str| self.properties.get(k).map(String::as_str);
+        // drm_dev_wedged_event (Linux 6.15+), sent by i915 and xe.
+        if let Some(methods) = get("WEDGED") {
+            return Some(if methods == "none" {
+                HealthSignal::Recovered
+            } else {
+                HealthSignal::Wedged(methods.to_owned())
+            });
+        }
+        // i915's reset path: ERROR=1 and RESET=1 while it resets, ERROR=0
+        // once the reset succeeded.
+        match (get("ERROR"), get("RESET")) {
+            (Some("0"), _) => Some(HealthSignal::Recovered),
+            (Some("1"), _) => Some(HealthSignal::Error),
+            (_, Some("1")) => Some(HealthSignal::Resetting),
+            _ => None,
+        }
+    }
+
     /// Whether the event may change the GPU inventory: DRM, PCI, MEI and
     /// hwmon devices.
     #[must_use]
@@ -93,6 +133,20 @@ impl Uevent {
             Some("drm" | "pci" | "mei" | "hwmon" | "i915" | "xe")
         )
     }
+}
+
+/// What a card's `change` uevent says about its health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthSignal {
+    /// `WEDGED=<methods>`: the GPU is unusable until recovered by one of the
+    /// methods (`rebind`, `bus-reset`, `vendor-specific`, `unknown`).
+    Wedged(String),
+    /// i915 `ERROR=1`: a GPU hang was detected.
+    Error,
+    /// i915 `RESET=1`: the GPU is being reset.
+    Resetting,
+    /// `WEDGED=none` or i915 `ERROR=0`: the driver recovered.
+    Recovered,
 }
 
 /// A message that is not a uevent.
@@ -235,6 +289,46 @@ pub fn udev_message(properties: &[(&str, &str)]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn health_signals() {
+        use super::HealthSignal::*;
+        let card = "/devices/pci0000:00/0000:03:00.0/drm/card1";
+        let cases: &[(&str, &str, &[(&str, &str)], Option<super::HealthSignal>)] = &[
+            ("change", card, &[("WEDGED", "rebind,bus-reset")], Some(Wedged("rebind,bus-reset".into()))),
+            ("change", card, &[("WEDGED", "vendor-specific")], Some(Wedged("vendor-specific".into()))),
+            ("change", card, &[("WEDGED", "none")], Some(Recovered)),
+            ("change", card, &[("ERROR", "1")], Some(Error)),
+            ("change", card, &[("RESET", "1")], Some(Resetting)),
+            ("change", card, &[("ERROR", "0")], Some(Recovered)),
+            ("change", card, &[("HOTPLUG", "1")], None),
+            ("add", card, &[("WEDGED", "rebind")], None),
+            ("change", "/devices/pci0000:00/0000:03:00.0/drm/renderD128", &[("WEDGED", "rebind")], None),
+        ];
+        for (action, devpath, props, want) in cases {
+            let mut all = vec![("SUBSYSTEM", "drm")];
+            all.extend_from_slice(props);
+            let e = super::parse(&super::kernel_message(action, devpath, &all)).unwrap();
+            assert_eq!(e.health_signal(), *want, "{action} {devpath} {props:?}");
+        }
+    }
+
+    #[test]
+    fn drm_card_names_only_primary_nodes() {
+        let cases = [
+            ("/devices/pci0000:00/0000:03:00.0/drm/card1", "drm", Some("card1")),
+            ("/devices/pci0000:00/0000:03:00.0/drm/card12", "drm", Some("card12")),
+            ("/devices/pci0000:00/0000:03:00.0/drm/renderD128", "drm", None),
+            ("/devices/pci0000:00/0000:03:00.0/drm/card1/card1-DP-1", "drm", None),
+            ("/devices/pci0000:00/0000:03:00.0/drm/card", "drm", None),
+            ("/devices/pci0000:00/0000:03:00.0", "pci", None),
+            ("/devices/virtual/misc/card1", "drm", None),
+        ];
+        for (devpath, subsystem, want) in cases {
+            let e = super::parse(&super::kernel_message("remove", devpath, &[("SUBSYSTEM", subsystem)])).unwrap();
+            assert_eq!(e.drm_card(), want, "{devpath}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -149,11 +149,12 @@ impl InventoryWatcher {
         // Sources are opened and armed before the first scan, so a change
         // between the two is never missed.
         let (hint_tx, hint_rx) = mpsc::channel(64);
+        let notes = Arc::new(KernelNotes::default());
         let mut sources = Vec::new();
         if config.uevents {
             match open_uevents() {
                 Ok(fd) => {
-                    tokio::spawn(uevent_source(fd, hint_tx.clone()));
+                    tokio::spawn(uevent_source(fd, hint_tx.clone(), Arc::clone(&notes)));
                     sources.push(Source::Uevents);
                 }
                 Err(error) => {
@@ -203,9 +204,11 @@ impl InventoryWatcher {
             counter.fetch_add(1, Ordering::Relaxed);
             let d = discovery.clone();
             let tx = Arc::clone(&tx);
+            let notes = Arc::clone(&notes);
             async move {
                 match tokio::task::spawn_blocking(move || scan(&d)).await {
-                    Ok(Ok(inv)) => {
+                    Ok(Ok(mut inv)) => {
+                        notes.apply(&mut inv);
                         tx.send_if_modified(|cur| {
                             if **cur == inv {
                                 false
@@ -266,8 +269,100 @@ impl InventoryWatcher {
 }
 
 /// A hint that something may have changed.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Hint;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hint {
+    /// Something may have changed: rescans coalesce.
+    Changed,
+    /// A DRM card was added or removed, or its health changed (its own
+    /// uevent): rescan now, even in the middle of a burst.
+    Card,
+}
+
+/// What the kernel's uevents said about cards, kept between scans and laid
+/// over each one.
+///
+/// Removal: the kernel deletes the device node, sends `remove`, and only
+/// then removes the sysfs directory. The uevent is authoritative for its
+/// card, which is left out of every scan that still finds it in sysfs,
+/// until sysfs agrees, an `add` arrives, or [`GONE_FOR_AT_MOST`] passes
+/// (sysfs is the truth again).
+///
+/// Health: `WEDGED=<methods>` marks a card wedged, i915's `ERROR=1` /
+/// `RESET=1` mark it resetting; `WEDGED=none`, `ERROR=0`, or the card's
+/// removal or new `add` (a rebind, a bus reset) clear the mark.
+#[derive(Debug, Default)]
+pub(crate) struct KernelNotes(std::sync::Mutex<Notes>);
+
+#[derive(Debug, Default)]
+struct Notes {
+    gone: std::collections::HashMap<String, Instant>,
+    health: std::collections::HashMap<String, String>,
+}
+
+/// How long a `remove` uevent outweighs sysfs.
+const GONE_FOR_AT_MOST: Duration = Duration::from_secs(10);
+
+impl KernelNotes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Notes> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes what a card's uevent says; true when it said something.
+    pub(crate) fn note(&self, event: &uevent::Uevent) -> bool {
+        let Some(card) = event.drm_card() else {
+            return false;
+        };
+        let mut notes = self.lock();
+        match (&event.action, event.health_signal()) {
+            (uevent::Action::Remove, _) => {
+                notes.gone.insert(card.to_owned(), Instant::now());
+                notes.health.remove(card);
+            }
+            (uevent::Action::Add, _) => {
+                notes.gone.remove(card);
+                notes.health.remove(card);
+            }
+            (_, Some(signal)) => {
+                let why = match signal {
+                    uevent::HealthSignal::Wedged(methods) => {
+                        format!("the kernel declared it wedged (recovery: {methods})")
+                    }
+                    uevent::HealthSignal::Error => "the driver reported a GPU hang".to_owned(),
+                    uevent::HealthSignal::Resetting => "the driver is resetting it".to_owned(),
+                    uevent::HealthSignal::Recovered => {
+                        if notes.health.remove(card).is_some() {
+                            tracing::info!(card, "the kernel reports the card recovered");
+                        }
+                        return true;
+                    }
+                };
+                tracing::warn!(card, reason = %why, "kernel health event");
+                notes.health.insert(card.to_owned(), why);
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// Leaves out of `inventory` the cards removed by uevent, marks the
+    /// ones with a health note, and forgets what sysfs has overtaken.
+    pub(crate) fn apply(&self, inventory: &mut Inventory) {
+        let mut notes = self.lock();
+        if notes.gone.is_empty() && notes.health.is_empty() {
+            return;
+        }
+        let present = |card: &str| inventory.gpus.iter().any(|g| g.card == card);
+        notes
+            .gone
+            .retain(|card, since| since.elapsed() < GONE_FOR_AT_MOST && present(card));
+        notes.health.retain(|card, _| present(card));
+        let notes = &*notes;
+        inventory.gpus.retain(|g| !notes.gone.contains_key(&g.card));
+        for gpu in &mut inventory.gpus {
+            gpu.kernel_health = notes.health.get(&gpu.card).cloned();
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timing {
@@ -278,7 +373,8 @@ pub(crate) struct Timing {
 /// The coalescing loop: the first hint of a burst rescans at once; hints
 /// that arrive during that rescan or within `settle` of each other cause
 /// one trailing rescan (bounded: a burst that never ends still rescans every
-/// 10 × `settle`); without hints, a rescan every `interval`.
+/// 10 × `settle`); a card's own add or remove ([`Hint::Card`]) rescans at
+/// once, burst or not; without hints, a rescan every `interval`.
 pub(crate) async fn drive<F, Fut>(mut hints: mpsc::Receiver<Hint>, timing: Timing, mut rescan: F)
 where
     F: FnMut() -> Fut,
@@ -298,26 +394,38 @@ where
         // The safety net counts from the latest rescan.
         next_periodic = Instant::now() + timing.interval;
         rescan().await;
-        // Trailing edge: what arrived meanwhile, then quiet for `settle`.
-        let mut dirty = false;
-        while hints.try_recv().is_ok() {
-            dirty = true;
-        }
-        let burst_end = Instant::now() + timing.settle * 10;
-        while hints_open {
-            let wait = (Instant::now() + timing.settle).min(burst_end);
-            match tokio::time::timeout_at(wait, hints.recv()).await {
-                Ok(Some(_)) => dirty = true,
-                Ok(None) => hints_open = false,
-                Err(_) => break,
+        // Trailing edge: what arrived meanwhile, then quiet for `settle`;
+        // a card's own event cuts the wait short.
+        loop {
+            let mut dirty = false;
+            let mut urgent = false;
+            while let Ok(h) = hints.try_recv() {
+                dirty = true;
+                urgent |= h == Hint::Card;
             }
-            if Instant::now() >= burst_end {
+            let burst_end = Instant::now() + timing.settle * 10;
+            while hints_open && !urgent {
+                let wait = (Instant::now() + timing.settle).min(burst_end);
+                match tokio::time::timeout_at(wait, hints.recv()).await {
+                    Ok(Some(h)) => {
+                        dirty = true;
+                        urgent = h == Hint::Card;
+                    }
+                    Ok(None) => hints_open = false,
+                    Err(_) => break,
+                }
+                if Instant::now() >= burst_end {
+                    break;
+                }
+            }
+            if !dirty {
                 break;
             }
-        }
-        if dirty {
             next_periodic = Instant::now() + timing.interval;
             rescan().await;
+            if !urgent {
+                break;
+            }
         }
     }
 }
@@ -339,7 +447,7 @@ fn open_uevents() -> io::Result<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
 }
 
-async fn uevent_source(fd: AsyncFd<OwnedFd>, hints: mpsc::Sender<Hint>) {
+async fn uevent_source(fd: AsyncFd<OwnedFd>, hints: mpsc::Sender<Hint>, notes: Arc<KernelNotes>) {
     let mut buf = vec![0u8; uevent::MAX_MESSAGE];
     loop {
         let Ok(mut guard) = fd.readable().await else {
@@ -349,21 +457,28 @@ async fn uevent_source(fd: AsyncFd<OwnedFd>, hints: mpsc::Sender<Hint>) {
             recv(inner.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
         }) {
             Ok(Ok(n)) => {
-                let relevant = match buf.get(..n).map(uevent::parse) {
+                let hint = match buf.get(..n).map(uevent::parse) {
                     Some(Ok(event)) => {
                         tracing::debug!(origin = %event.origin, action = ?event.action, devpath = %event.devpath, "uevent");
-                        event.concerns_gpus()
+                        if notes.note(&event) {
+                            Some(Hint::Card)
+                        } else {
+                            event.concerns_gpus().then_some(Hint::Changed)
+                        }
                     }
                     // Unparsable: a hint all the same.
-                    _ => true,
+                    _ => Some(Hint::Changed),
                 };
-                if relevant && hints.try_send(Hint).is_err() && hints.is_closed() {
+                if let Some(hint) = hint
+                    && hints.try_send(hint).is_err()
+                    && hints.is_closed()
+                {
                     return;
                 }
             }
             // ENOBUFS: events were lost; a rescan recovers the truth.
             Ok(Err(_)) => {
-                if hints.try_send(Hint).is_err() && hints.is_closed() {
+                if hints.try_send(Hint::Changed).is_err() && hints.is_closed() {
                     return;
                 }
             }
@@ -408,7 +523,7 @@ fn libudev_source(socket: &udev::MonitorSocket, hints: &mpsc::Sender<Hint>) {
             Ok(0) => {}
             Ok(_) => {
                 if socket.iter().count() > 0 {
-                    let _ = hints.try_send(Hint);
+                    let _ = hints.try_send(Hint::Changed);
                 }
             }
             Err(nix::errno::Errno::EINTR) => {}
@@ -447,7 +562,13 @@ impl DevfsWatch {
         me
     }
 
+    /// Watches each directory that exists and has no live watch. A watch
+    /// the kernel dropped (IN_IGNORED, after IN_DELETE_SELF) is dead even
+    /// when a directory of the same name is back: udev removes `/dev/dri`
+    /// with the last DRM device and the kernel creates a new one later.
     fn arm(&mut self) {
+        let watch = &self.watch;
+        self.watched.retain(|(_, id)| watch.is_live(*id));
         let dri = self.devfs.join("dri");
         let by_path = dri.join("by-path");
         for dir in [self.devfs.clone(), dri, by_path] {
@@ -456,10 +577,10 @@ impl DevfsWatch {
                 && dir.is_dir()
                 && let Ok(id) = self.watch.add(&dir, Self::MASK)
             {
+                tracing::debug!(dir = %dir.display(), "watching");
                 self.watched.push((dir, id));
             }
         }
-        self.watched.retain(|(p, _)| p.is_dir());
     }
 }
 
@@ -472,7 +593,7 @@ async fn devfs_source(mut devfs: DevfsWatch, hints: mpsc::Sender<Hint>) {
                     e.dir.as_deref() != Some(devfs.devfs.as_path()) || is_dri(e.name.as_deref())
                 });
                 devfs.arm();
-                if relevant && hints.try_send(Hint).is_err() && hints.is_closed() {
+                if relevant && hints.try_send(Hint::Changed).is_err() && hints.is_closed() {
                     return;
                 }
             }
@@ -508,7 +629,7 @@ mod tests {
         let start = Instant::now();
         for &at in hints_at {
             tokio::time::sleep_until(start + Duration::from_millis(at)).await;
-            tx.send(Hint).await.unwrap();
+            tx.send(Hint::Changed).await.unwrap();
         }
         tokio::time::sleep_until(start + Duration::from_millis(total)).await;
         task.abort();

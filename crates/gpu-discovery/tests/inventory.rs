@@ -212,7 +212,7 @@ fn degraded_cards_stay_advertised_with_their_reason() {
     assert_eq!(
         states,
         [
-            (CardState::Degraded, true, Some("no driver is bound")),
+            (CardState::Degraded, false, Some("no driver is bound")),
             (CardState::Degraded, true, Some(missing.as_str())),
             (CardState::Usable, true, None),
         ]

@@ -70,11 +70,8 @@ pub fn split_long(key: &str, value: &str) -> Vec<(String, String)> {
 #[must_use]
 pub fn discovery_labels(inventory: &Inventory) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    let bound: Vec<&Gpu> = inventory
-        .gpus
-        .iter()
-        .filter(|g| g.driver.is_some())
-        .collect();
+    // The plugin's own predicate: what it advertises is what is counted.
+    let bound: Vec<&Gpu> = inventory.advertised().collect();
     if bound.is_empty() {
         return out;
     }

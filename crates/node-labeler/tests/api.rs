@@ -61,7 +61,8 @@ async fn first_apply_then_nothing_is_written() {
     assert!(matches!(out, Outcome::Applied { .. }), "{out:?}");
     let l = labels(&api);
     assert_eq!(l["intelgpu"], "enabled");
-    assert_eq!(l["gpu.intel.com/device-id.0380-56c0.count"], "5");
+    // Counted by the plugin's predicate: the 4 VFs, not the PF that has them.
+    assert_eq!(l["gpu.intel.com/device-id.0380-56c0.count"], "4");
     let req = api
         .requests()
         .into_iter()

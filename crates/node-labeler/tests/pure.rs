@@ -72,7 +72,7 @@ fn discovery_labels_of_the_starlingx_edge_server() {
         ("gpu.intel.com/device-id.0300-4680.present", "true"),
         ("gpu.intel.com/device-id.0300-4680.count", "1"),
         ("gpu.intel.com/device-id.0380-56c0.present", "true"),
-        ("gpu.intel.com/device-id.0380-56c0.count", "5"),
+        ("gpu.intel.com/device-id.0380-56c0.count", "4"),
         ("gpu.intel.com/product", "Flex_170"),
         ("gpu.intel.com/family", "Flex_Series"),
         ("gpu.intel.com/gpu-numbers", "0.2.3.4.5"),
