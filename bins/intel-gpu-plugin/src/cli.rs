@@ -27,9 +27,14 @@ pub struct Cli {
     /// The kubelet's device plugin directory.
     #[arg(long, default_value = "/var/lib/kubelet/device-plugins")]
     pub kubelet_dir: PathBuf,
-    /// Where CDI specs are written.
-    #[arg(long, default_value = "/var/run/cdi")]
+    /// Where CDI specs are written (and where `inspect` looks for them).
+    #[arg(long, default_value = "/var/run/cdi", global = true)]
     pub cdi_dir: PathBuf,
+    /// How long a card missing from the inventory keeps its CDI spec, in
+    /// milliseconds (the kubelet replays cached Allocate answers, CDI names
+    /// included, when it restarts a container).
+    #[arg(long, default_value_t = 60_000)]
+    pub cdi_grace_ms: u64,
     /// Advertise each GPU this many times (cardN-0 … cardN-(N-1)).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
     pub shared_dev_num: u32,
@@ -51,7 +56,13 @@ pub struct Cli {
     /// Advertise all but these PCI device ids.
     #[arg(long, global = true)]
     pub deny_ids: Option<String>,
-    /// Report a GPU Unhealthy above this temperature (°C, from hwmon).
+    /// Health management: report a GPU Unhealthy above `--temp-limit`
+    /// (hwmon, read without waking suspended GPUs). Kernel events (wedged,
+    /// reset) and missing device nodes count always.
+    #[arg(long, global = true)]
+    pub health_management: bool,
+    /// The temperature limit of health management, °C (default 100, as
+    /// the Go plugin's).
     #[arg(long, global = true)]
     pub temp_limit: Option<f64>,
     /// Address of /metrics, /healthz and /readyz ("" turns it off).
@@ -87,7 +98,31 @@ pub enum LogFormat {
     Json,
 }
 
+/// The Go plugin's default temperature limit, °C.
+pub const DEFAULT_TEMP_LIMIT: f64 = 100.0;
+
 impl Cli {
+    /// The temperature limit in force: only with health management, as in
+    /// the Go plugin.
+    #[must_use]
+    pub fn temp_limit(&self) -> Option<f64> {
+        self.health_management
+            .then(|| self.temp_limit.unwrap_or(DEFAULT_TEMP_LIMIT))
+    }
+
+    /// Warnings about flags that are accepted but have no effect.
+    #[must_use]
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.temp_limit.is_some() && !self.health_management {
+            out.push(
+                "-temp-limit has no effect without -health-management (as in the Go plugin)"
+                    .to_owned(),
+            );
+        }
+        out
+    }
+
     /// The HTTP address, if enabled.
     ///
     /// # Errors
@@ -114,8 +149,70 @@ impl Cli {
     }
 }
 
-/// Flags of the Go plugin that are accepted but not needed here.
-const GO_IGNORED: &[&str] = &["health-management", "gpu-temp-limit", "memory-temp-limit"];
+/// Flags of the Go plugin and of its klog (`klog.InitFlags`, klog v2.140)
+/// that are accepted and ignored, with why: `(name, takes a value, why)`.
+/// Go's bool flags never take the next argument as their value.
+const GO_IGNORED: &[(&str, bool, &str)] = &[
+    (
+        "gpu-temp-limit",
+        true,
+        "hwmon gives no separate GPU temperature; -temp-limit applies to the hottest input",
+    ),
+    (
+        "memory-temp-limit",
+        true,
+        "hwmon gives no separate memory temperature; -temp-limit applies to the hottest input",
+    ),
+    (
+        "xpumd-endpoint",
+        true,
+        "health comes from sysfs, hwmon and kernel events, without xpumd",
+    ),
+    (
+        "wsl",
+        false,
+        "WSL is not supported; the plugin runs as on Linux",
+    ),
+    (
+        "resource-manager",
+        false,
+        "fractional resources moved to DRA (see docs/dra.md)",
+    ),
+    ("logtostderr", false, "logs always go to standard error"),
+    ("alsologtostderr", false, "logs always go to standard error"),
+    (
+        "legacy_stderr_threshold_behavior",
+        false,
+        "logs always go to standard error",
+    ),
+    ("add_dir_header", false, "log lines have their own format"),
+    ("skip_headers", false, "log lines have their own format"),
+    ("skip_log_headers", false, "log lines have their own format"),
+    ("one_output", false, "logs always go to standard error"),
+    (
+        "stderrthreshold",
+        true,
+        "logs always go to standard error; use -v or --log-level",
+    ),
+    (
+        "alsologtostderrthreshold",
+        true,
+        "logs always go to standard error; use -v or --log-level",
+    ),
+    ("log_dir", true, "logs always go to standard error"),
+    ("log_file", true, "logs always go to standard error"),
+    (
+        "log_file_max_size",
+        true,
+        "logs always go to standard error",
+    ),
+    ("log_backtrace_at", true, "not supported"),
+    (
+        "vmodule",
+        true,
+        "use --log-level with per-module directives",
+    ),
+];
 /// Boolean flags (Go accepts `-flag=true`).
 const BOOLEAN: &[&str] = &["enable-monitoring", "health-management", "json"];
 
@@ -165,11 +262,14 @@ pub fn translate_go_flags(args: Vec<String>) -> (Vec<String>, Vec<String>) {
             out.push(level.into());
             continue;
         }
-        if GO_IGNORED.contains(&name.as_str()) {
-            if value.is_none() && !BOOLEAN.contains(&name.as_str()) {
+        if let Some((_, takes_value, why)) = GO_IGNORED.iter().find(|(n, _, _)| *n == name) {
+            if value.is_none() && *takes_value {
                 rest.pop();
             }
-            warnings.push(format!("-{name} is accepted but not needed: health comes from sysfs and hwmon without a sidecar"));
+            let w = format!("-{name} is accepted and ignored: {why}");
+            if !warnings.contains(&w) {
+                warnings.push(w);
+            }
             continue;
         }
         if BOOLEAN.contains(&name.as_str()) {
@@ -219,14 +319,27 @@ mod tests {
             (&["p", "-prefix=/host"], &["p", "--prefix=/host"]),
             (
                 &["p", "-health-management", "-bypath=none"],
-                &["p", "--bypath=none"],
+                &["p", "--health-management", "--bypath=none"],
             ),
             (&["p", "-gpu-temp-limit", "90", "-h"], &["p", "-h"]),
+            (
+                &["p", "-logtostderr", "-shared-dev-num", "2"],
+                &["p", "--shared-dev-num", "2"],
+            ),
+            (&["p", "-logtostderr=false", "-log_dir", "/tmp"], &["p"]),
+            (&["p", "-xpumd-endpoint", "/run/x.sock", "-wsl"], &["p"]),
             (&["p", "inspect", "--json"], &["p", "inspect", "--json"]),
         ];
         for (input, want) in cases {
             assert_eq!(t(input).0, *want, "{input:?}");
         }
-        assert_eq!(t(&["p", "-health-management"]).1.len(), 1);
+        assert!(t(&["p", "-health-management"]).1.is_empty());
+        // Each ignored flag warns once.
+        assert_eq!(
+            t(&["p", "-logtostderr", "-logtostderr=true", "-wsl"])
+                .1
+                .len(),
+            2
+        );
     }
 }

@@ -8,16 +8,42 @@ use gpu_discovery::Inventory;
 use serde_json::{Value, json};
 
 use crate::plan::{self, Memory, Options, ResourceKind};
+use crate::temps;
 
 fn path(p: &std::path::Path) -> String {
     p.display().to_string()
 }
 
-/// The report as JSON.
+/// Where a card's CDI spec stands on disk.
+fn cdi_state(cdi_dir: &std::path::Path, card: &plan::Card, options: &Options) -> &'static str {
+    let path = cdi_dir.join(plan::cdi_file_name(card));
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text == plan::cdi_spec(card, options.bypath).to_json() => "written",
+        Ok(_) => "stale",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "missing",
+        Err(_) => "unreadable",
+    }
+}
+
+/// The report as JSON: the health the daemon would publish (device nodes,
+/// driver, temperature under health management; kernel wedge and reset
+/// events are seen only by the running daemon), and each card's CDI spec as
+/// found in `cdi_dir` (an Allocate answer names it only when written).
 #[must_use]
-pub fn report(inventory: &Inventory, options: &Options) -> Value {
+pub fn report(inventory: &Inventory, options: &Options, cdi_dir: &std::path::Path) -> Value {
     let mut memory = Memory::default();
-    let plan = plan::plan(inventory, options, &mut memory, &BTreeMap::new());
+    let readings = if options.temp_limit.is_some() {
+        temps::read(inventory)
+    } else {
+        BTreeMap::new()
+    };
+    let mut plan = plan::plan(inventory, options, &mut memory, &temps::celsius(&readings));
+    let mut cdi = BTreeMap::new();
+    for card in plan.cards.values_mut() {
+        let state = cdi_state(cdi_dir, card, options);
+        card.cdi = state == "written";
+        cdi.insert(card.index, state);
+    }
     let cards: Vec<Value> = inventory
         .gpus
         .iter()
@@ -32,6 +58,13 @@ pub fn report(inventory: &Inventory, options: &Options) -> Value {
                 "advertised": g.advertised,
                 "reason": g.reason,
                 "health": plan.cards.get(&g.index).map(|c| c.health.as_str()),
+                "unhealthy_because": plan.cards.get(&g.index).and_then(|c| c.why.clone()),
+                "temperature": readings.get(&g.index).map(|r| match r {
+                    temps::Reading::Celsius(c) => json!(c),
+                    temps::Reading::Suspended => json!("suspended, not read"),
+                    temps::Reading::Unreadable(why) => json!(format!("unreadable: {why}")),
+                }),
+                "cdi_spec": cdi.get(&g.index),
                 "warnings": g.warnings,
             })
         })
@@ -88,6 +121,15 @@ pub fn text(report: &Value) -> String {
         );
         if !c["state_reason"].is_null() {
             let _ = writeln!(out, "      degraded: {}", s(&c["state_reason"]));
+        }
+        if !c["unhealthy_because"].is_null() && c["state_reason"].is_null() {
+            let _ = writeln!(out, "      unhealthy: {}", s(&c["unhealthy_because"]));
+        }
+        if !c["temperature"].is_null() {
+            let _ = writeln!(out, "      temperature: {}", s(&c["temperature"]));
+        }
+        if !c["cdi_spec"].is_null() {
+            let _ = writeln!(out, "      CDI spec: {}", s(&c["cdi_spec"]));
         }
     }
     for sk in report["skipped"].as_array().into_iter().flatten() {

@@ -65,7 +65,7 @@ fn main() -> ExitCode {
         eprintln!("intel-gpu-plugin: {e}");
         return ExitCode::from(USAGE);
     }
-    for w in go_warnings {
+    for w in go_warnings.iter().chain(&cli.warnings()) {
         tracing::warn!("{w}");
     }
     let filter = match IdFilter::parse(cli.allow_ids.as_deref(), cli.deny_ids.as_deref()) {
@@ -93,14 +93,14 @@ fn main() -> ExitCode {
         shared_dev_num: cli.shared_dev_num,
         bypath: cli.bypath,
         monitoring: cli.enable_monitoring.then_some(cli.monitoring_mode),
-        temp_limit: cli.temp_limit,
+        temp_limit: cli.temp_limit(),
         temp_hysteresis: 5.0,
         host_dri: discovery.host_dev_prefix().join("dri"),
     };
     if let Some(Command::Inspect { json }) = cli.command {
         return match scan(&discovery) {
             Ok(inventory) => {
-                let report = inspect::report(&inventory, &options);
+                let report = inspect::report(&inventory, &options, &cli.cdi_dir);
                 if json {
                     println!(
                         "{}",
@@ -128,6 +128,7 @@ fn main() -> ExitCode {
         policy: cli.allocation_policy,
         kubelet_dir: cli.kubelet_dir,
         cdi_dir: cli.cdi_dir,
+        cdi_grace: std::time::Duration::from_millis(cli.cdi_grace_ms),
         http,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -90,6 +90,10 @@ pub struct Card {
     pub health: Health,
     /// Why unhealthy.
     pub why: Option<String>,
+    /// Whether its CDI spec is on disk as [`cdi_spec`] renders it: only
+    /// then does an Allocate answer name it (set by the server after the
+    /// write, never by [`plan`]).
+    pub cdi: bool,
 }
 
 /// What a resource serves.
@@ -176,8 +180,7 @@ pub fn plan(
         // unbound (a driver reload): it stays under its resource, Unhealthy,
         // until it is bound again or removed. The inventory says why it is
         // not advertised; `inspect` shows both.
-        let unbound_known =
-            gpu.driver.is_none() && memory.last_driver.contains_key(&gpu.index);
+        let unbound_known = gpu.driver.is_none() && memory.last_driver.contains_key(&gpu.index);
         if !gpu.advertised && !unbound_known {
             continue;
         }
@@ -190,20 +193,35 @@ pub fn plan(
             continue;
         };
         let mut why = (gpu.state == CardState::Degraded)
-            .then(|| gpu.state_reason.clone().unwrap_or_default());
-        if let (Some(limit), Some(t)) = (options.temp_limit, temps.get(&gpu.index)) {
-            let hot = if memory.hot.contains(&gpu.index) {
-                *t > limit - options.temp_hysteresis
-            } else {
-                *t > limit
-            };
-            if hot {
-                memory.hot.insert(gpu.index);
-                why.get_or_insert_with(|| {
-                    format!("temperature {t:.1} °C is over the limit of {limit} °C")
-                });
-            } else {
-                memory.hot.remove(&gpu.index);
+            .then(|| gpu.state_reason.clone().unwrap_or_default())
+            .or_else(|| gpu.kernel_health.clone());
+        if let Some(limit) = options.temp_limit {
+            match temps.get(&gpu.index) {
+                Some(t) => {
+                    let hot = if memory.hot.contains(&gpu.index) {
+                        *t > limit - options.temp_hysteresis
+                    } else {
+                        *t > limit
+                    };
+                    if hot {
+                        memory.hot.insert(gpu.index);
+                        why.get_or_insert_with(|| {
+                            format!("temperature {t:.1} °C is over the limit of {limit} °C")
+                        });
+                    } else {
+                        memory.hot.remove(&gpu.index);
+                    }
+                }
+                // No reading (sensor unreadable, or the GPU runtime-
+                // suspended and left asleep): a hot card stays hot.
+                None if memory.hot.contains(&gpu.index) => {
+                    why.get_or_insert_with(|| {
+                        format!(
+                            "temperature was over the limit of {limit} °C and cannot be read now"
+                        )
+                    });
+                }
+                None => {}
             }
         }
         out.cards.insert(
@@ -222,6 +240,7 @@ pub fn plan(
                     Health::Healthy
                 },
                 why,
+                cdi: false,
             },
         );
     }
@@ -352,7 +371,11 @@ pub fn allocate(
                 });
             }
         }
-        if let Ok(name) = CdiName::new(CDI_KIND, &c.name) {
+        // Only a spec that is on disk: a runtime fails the whole container
+        // on an unresolvable CDI name, while nodes and mounts always work.
+        if c.cdi
+            && let Ok(name) = CdiName::new(CDI_KIND, &c.name)
+        {
             out.cdi_devices.push(name);
         }
     }

@@ -1,7 +1,7 @@
 //! The running plugin: follows the inventory, keeps CDI specs and resources
 //! in step, answers the kubelet, serves health and metrics.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -15,9 +15,22 @@ use devplugin_api::{
 use gpu_discovery::{DiscoveryConfig, Inventory, InventoryWatcher, WatcherConfig};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
+use crate::cdi_keeper::{CdiKeeper, CdiStats};
 use crate::plan::{self, Memory, Options, Plan, Policy, ResourceKind};
+use crate::progress::Progress;
+use crate::temps;
 use ops_http as http;
+
+/// How long the loop, a rescan or a blocking operation may go without
+/// progress before `/healthz` fails (the liveness probe then restarts the
+/// pod).
+pub const STALL_LIMIT: Duration = Duration::from_secs(60);
+/// How long one round of hwmon reads may take.
+const TEMPS_TIMEOUT: Duration = Duration::from_secs(5);
+/// The main loop beats at least this often.
+const BEAT: Duration = Duration::from_secs(5);
 
 /// Everything the plugin needs to run.
 #[derive(Debug, Clone)]
@@ -32,6 +45,8 @@ pub struct RunConfig {
     pub kubelet_dir: PathBuf,
     /// The CDI directory.
     pub cdi_dir: PathBuf,
+    /// How long a vanished card keeps its CDI spec.
+    pub cdi_grace: Duration,
     /// The HTTP endpoint.
     pub http: Option<std::net::SocketAddr>,
 }
@@ -74,32 +89,14 @@ impl Plugin for GpuPlugin {
     }
 }
 
-/// Reads each card's hottest hwmon input, in °C.
-fn temperatures(inventory: &Inventory) -> BTreeMap<u32, f64> {
-    let mut out = BTreeMap::new();
-    for gpu in &inventory.gpus {
-        let hottest = gpu
-            .temperature_inputs
-            .iter()
-            .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<f64>().ok())
-            .map(|m| m / 1000.0)
-            .fold(None, |acc: Option<f64>, t| {
-                Some(acc.map_or(t, |a| a.max(t)))
-            });
-        if let Some(t) = hottest {
-            out.insert(gpu.index, t);
-        }
-    }
-    out
-}
-
 struct State {
     config: RunConfig,
     options: Arc<Options>,
     framework: Framework,
-    cdi: SpecDir,
-    /// The CDI specs this process wrote, by file name.
-    written: BTreeMap<String, devplugin_api::cdi::Spec>,
+    cdi: CdiKeeper,
+    progress: Arc<Progress>,
+    /// The last temperature readings (for the plan, and for `/metrics`).
+    readings: Arc<RwLock<BTreeMap<u32, temps::Reading>>>,
     memory: Memory,
     shared: Shared,
     handles: BTreeMap<ResourceName, ResourceHandle>,
@@ -107,37 +104,47 @@ struct State {
 }
 
 impl State {
-    fn reconcile(&mut self, inventory: &Inventory) {
-        let temps = if self.options.temp_limit.is_some() {
-            temperatures(inventory)
-        } else {
-            BTreeMap::new()
-        };
-        let plan = plan::plan(inventory, &self.options, &mut self.memory, &temps);
-        // CDI specs first: a card is never advertised before its spec exists.
-        // Only specs that differ from what this process last wrote, or that
-        // someone removed, are written (the temperature tick re-plans every
-        // 5 s: a stat per card instead of a read).
-        let mut keep = BTreeSet::new();
-        for card in plan.cards.values() {
-            let name = plan::cdi_file_name(card);
-            let spec = plan::cdi_spec(card, self.options.bypath);
-            if self.written.get(&name) != Some(&spec) || !self.cdi.dir().join(&name).exists() {
-                match self.cdi.write(&name, &spec) {
-                    Ok(wrote) => {
-                        if wrote {
-                            tracing::info!(card = %card.name, "CDI spec written");
-                        }
-                        self.written.insert(name.clone(), spec);
-                    }
-                    Err(error) => {
-                        tracing::error!(card = %card.name, error = %chain(&error), "could not write the CDI spec")
-                    }
-                }
-            }
-            keep.insert(name);
+    /// Reads temperatures off the async workers, under a timeout, without
+    /// waking suspended GPUs.
+    async fn read_temps(&self, inventory: &Arc<Inventory>) -> BTreeMap<u32, f64> {
+        if self.options.temp_limit.is_none() {
+            return BTreeMap::new();
         }
-        self.written.retain(|name, _| keep.contains(name));
+        let inv = Arc::clone(inventory);
+        let guard = self.progress.begin("reading hwmon temperatures");
+        let read = tokio::time::timeout(
+            TEMPS_TIMEOUT,
+            tokio::task::spawn_blocking(move || temps::read(&inv)),
+        )
+        .await;
+        drop(guard);
+        let readings = match read {
+            Ok(Ok(r)) => r,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "the temperature reader failed");
+                BTreeMap::new()
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?TEMPS_TIMEOUT, "hwmon reads did not finish in time; temperatures unknown this round");
+                BTreeMap::new()
+            }
+        };
+        let celsius = temps::celsius(&readings);
+        *self
+            .readings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = readings;
+        celsius
+    }
+
+    async fn reconcile(&mut self, inventory: &Arc<Inventory>) {
+        let temps = self.read_temps(inventory).await;
+        let mut plan = plan::plan(inventory, &self.options, &mut self.memory, &temps);
+        // CDI specs first: a card's Allocate answer names its spec only
+        // once the spec is on disk.
+        self.cdi
+            .sync(&mut plan, self.options.bypath, &self.progress)
+            .await;
         // Health changes are logged once, when they happen.
         let previous = Arc::clone(&self.shared.read().unwrap_or_else(PoisonError::into_inner));
         for card in plan.cards.values() {
@@ -186,32 +193,17 @@ impl State {
                 handle.publish(DeviceList::empty());
             }
         }
-        match self.cdi.retain(&keep) {
-            Ok(removed) => {
-                for name in removed {
-                    tracing::info!(spec = %name, "CDI spec removed");
-                }
-            }
-            Err(error) => tracing::error!(error = %chain(&error), "could not clean up CDI specs"),
-        }
     }
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut s = error.to_string();
-    let mut src = error.source();
-    while let Some(e) = src {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        src = e.source();
-    }
-    s
 }
 
 struct Endpoints {
     metrics: Arc<Metrics>,
     statuses: Arc<RwLock<BTreeMap<ResourceName, watch::Receiver<RegistrationStatus>>>>,
     plan: Shared,
+    cdi: Arc<CdiStats>,
+    progress: Arc<Progress>,
+    watcher: Arc<InventoryWatcher>,
+    readings: Arc<RwLock<BTreeMap<u32, temps::Reading>>>,
 }
 
 impl http::Endpoints for Endpoints {
@@ -231,7 +223,54 @@ impl http::Endpoints for Endpoints {
             "intel_gpu_plugin_cards{{health=\"unhealthy\"}} {}\n",
             plan.cards.len() - healthy
         ));
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        for (name, kind, help, value) in [
+            (
+                "cdi_write_failures_total",
+                "counter",
+                "CDI spec writes that failed.",
+                load(&self.cdi.write_failures),
+            ),
+            (
+                "cdi_removal_failures_total",
+                "counter",
+                "CDI spec removals that failed.",
+                load(&self.cdi.removal_failures),
+            ),
+            (
+                "cdi_specs_missing",
+                "gauge",
+                "Advertised cards whose CDI spec is not on disk (their Allocate answers carry no CDI name).",
+                load(&self.cdi.missing),
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP intel_gpu_plugin_{name} {help}\n# TYPE intel_gpu_plugin_{name} {kind}\nintel_gpu_plugin_{name} {value}\n"
+            ));
+        }
+        let readings = self.readings.read().unwrap_or_else(PoisonError::into_inner);
+        if !readings.is_empty() {
+            out.push_str("# HELP intel_gpu_plugin_temperature_celsius Hottest hwmon input per card (suspended cards are not read).\n# TYPE intel_gpu_plugin_temperature_celsius gauge\n");
+            for (card, r) in readings.iter() {
+                if let temps::Reading::Celsius(c) = r {
+                    out.push_str(&format!(
+                        "intel_gpu_plugin_temperature_celsius{{card=\"card{card}\"}} {c}\n"
+                    ));
+                }
+            }
+        }
         out
+    }
+
+    fn live(&self) -> Result<(), String> {
+        self.progress.check(STALL_LIMIT)?;
+        match self.watcher.scan_running_for() {
+            Some(t) if t > STALL_LIMIT => Err(format!(
+                "a sysfs rescan has been running for {} s",
+                t.as_secs()
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn ready(&self) -> Result<(), String> {
@@ -256,12 +295,21 @@ impl http::Endpoints for Endpoints {
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let watcher = InventoryWatcher::spawn(WatcherConfig::new(config.discovery.clone()))
-        .context("cannot read the GPU inventory")?;
+    let watcher = Arc::new(
+        InventoryWatcher::spawn(WatcherConfig::new(config.discovery.clone()))
+            .context("cannot read the GPU inventory")?,
+    );
     tracing::info!(sources = ?watcher.sources(), "following hotplug");
     let framework = Framework::new(FrameworkConfig::new(&config.kubelet_dir));
     let shared: Shared = Arc::new(RwLock::new(Arc::new(Plan::default())));
     let statuses = Arc::new(RwLock::new(BTreeMap::new()));
+    let cdi = CdiKeeper::new(
+        SpecDir::new(&config.cdi_dir, plan::CDI_PREFIX),
+        config.cdi_grace,
+    );
+    let progress = Progress::shared();
+    progress.beat();
+    let readings = Arc::new(RwLock::new(BTreeMap::new()));
     if let Some(addr) = config.http {
         let listener = http::bind(addr)
             .await
@@ -271,13 +319,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             metrics: Arc::clone(framework.metrics()),
             statuses: Arc::clone(&statuses),
             plan: Arc::clone(&shared),
+            cdi: cdi.stats(),
+            progress: Arc::clone(&progress),
+            watcher: Arc::clone(&watcher),
+            readings: Arc::clone(&readings),
         };
         tokio::spawn(http::serve(listener, Arc::new(endpoints)));
     }
     let mut state = State {
         options: Arc::new(config.options.clone()),
-        cdi: SpecDir::new(&config.cdi_dir, plan::CDI_PREFIX),
-        written: BTreeMap::new(),
+        cdi,
+        progress: Arc::clone(&progress),
+        readings,
         config,
         framework,
         memory: Memory::default(),
@@ -286,24 +339,40 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         statuses,
     };
     let mut inventory = watcher.subscribe();
-    state.reconcile(&watcher.current());
+    state.reconcile(&watcher.current()).await;
     let temp_every = Duration::from_secs(5);
     let mut temp_tick = tokio::time::interval(temp_every);
     temp_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beat = tokio::time::interval(BEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let watch_temps = state.options.temp_limit.is_some();
     loop {
+        progress.beat();
+        // CDI retries and grace ends wake the loop by themselves.
+        let cdi_due = state.cdi.next_deadline();
+        let cdi_wait = async {
+            match cdi_due {
+                Some(t) => tokio::time::sleep_until(t.max(Instant::now())).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             changed = inventory.changed() => {
                 if changed.is_err() { break }
                 let inv = Arc::clone(&inventory.borrow_and_update());
-                state.reconcile(&inv);
+                state.reconcile(&inv).await;
             }
             _ = temp_tick.tick(), if watch_temps => {
                 let inv = Arc::clone(&inventory.borrow());
-                state.reconcile(&inv);
+                state.reconcile(&inv).await;
             }
+            () = cdi_wait => {
+                let inv = Arc::clone(&inventory.borrow());
+                state.reconcile(&inv).await;
+            }
+            _ = beat.tick() => {}
         }
     }
     tracing::info!("stopping: removing sockets");

@@ -251,7 +251,7 @@ async fn hotplug_health_and_a_new_driver_reach_the_kubelet() {
         gpus: vec![GpuSpec::new(0)],
     })
     .await;
-    let _p = env.start(&[]);
+    let _p = env.start(&["--cdi-grace-ms", "200"]);
     env.until("card0", |v| ids(v, I915) == ["card0-0"]).await;
     assert!(env.kubelet.view().devices(XE).is_none());
 
@@ -285,10 +285,16 @@ async fn hotplug_health_and_a_new_driver_reach_the_kubelet() {
         })
         .await;
     assert!(v.is_connected(XE));
-    assert!(
-        !env.cdi().join("intel.cdi.k8s.io-gpu-card2.yaml").exists(),
-        "the gone card's spec is removed"
-    );
+    // The spec outlives the card by the grace (200 ms here), then goes.
+    let spec = env.cdi().join("intel.cdi.k8s.io-gpu-card2.yaml");
+    let deadline = std::time::Instant::now() + LIMIT;
+    while spec.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gone card's spec is never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     env.node.remove_gpu(1).unwrap();
     env.until("card1 removed", |v| ids(v, I915) == ["card0-0"])
         .await;
@@ -397,15 +403,52 @@ fn bad_flags_exit_2_with_one_line() {
 fn inspect_explains_every_card() {
     let dir = tempfile::tempdir().unwrap();
     let node = FakeNode::build(dir.path(), &NodeSpec::starlingx_edge()).unwrap();
-    let out = Command::new(BIN)
-        .args(["inspect", "--json", "--sysfs-root"])
+    let cdi = dir.path().join("cdi");
+    let inspect = || {
+        let out = Command::new(BIN)
+            .args(["inspect", "--json", "--sysfs-root"])
+            .arg(node.sysfs_root())
+            .arg("--devfs-root")
+            .arg(node.devfs_root())
+            .arg("--cdi-dir")
+            .arg(&cdi)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // No spec on disk: none is named.
+    let v = inspect();
+    assert_eq!(v["cards"][0]["cdi_spec"], "missing");
+    assert!(
+        v["resources"][0]["allocate_example"]["cdi_devices"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    // The daemon's spec on disk: named.
+    let plugin = Command::new(BIN)
+        .arg("--sysfs-root")
         .arg(node.sysfs_root())
         .arg("--devfs-root")
         .arg(node.devfs_root())
-        .output()
+        .arg("--kubelet-dir")
+        .arg(dir.path())
+        .arg("--cdi-dir")
+        .arg(&cdi)
+        .args(["--http-address", ""])
+        .stderr(Stdio::null())
+        .spawn()
         .unwrap();
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let _p = Plugin(plugin);
+    let spec = cdi.join("intel.cdi.k8s.io-gpu-card0.yaml");
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !spec.exists() {
+        assert!(std::time::Instant::now() < deadline, "no spec written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let v = inspect();
+    assert_eq!(v["cards"][0]["cdi_spec"], "written");
     assert_eq!(v["cards"].as_array().unwrap().len(), 6);
     assert!(
         v["cards"][1]["reason"]
@@ -485,5 +528,131 @@ async fn probes_and_metrics() {
         }
         assert!(Instant::now() < deadline, "still ready without a kubelet");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn metric(port: u16, name: &str) -> Option<f64> {
+    let (_, body) = http_get(port, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// With the CDI directory unusable, Allocate answers carry nodes and mounts
+/// but no CDI name; the write is retried, and once it lands the name comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cdi_names_only_with_their_spec_and_failed_writes_are_retried() {
+    let env = Env::new(&NodeSpec {
+        name: "t".into(),
+        gpus: vec![GpuSpec::new(0)],
+    })
+    .await;
+    // A file where the directory should be: every write fails (even as root).
+    std::fs::write(env.cdi(), "not a directory").unwrap();
+    let port = free_port();
+    let _p = env.start(&["--http-address", &format!("127.0.0.1:{port}")]);
+    env.until("card0", |v| ids(v, I915) == ["card0-0"]).await;
+    let a = env.kubelet.allocate(I915, &["card0-0"]).await.unwrap();
+    assert!(!a.devices.is_empty(), "nodes are always answered");
+    assert!(
+        a.cdi_devices.is_empty(),
+        "no CDI name without its spec: {a:?}"
+    );
+    let deadline = Instant::now() + LIMIT;
+    while metric(port, "intel_gpu_plugin_cdi_write_failures_total").unwrap_or(0.0) < 2.0 {
+        assert!(Instant::now() < deadline, "writes are not retried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metric(port, "intel_gpu_plugin_cdi_specs_missing"),
+        Some(1.0)
+    );
+    // The directory is fixed: the next retry writes the spec.
+    std::fs::remove_file(env.cdi()).unwrap();
+    let spec = env.cdi().join("intel.cdi.k8s.io-gpu-card0.yaml");
+    let deadline = Instant::now() + LIMIT;
+    while !spec.exists() {
+        assert!(Instant::now() < deadline, "the spec is never written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let a = env.kubelet.allocate(I915, &["card0-0"]).await.unwrap();
+        if a.cdi_devices
+            .first()
+            .is_some_and(|c| c.name == "intel.cdi.k8s.io/gpu=card0")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the CDI name never comes: {a:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(port, "intel_gpu_plugin_cdi_specs_missing"),
+        Some(0.0)
+    );
+    // Someone deletes it: it is written again.
+    std::fs::remove_file(&spec).unwrap();
+    env.node
+        .set_attribute(0, "hwmon/hwmon0/temp1_input", "41000\n")
+        .ok();
+    env.node.remove_device_nodes(0).unwrap();
+    env.node.create_device_nodes(0).unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while !spec.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "a deleted spec is not written again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// udev removes `/dev/dri` with the last DRM device and the kernel creates a
+/// new one later: the plugin follows the new directory, no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_and_recreated_dri_directory_is_followed() {
+    let env = Env::new(&NodeSpec {
+        name: "t".into(),
+        gpus: vec![GpuSpec::new(0)],
+    })
+    .await;
+    let _p = env.start(&[]);
+    env.until("card0", |v| {
+        health(v, I915, "card0-0") == Some(devplugin_api::Health::Healthy)
+    })
+    .await;
+    let dri = env.node.devfs_root().join("dri");
+    let sick = |v: &View| health(v, I915, "card0-0") == Some(devplugin_api::Health::Unhealthy);
+    let well = |v: &View| health(v, I915, "card0-0") == Some(devplugin_api::Health::Healthy);
+    for round in 0..3 {
+        // Slow: gone, noticed, back.
+        std::fs::remove_dir_all(&dri).unwrap();
+        env.until("card0 unhealthy without its nodes", sick).await;
+        std::fs::create_dir_all(dri.join("by-path")).unwrap();
+        env.node.create_device_nodes(0).unwrap();
+        env.until(&format!("card0 healthy again, round {round}"), well)
+            .await;
+        // Fast: gone and back before the plugin looks. Only a watch on the
+        // new directory sees what happens in it next.
+        std::fs::remove_dir_all(&dri).unwrap();
+        std::fs::create_dir_all(dri.join("by-path")).unwrap();
+        env.node.create_device_nodes(0).unwrap();
+        env.until("card0 healthy in the new directory", well).await;
+        env.node.remove_device_nodes(0).unwrap();
+        env.until(
+            &format!("a node removed in the new directory, round {round}"),
+            sick,
+        )
+        .await;
+        env.node.create_device_nodes(0).unwrap();
+        env.until("card0 healthy again", well).await;
     }
 }

@@ -72,7 +72,11 @@ fn starlingx_edge_vfs_and_igpu_with_shares_and_numa() {
 fn allocate_merges_shares_and_gives_nodes_mounts_and_cdi() {
     let inv = inventory(&NodeSpec::starlingx_edge());
     let opts = options(3);
-    let plan = plan(&inv, &opts, &mut Memory::default(), &BTreeMap::new());
+    let mut plan = plan(&inv, &opts, &mut Memory::default(), &BTreeMap::new());
+    // The server marks what it wrote; card0's and card2's specs are on disk.
+    for c in plan.cards.values_mut() {
+        c.cdi = true;
+    }
     let kind = ResourceKind::Gpu(Driver::I915);
     let a = allocate(&plan, &kind, &["card2-0", "card2-2", "card0-1"], &opts).unwrap();
     let nodes: Vec<String> = a

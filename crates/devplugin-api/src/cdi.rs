@@ -244,15 +244,16 @@ impl SpecDir {
         Ok(true)
     }
 
-    /// Removes the owned specs not named in `keep`; returns the names
-    /// removed. Files of other owners are never touched.
+    /// Removes the owned specs not named in `keep`; returns what it
+    /// removed and what it could not (a failed removal does not stop the
+    /// others). Files of other owners are never touched.
     ///
     /// # Errors
-    /// When the directory cannot be listed or a file removed.
-    pub fn retain(&self, keep: &BTreeSet<String>) -> Result<Vec<String>, CdiError> {
+    /// When the directory cannot be listed.
+    pub fn retain(&self, keep: &BTreeSet<String>) -> Result<Retained, CdiError> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Retained::default()),
             Err(source) => {
                 return Err(CdiError::Io {
                     action: "list the directory of",
@@ -261,7 +262,7 @@ impl SpecDir {
                 });
             }
         };
-        let mut removed = Vec::new();
+        let mut out = Retained::default();
         for entry in entries.flatten() {
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
@@ -270,17 +271,31 @@ impl SpecDir {
                 && (name.ends_with(".yaml") || name.ends_with(".json"));
             if owned && !keep.contains(&name) {
                 let path = entry.path();
-                std::fs::remove_file(&path).map_err(|source| CdiError::Io {
-                    action: "remove",
-                    path,
-                    source,
-                })?;
-                removed.push(name);
+                // One that cannot be removed does not stop the others.
+                match std::fs::remove_file(&path) {
+                    Ok(()) => out.removed.push(name),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => out.failed.push(CdiError::Io {
+                        action: "remove",
+                        path,
+                        source,
+                    }),
+                }
             }
         }
-        removed.sort();
-        Ok(removed)
+        out.removed.sort();
+        Ok(out)
     }
+}
+
+/// What [`SpecDir::retain`] did.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Retained {
+    /// Files removed, sorted.
+    pub removed: Vec<String>,
+    /// Files that could not be removed (left for the next try).
+    pub failed: Vec<CdiError>,
 }
 
 #[cfg(test)]
@@ -368,7 +383,7 @@ mod tests {
         std::fs::write(dir.path().join("cdi/nvidia.com-gpu.yaml"), "{}").unwrap();
         let keep: BTreeSet<String> = ["intel.cdi.k8s.io-gpu-card2.yaml".to_owned()].into();
         assert_eq!(
-            specs.retain(&keep).unwrap(),
+            specs.retain(&keep).unwrap().removed,
             ["intel.cdi.k8s.io-gpu-card1.yaml"]
         );
         let mut left: Vec<String> = std::fs::read_dir(dir.path().join("cdi"))

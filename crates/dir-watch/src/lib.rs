@@ -208,7 +208,10 @@ mod tests {
                 .unwrap();
             assert!(more.iter().any(|e| e.mask.contains(Mask::IN_IGNORED)));
         }
-        assert!(!w.is_live(id), "a dropped watch is not live although the path is a directory");
+        assert!(
+            !w.is_live(id),
+            "a dropped watch is not live although the path is a directory"
+        );
         assert!(dir.is_dir());
         let again = w.add(&dir, Mask::IN_CREATE).unwrap();
         assert!(w.is_live(again));
@@ -217,7 +220,11 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert!(events.iter().any(|e| e.name.as_deref() == Some(std::ffi::OsStr::new("card0"))));
+        assert!(
+            events
+                .iter()
+                .any(|e| e.name.as_deref() == Some(std::ffi::OsStr::new("card0")))
+        );
     }
 
     #[tokio::test]

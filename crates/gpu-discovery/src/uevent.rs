@@ -293,16 +293,37 @@ mod tests {
     fn health_signals() {
         use super::HealthSignal::*;
         let card = "/devices/pci0000:00/0000:03:00.0/drm/card1";
-        let cases: &[(&str, &str, &[(&str, &str)], Option<super::HealthSignal>)] = &[
-            ("change", card, &[("WEDGED", "rebind,bus-reset")], Some(Wedged("rebind,bus-reset".into()))),
-            ("change", card, &[("WEDGED", "vendor-specific")], Some(Wedged("vendor-specific".into()))),
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            Option<super::HealthSignal>,
+        );
+        let cases: &[Case<'_>] = &[
+            (
+                "change",
+                card,
+                &[("WEDGED", "rebind,bus-reset")],
+                Some(Wedged("rebind,bus-reset".into())),
+            ),
+            (
+                "change",
+                card,
+                &[("WEDGED", "vendor-specific")],
+                Some(Wedged("vendor-specific".into())),
+            ),
             ("change", card, &[("WEDGED", "none")], Some(Recovered)),
             ("change", card, &[("ERROR", "1")], Some(Error)),
             ("change", card, &[("RESET", "1")], Some(Resetting)),
             ("change", card, &[("ERROR", "0")], Some(Recovered)),
             ("change", card, &[("HOTPLUG", "1")], None),
             ("add", card, &[("WEDGED", "rebind")], None),
-            ("change", "/devices/pci0000:00/0000:03:00.0/drm/renderD128", &[("WEDGED", "rebind")], None),
+            (
+                "change",
+                "/devices/pci0000:00/0000:03:00.0/drm/renderD128",
+                &[("WEDGED", "rebind")],
+                None,
+            ),
         ];
         for (action, devpath, props, want) in cases {
             let mut all = vec![("SUBSYSTEM", "drm")];
@@ -315,16 +336,37 @@ mod tests {
     #[test]
     fn drm_card_names_only_primary_nodes() {
         let cases = [
-            ("/devices/pci0000:00/0000:03:00.0/drm/card1", "drm", Some("card1")),
-            ("/devices/pci0000:00/0000:03:00.0/drm/card12", "drm", Some("card12")),
-            ("/devices/pci0000:00/0000:03:00.0/drm/renderD128", "drm", None),
-            ("/devices/pci0000:00/0000:03:00.0/drm/card1/card1-DP-1", "drm", None),
+            (
+                "/devices/pci0000:00/0000:03:00.0/drm/card1",
+                "drm",
+                Some("card1"),
+            ),
+            (
+                "/devices/pci0000:00/0000:03:00.0/drm/card12",
+                "drm",
+                Some("card12"),
+            ),
+            (
+                "/devices/pci0000:00/0000:03:00.0/drm/renderD128",
+                "drm",
+                None,
+            ),
+            (
+                "/devices/pci0000:00/0000:03:00.0/drm/card1/card1-DP-1",
+                "drm",
+                None,
+            ),
             ("/devices/pci0000:00/0000:03:00.0/drm/card", "drm", None),
             ("/devices/pci0000:00/0000:03:00.0", "pci", None),
             ("/devices/virtual/misc/card1", "drm", None),
         ];
         for (devpath, subsystem, want) in cases {
-            let e = super::parse(&super::kernel_message("remove", devpath, &[("SUBSYSTEM", subsystem)])).unwrap();
+            let e = super::parse(&super::kernel_message(
+                "remove",
+                devpath,
+                &[("SUBSYSTEM", subsystem)],
+            ))
+            .unwrap();
             assert_eq!(e.drm_card(), want, "{devpath}");
         }
     }

@@ -130,12 +130,17 @@ pub struct InventoryWatcher {
     rx: watch::Receiver<Arc<Inventory>>,
     sources: Vec<Source>,
     rescans: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
+    running: Arc<ScanClock>,
+    /// The rescan loop and every event source: dropping the watcher ends
+    /// them all.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for InventoryWatcher {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -151,10 +156,15 @@ impl InventoryWatcher {
         let (hint_tx, hint_rx) = mpsc::channel(64);
         let notes = Arc::new(KernelNotes::default());
         let mut sources = Vec::new();
+        let mut tasks = Vec::new();
         if config.uevents {
             match open_uevents() {
                 Ok(fd) => {
-                    tokio::spawn(uevent_source(fd, hint_tx.clone(), Arc::clone(&notes)));
+                    tasks.push(tokio::spawn(uevent_source(
+                        fd,
+                        hint_tx.clone(),
+                        Arc::clone(&notes),
+                    )));
                     sources.push(Source::Uevents);
                 }
                 Err(error) => {
@@ -166,7 +176,7 @@ impl InventoryWatcher {
             match DirWatch::new() {
                 Ok(w) => {
                     let devfs = DevfsWatch::armed(w, config.discovery.devfs_root());
-                    tokio::spawn(devfs_source(devfs, hint_tx.clone()));
+                    tasks.push(tokio::spawn(devfs_source(devfs, hint_tx.clone())));
                     sources.push(Source::DevfsInotify);
                 }
                 Err(error) => {
@@ -199,14 +209,20 @@ impl InventoryWatcher {
         };
         let discovery = config.discovery.clone();
         let counter = Arc::clone(&rescans);
+        let running = Arc::new(ScanClock::default());
+        let clock = Arc::clone(&running);
         let tx = Arc::new(tx);
         let rescan = move || {
             counter.fetch_add(1, Ordering::Relaxed);
             let d = discovery.clone();
             let tx = Arc::clone(&tx);
             let notes = Arc::clone(&notes);
+            let clock = Arc::clone(&clock);
             async move {
-                match tokio::task::spawn_blocking(move || scan(&d)).await {
+                clock.start();
+                let scanned = tokio::task::spawn_blocking(move || scan(&d)).await;
+                clock.stop();
+                match scanned {
                     Ok(Ok(mut inv)) => {
                         notes.apply(&mut inv);
                         tx.send_if_modified(|cur| {
@@ -232,12 +248,13 @@ impl InventoryWatcher {
                 }
             }
         };
-        let task = tokio::spawn(drive(hint_rx, timing, rescan));
+        tasks.push(tokio::spawn(drive(hint_rx, timing, rescan)));
         Ok(Self {
             rx,
             sources,
             rescans,
-            task,
+            running,
+            tasks,
         })
     }
 
@@ -261,10 +278,53 @@ impl InventoryWatcher {
         &self.sources
     }
 
+    /// How long the rescan in progress has been running, if one is: a scan
+    /// stuck in a sysfs read (a GPU in reset) shows here, for a watchdog.
+    #[must_use]
+    pub fn scan_running_for(&self) -> Option<Duration> {
+        self.running.running_for()
+    }
+
     /// Rescans done since the start (not counting the first scan).
     #[must_use]
     pub fn rescans(&self) -> u64 {
         self.rescans.load(Ordering::Relaxed)
+    }
+}
+
+/// When the rescan in progress started (0: none runs).
+#[derive(Debug)]
+struct ScanClock {
+    epoch: std::time::Instant,
+    started_ms: AtomicU64,
+}
+
+impl Default for ScanClock {
+    fn default() -> Self {
+        Self {
+            epoch: std::time::Instant::now(),
+            started_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ScanClock {
+    fn now_ms(&self) -> u64 {
+        // +1: 0 means "none runs".
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn start(&self) {
+        self.started_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn stop(&self) {
+        self.started_ms.store(0, Ordering::Relaxed);
+    }
+
+    fn running_for(&self) -> Option<Duration> {
+        let started = self.started_ms.load(Ordering::Relaxed);
+        (started != 0).then(|| Duration::from_millis(self.now_ms().saturating_sub(started)))
     }
 }
 
@@ -304,7 +364,9 @@ const GONE_FOR_AT_MOST: Duration = Duration::from_secs(10);
 
 impl KernelNotes {
     fn lock(&self) -> std::sync::MutexGuard<'_, Notes> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Notes what a card's uevent says; true when it said something.
@@ -634,6 +696,37 @@ mod tests {
         tokio::time::sleep_until(start + Duration::from_millis(total)).await;
         task.abort();
         count.load(Ordering::SeqCst)
+    }
+
+    /// `/dev/dri` deleted and created again before the watcher looks: the
+    /// old watch is dead although the path is a directory again, and only a
+    /// new one sees what happens in the new directory.
+    #[tokio::test]
+    async fn a_dri_directory_replaced_behind_the_watchers_back_is_watched_anew() {
+        let root = tempfile::tempdir().unwrap();
+        let dri = root.path().join("dri");
+        std::fs::create_dir_all(dri.join("by-path")).unwrap();
+        let mut devfs = DevfsWatch::armed(DirWatch::new().unwrap(), root.path());
+        std::fs::remove_dir_all(&dri).unwrap();
+        std::fs::create_dir_all(dri.join("by-path")).unwrap();
+        // Drain what the replacement queued, re-arming as the source does.
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(100), devfs.watch.next()).await
+        {
+            devfs.arm();
+        }
+        devfs.arm();
+        std::fs::write(dri.join("card0"), "").unwrap();
+        let events = tokio::time::timeout(Duration::from_secs(5), devfs.watch.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            events
+                .iter()
+                .any(|e| e.name.as_deref() == Some(std::ffi::OsStr::new("card0"))),
+            "{events:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,20 +1,34 @@
-//! A minimal HTTP/1.1 endpoint for `/metrics`, `/healthz` and `/readyz`
-//! (GET only; one request per connection), shared by the plugin and the
-//! labeller. Implement [`Endpoints`], [`bind`] an address, [`serve`].
+//! The operations endpoint, shared by the plugin and the labeller:
+//! `/metrics` (Prometheus text), `/healthz` (liveness) and `/readyz`
+//! (readiness), GET only, on hyper's HTTP/1.1 server. Implement
+//! [`Endpoints`], [`bind`] an address, [`serve`].
+//!
+//! Accepting never spins: an accept error (EMFILE, ENFILE, ENOBUFS) is
+//! logged once per run of errors and retried after a growing pause.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-/// Answers a path: status code, content type, body.
+/// What the endpoint reports.
 pub trait Endpoints: Send + Sync + 'static {
     /// Prometheus text.
     fn metrics(&self) -> String;
-    /// Whether the plugin is ready, and why not.
+    /// Whether the process is ready, and why not.
     fn ready(&self) -> Result<(), String>;
+    /// Whether the process is alive (makes progress), and why not: a
+    /// failure makes the liveness probe restart it.
+    fn live(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Binds the address.
@@ -25,69 +39,121 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Accepts connections forever.
+/// The pause after an accept error: from 10 ms, doubling, up to 1 s.
+const FIRST_PAUSE: Duration = Duration::from_millis(10);
+const LONGEST_PAUSE: Duration = Duration::from_secs(1);
+/// How long one connection may take.
+const CONNECTION_LIMIT: Duration = Duration::from_secs(10);
+
+/// Accepts connections until the task is dropped.
 pub async fn serve(listener: TcpListener, endpoints: Arc<dyn Endpoints>) {
+    accept_loop(
+        || async { listener.accept().await.map(|(s, _)| s) },
+        endpoints,
+    )
+    .await;
+}
+
+async fn accept_loop<A, F>(mut accept: A, endpoints: Arc<dyn Endpoints>)
+where
+    A: FnMut() -> F,
+    F: Future<Output = std::io::Result<TcpStream>>,
+{
+    let mut pause = FIRST_PAUSE;
+    let mut failing = false;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let e = Arc::clone(&endpoints);
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, e.as_ref())).await;
-        });
+        match accept().await {
+            Ok(stream) => {
+                if failing {
+                    tracing::info!("the HTTP endpoint accepts connections again");
+                }
+                failing = false;
+                pause = FIRST_PAUSE;
+                let e = Arc::clone(&endpoints);
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(CONNECTION_LIMIT, connection(stream, e)).await;
+                });
+            }
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, "the HTTP endpoint cannot accept connections; backing off");
+                }
+                failing = true;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LONGEST_PAUSE);
+            }
+        }
     }
 }
 
-async fn answer(mut stream: TcpStream, endpoints: &dyn Endpoints) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 8192];
-    let mut len = 0;
-    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
-        let n = stream.read(&mut buf[len..]).await?;
-        if n == 0 {
-            break;
-        }
-        len += n;
-    }
-    let head = String::from_utf8_lossy(&buf[..len]);
-    let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, kind, body) = match (method, path.split('?').next().unwrap_or("")) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", endpoints.metrics()),
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ("GET", "/readyz") => match endpoints.ready() {
-            Ok(()) => ("200 OK", "text/plain", "ready\n".to_owned()),
-            Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
-        },
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_owned(),
-        ),
+async fn connection(stream: TcpStream, endpoints: Arc<dyn Endpoints>) {
+    let service = hyper::service::service_fn(move |req| {
+        let e = Arc::clone(&endpoints);
+        async move { Ok::<_, Infallible>(answer(&req, e.as_ref())) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+fn answer(req: &Request<Incoming>, endpoints: &dyn Endpoints) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, kind: &'static str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(kind),
+        );
+        r
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    let plain = "text/plain; charset=utf-8";
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, plain, "GET only\n".into());
+    }
+    let verdict = |r: Result<(), String>, ok: &str| match r {
+        Ok(()) => text(StatusCode::OK, plain, format!("{ok}\n")),
+        Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, plain, format!("{why}\n")),
+    };
+    match req.uri().path() {
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            endpoints.metrics(),
+        ),
+        "/healthz" => verdict(endpoints.live(), "ok"),
+        "/readyz" => verdict(endpoints.ready(), "ready"),
+        _ => text(StatusCode::NOT_FOUND, plain, "not found\n".into()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    struct Fixed(bool);
+    struct Fixed {
+        ready: bool,
+        live: bool,
+    }
 
     impl Endpoints for Fixed {
         fn metrics(&self) -> String {
             "m 1\n".into()
         }
         fn ready(&self) -> Result<(), String> {
-            if self.0 {
+            if self.ready {
                 Ok(())
             } else {
                 Err("waiting".into())
+            }
+        }
+        fn live(&self) -> Result<(), String> {
+            if self.live {
+                Ok(())
+            } else {
+                Err("stuck".into())
             }
         }
     }
@@ -102,24 +168,56 @@ mod tests {
 
     #[tokio::test]
     async fn routes() {
-        for (ready, path, want) in [
-            (true, "/metrics", "200 OK"),
-            (true, "/healthz", "200 OK"),
-            (true, "/readyz", "200 OK"),
-            (false, "/readyz", "503 Service Unavailable"),
-            (true, "/x", "404 Not Found"),
+        for (ready, live, path, want, body) in [
+            (true, true, "/metrics", "200 OK", "m 1"),
+            (true, true, "/healthz", "200 OK", "ok"),
+            (true, false, "/healthz", "503 Service Unavailable", "stuck"),
+            (true, true, "/readyz", "200 OK", "ready"),
+            (false, true, "/readyz", "503 Service Unavailable", "waiting"),
+            (true, true, "/x", "404 Not Found", "not found"),
+            (true, true, "/readyz?verbose=1", "200 OK", "ready"),
         ] {
             let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let task = tokio::spawn(serve(listener, Arc::new(Fixed(ready))));
-            let out = get(addr, &format!("GET {path} HTTP/1.1\r\n\r\n")).await;
+            let task = tokio::spawn(serve(listener, Arc::new(Fixed { ready, live })));
+            let out = get(addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
             assert!(
                 out.starts_with(&format!("HTTP/1.1 {want}")),
                 "{path}: {out}"
             );
-            let post = get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
+            assert!(out.ends_with(&format!("{body}\n")), "{path}: {out}");
+            let post = get(
+                addr,
+                "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            )
+            .await;
             assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+            // Garbage is answered by hyper (400) or closed; the server lives on.
+            let _ = get(addr, "\x00\x01 nonsense\r\n\r\n").await;
+            let again = get(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            assert!(again.starts_with("HTTP/1.1 "), "{again}");
             task.abort();
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_back_off_instead_of_spinning() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&calls);
+        let task = tokio::spawn(accept_loop(
+            move || {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Err::<TcpStream, _>(std::io::Error::from_raw_os_error(24)) } // EMFILE
+            },
+            Arc::new(Fixed {
+                ready: true,
+                live: true,
+            }),
+        ));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let n = calls.load(Ordering::SeqCst);
+        // 10, 20, 40 … 640 ms, then 1 s each: about 17 in 10 s, not millions.
+        assert!((10..=20).contains(&n), "{n} accept attempts in 10 s");
+        task.abort();
     }
 }

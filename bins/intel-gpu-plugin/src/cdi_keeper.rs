@@ -1,0 +1,326 @@
+//! Keeps one CDI spec per card on disk, and knows which are there: an
+//! Allocate answer names a card's CDI device only when its spec is written
+//! (a runtime fails the whole container on a name it cannot resolve).
+//!
+//! - A failed write is retried with backoff (0.5 s doubling to 30 s),
+//!   counted, logged once per change of error, and shown by `inspect`.
+//! - A spec someone removed is written again.
+//! - A card missing from the plan keeps its spec for a grace period
+//!   ([`GRACE`] by default): one scan
+//!   that misses a card (a transient EIO, a rescan race) must not take away
+//!   the spec that the kubelet's cached Allocate answer names when it
+//!   restarts a container.
+//! - A removal that fails is retried; it never stops the others.
+//!
+//! Every file operation runs on the blocking pool under [`IO_TIMEOUT`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use devplugin_api::Backoff;
+use devplugin_api::cdi::{Spec, SpecDir};
+use tokio::time::Instant;
+
+use crate::plan::{self, ByPath, Plan};
+use crate::progress::Progress;
+
+/// How long a card absent from the plan keeps its spec, by default.
+pub const GRACE: Duration = Duration::from_secs(60);
+/// How long one batch of file operations may take.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+const RETRY: Backoff = Backoff {
+    initial: Duration::from_millis(500),
+    max: Duration::from_secs(30),
+};
+
+/// Figures for `/metrics`.
+#[derive(Debug, Default)]
+pub struct CdiStats {
+    /// Writes that failed.
+    pub write_failures: AtomicU64,
+    /// Removals that failed.
+    pub removal_failures: AtomicU64,
+    /// Cards whose spec is not on disk now.
+    pub missing: AtomicU64,
+}
+
+/// Where one card's spec stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpecState {
+    /// On disk as rendered.
+    Written,
+    /// Not written yet, or the last write failed: retried at `next_try`.
+    Pending {
+        /// Failed attempts so far.
+        attempts: u32,
+        /// The last error.
+        error: Option<String>,
+    },
+}
+
+#[derive(Debug)]
+struct Entry {
+    spec: Spec,
+    state: SpecState,
+    next_try: Instant,
+    absent_since: Option<Instant>,
+}
+
+/// The specs of this process.
+#[derive(Debug)]
+pub struct CdiKeeper {
+    dir: SpecDir,
+    grace: Duration,
+    entries: BTreeMap<String, Entry>,
+    stats: Arc<CdiStats>,
+}
+
+enum Job {
+    Write(String, Spec),
+    Check(String),
+}
+
+impl CdiKeeper {
+    /// Specs in `dir`; a card absent from the plan keeps its spec for
+    /// `grace`.
+    #[must_use]
+    pub fn new(dir: SpecDir, grace: Duration) -> Self {
+        Self {
+            dir,
+            grace,
+            entries: BTreeMap::new(),
+            stats: Arc::new(CdiStats::default()),
+        }
+    }
+
+    /// The figures.
+    #[must_use]
+    pub fn stats(&self) -> Arc<CdiStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Brings the directory in step with `plan` and marks each card of the
+    /// plan whose spec is on disk (`Card::cdi`).
+    pub async fn sync(&mut self, plan: &mut Plan, bypath: ByPath, progress: &Progress) {
+        let now = Instant::now();
+        let mut wanted = BTreeSet::new();
+        for card in plan.cards.values() {
+            let name = plan::cdi_file_name(card);
+            let spec = plan::cdi_spec(card, bypath);
+            let entry = self.entries.entry(name.clone()).or_insert_with(|| Entry {
+                spec: spec.clone(),
+                state: SpecState::Pending {
+                    attempts: 0,
+                    error: None,
+                },
+                next_try: now,
+                absent_since: None,
+            });
+            entry.absent_since = None;
+            if entry.spec != spec {
+                entry.spec = spec;
+                entry.state = SpecState::Pending {
+                    attempts: 0,
+                    error: None,
+                };
+                entry.next_try = now;
+            }
+            wanted.insert(name);
+        }
+        for (name, entry) in &mut self.entries {
+            if !wanted.contains(name) && entry.absent_since.is_none() {
+                entry.absent_since = Some(now);
+            }
+        }
+        // Writes that are due, and a look at what is believed written.
+        let jobs: Vec<Job> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.absent_since.is_none())
+            .filter_map(|(name, e)| match e.state {
+                SpecState::Written => Some(Job::Check(name.clone())),
+                SpecState::Pending { .. } if e.next_try <= now => {
+                    Some(Job::Write(name.clone(), e.spec.clone()))
+                }
+                SpecState::Pending { .. } => None,
+            })
+            .collect();
+        // Removals: absent past the grace.
+        let expired: BTreeSet<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                e.absent_since
+                    .is_some_and(|t| now.duration_since(t) >= self.grace)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        let keep: BTreeSet<String> = self
+            .entries
+            .keys()
+            .filter(|n| !expired.contains(*n))
+            .cloned()
+            .collect();
+        let dir = self.dir.clone();
+        let cleanup = !expired.is_empty() || self.entries.is_empty();
+        let work = move || {
+            let results: Vec<(String, Result<bool, String>)> = jobs
+                .into_iter()
+                .map(|job| match job {
+                    Job::Write(name, spec) => {
+                        let r = dir.write(&name, &spec).map_err(|e| chain(&e));
+                        (name, r)
+                    }
+                    Job::Check(name) => {
+                        let there = dir.dir().join(&name).exists();
+                        (name, if there { Ok(false) } else { Err(String::new()) })
+                    }
+                })
+                .collect();
+            let retained = cleanup.then(|| dir.retain(&keep));
+            (results, retained)
+        };
+        let guard = progress.begin("CDI spec writes");
+        let outcome = tokio::time::timeout(IO_TIMEOUT, tokio::task::spawn_blocking(work)).await;
+        drop(guard);
+        let (results, retained) = match outcome {
+            Ok(Ok(done)) => done,
+            Ok(Err(error)) => {
+                tracing::error!(%error, "the CDI writer task failed");
+                return self.mark(plan);
+            }
+            Err(_) => {
+                tracing::error!(dir = %self.dir.dir().display(), timeout = ?IO_TIMEOUT, "CDI spec writes did not finish in time; retrying later");
+                for e in self.entries.values_mut() {
+                    if let SpecState::Pending { attempts, .. } = &mut e.state {
+                        *attempts += 1;
+                        e.next_try = now + RETRY.delay(*attempts);
+                    }
+                }
+                return self.mark(plan);
+            }
+        };
+        for (name, result) in results {
+            let Some(entry) = self.entries.get_mut(&name) else {
+                continue;
+            };
+            match result {
+                Ok(wrote) => {
+                    if wrote || entry.state != SpecState::Written {
+                        tracing::info!(spec = %name, "CDI spec written");
+                    }
+                    entry.state = SpecState::Written;
+                }
+                // Believed written, found missing: write it again now.
+                Err(error) if error.is_empty() => {
+                    tracing::warn!(spec = %name, "CDI spec vanished from disk; writing it again");
+                    entry.state = SpecState::Pending {
+                        attempts: 0,
+                        error: Some("removed by someone else".to_owned()),
+                    };
+                    entry.next_try = now;
+                }
+                Err(error) => {
+                    self.stats.write_failures.fetch_add(1, Ordering::Relaxed);
+                    let (attempts, changed) = match &entry.state {
+                        SpecState::Pending {
+                            attempts,
+                            error: last,
+                        } => (attempts + 1, last.as_deref() != Some(error.as_str())),
+                        SpecState::Written => (1, true),
+                    };
+                    let delay = RETRY.delay(attempts.saturating_sub(1));
+                    if changed {
+                        tracing::error!(spec = %name, %error, retry_in = ?delay, "could not write the CDI spec; Allocate answers leave its name out until it is written");
+                    }
+                    entry.state = SpecState::Pending {
+                        attempts,
+                        error: Some(error),
+                    };
+                    entry.next_try = now + delay;
+                }
+            }
+        }
+        match retained {
+            Some(Ok(r)) => {
+                for name in &r.removed {
+                    tracing::info!(spec = %name, "CDI spec removed");
+                }
+                for error in &r.failed {
+                    self.stats.removal_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %chain(error), "could not remove a CDI spec; retrying later");
+                }
+                let failed: BTreeSet<String> = r
+                    .failed
+                    .iter()
+                    .filter_map(|e| match e {
+                        devplugin_api::cdi::CdiError::Io { path, .. } => {
+                            path.file_name()?.to_str().map(str::to_owned)
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                self.entries
+                    .retain(|n, _| !expired.contains(n) || failed.contains(n));
+            }
+            Some(Err(error)) => {
+                self.stats.removal_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %chain(&error), "could not clean up CDI specs; retrying later");
+            }
+            None => {}
+        }
+        self.mark(plan);
+    }
+
+    fn mark(&self, plan: &mut Plan) {
+        let mut missing = 0;
+        for card in plan.cards.values_mut() {
+            let name = plan::cdi_file_name(card);
+            card.cdi = self
+                .entries
+                .get(&name)
+                .is_some_and(|e| e.state == SpecState::Written);
+            if !card.cdi {
+                missing += 1;
+            }
+        }
+        self.stats.missing.store(missing, Ordering::Relaxed);
+    }
+
+    /// When [`CdiKeeper::sync`] has work again without a new plan: the next
+    /// retry or the end of a grace.
+    #[must_use]
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.entries
+            .values()
+            .filter_map(|e| match (e.absent_since, &e.state) {
+                (Some(t), _) => Some(t + self.grace),
+                (None, SpecState::Pending { .. }) => Some(e.next_try),
+                (None, SpecState::Written) => None,
+            })
+            .min()
+    }
+
+    /// Each spec file with its state.
+    #[must_use]
+    pub fn states(&self) -> BTreeMap<String, SpecState> {
+        self.entries
+            .iter()
+            .map(|(n, e)| (n.clone(), e.state.clone()))
+            .collect()
+    }
+}
+
+/// An error with its causes, for a log field.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut s = error.to_string();
+    let mut src = error.source();
+    while let Some(e) = src {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        src = e.source();
+    }
+    s
+}
