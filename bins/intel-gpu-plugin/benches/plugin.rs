@@ -4,9 +4,12 @@
 //! - `plugin.allocate_us_p99`: Allocate of one ID at 512 cards × 8 shares;
 //! - `plugin.rss_kib`: resident memory at 512 cards × 8 shares;
 //! - `plugin.idle_cpu_ms_per_30s`: CPU while nothing changes (6 s, scaled);
-//! - `plugin.hotplug_ms_p50`/`_p99`: fake node changed + uevent injected →
-//!   the kubelet emulator has the new list (in a hermetic namespace; skipped
-//!   where not permitted).
+//! - `plugin.hotplug_add_ms_p50`/`_p99`, `plugin.hotplug_remove_ms_p50`/
+//!   `_p99`: a GPU plugged or unplugged in the kernel's order (sysfs, nodes,
+//!   uevents, udev's links as fake-gpu-node's `plug_gpu`/`unplug_gpu` take
+//!   them, uevents injected in a hermetic namespace; skipped where not
+//!   permitted) → the kubelet emulator has the new list, timed from the
+//!   kernel's uevent.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark may panic
 
@@ -16,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use bench_report::{Report, Samples};
 use fake_gpu_node::{FakeNode, GpuSpec, NodeSpec, inject_uevent};
-use gpu_discovery::uevent::kernel_message;
 use kubelet_emulator::KubeletEmulator;
 
 const BIN: &str = env!("CARGO_BIN_EXE_intel-gpu-plugin");
@@ -165,22 +167,24 @@ async fn hotplug_child() {
         .await
         .unwrap();
     let gpu = GpuSpec::new(9).at("0000:09:00.0");
-    let mut samples = Samples::new();
+    let mut added = Samples::new();
+    let mut removed = Samples::new();
     for i in 0..200 {
         let adding = i % 2 == 0;
+        // The kernel's order (fake-gpu-node's plug/unplug): on add, sysfs and
+        // nodes exist before the `add` uevent and udev's by-path links come
+        // after it; on removal, the node goes, then `remove`, then sysfs.
+        // The clock starts at the kernel's uevent (the last one of a burst).
+        let mut sent = Instant::now();
+        let mut announce = |e: &fake_gpu_node::KernelEvent| {
+            inject_uevent(&e.to_kernel_message()).unwrap();
+            sent = Instant::now();
+        };
         if adding {
-            node.add_gpu(&gpu).unwrap();
+            node.plug_gpu(&gpu, &mut announce).unwrap();
         } else {
-            node.remove_gpu(9).unwrap();
+            node.unplug_gpu(9, &mut announce).unwrap();
         }
-        let start = Instant::now();
-        let action = if adding { "add" } else { "remove" };
-        inject_uevent(&kernel_message(
-            action,
-            "/devices/pci0000:00/0000:09:00.0/drm/card9",
-            &[("SUBSYSTEM", "drm")],
-        ))
-        .unwrap();
         let want = if adding { 6 } else { 5 };
         kubelet
             .wait_until(Duration::from_secs(10), |v| {
@@ -188,17 +192,24 @@ async fn hotplug_child() {
             })
             .await
             .unwrap();
-        samples.push(start.elapsed());
+        let took = sent.elapsed();
+        if adding {
+            added.push(took);
+        } else {
+            removed.push(took);
+        }
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
-    report.metric(
-        "plugin.hotplug_ms_p50",
-        samples.percentile_ms(50.0).unwrap_or(f64::NAN),
-    );
-    report.metric(
-        "plugin.hotplug_ms_p99",
-        samples.percentile_ms(99.0).unwrap_or(f64::NAN),
-    );
+    for (name, samples) in [("add", &added), ("remove", &removed)] {
+        report.metric(
+            &format!("plugin.hotplug_{name}_ms_p50"),
+            samples.percentile_ms(50.0).unwrap_or(f64::NAN),
+        );
+        report.metric(
+            &format!("plugin.hotplug_{name}_ms_p99"),
+            samples.percentile_ms(99.0).unwrap_or(f64::NAN),
+        );
+    }
     report.finish().unwrap();
 }
 
@@ -216,7 +227,12 @@ async fn main() {
             "the namespaced hotplug benchmark failed: {out:?}"
         ),
         Err(reason) => {
-            for name in ["plugin.hotplug_ms_p50", "plugin.hotplug_ms_p99"] {
+            for name in [
+                "plugin.hotplug_add_ms_p50",
+                "plugin.hotplug_add_ms_p99",
+                "plugin.hotplug_remove_ms_p50",
+                "plugin.hotplug_remove_ms_p99",
+            ] {
                 report.skip(
                     name,
                     &format!("uevent injection needs a hermetic namespace: {reason}"),

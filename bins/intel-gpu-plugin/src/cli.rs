@@ -11,6 +11,8 @@ use crate::plan::{ByPath, MonitoringMode, Policy};
 /// and `gpu.intel.com/xe` to the kubelet.
 #[derive(Debug, Parser)]
 #[command(name = "intel-gpu-plugin", version, about, long_about = None)]
+// A flag given twice takes its last value, as Go's flag package does.
+#[command(args_override_self = true)]
 pub struct Cli {
     /// What to do (default: run the plugin).
     #[command(subcommand)]

@@ -656,3 +656,133 @@ async fn a_vanished_and_recreated_dri_directory_is_followed() {
         env.until("card0 healthy again", well).await;
     }
 }
+
+/// The exact argument lists of the Go plugin's upstream DaemonSet overlays
+/// and of its operator (intel-device-plugins-for-kubernetes v0.36,
+/// `deployments/gpu_plugin/overlays/*`, `pkg/controllers/gpu/controller.go`
+/// `getPodArgs`), plus klog's flags: each starts the plugin, which then
+/// serves and stays up. An in-place switch must never crash-loop on a flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_upstream_argument_list_starts_the_plugin() {
+    let lists: &[(&str, &[&str])] = &[
+        ("base", &[]),
+        (
+            "allowlist-arc",
+            &[
+                "-v=4",
+                "-allow-ids=0x56a6,0x56a5,0x56a1,0x56a0,0x5694,0x5693,0x5692,0x5691,0x5690,0x56b3,0x56b2,0x56a4,0x56a3,0x5697,0x5696,0x5695,0x56b1,0x56b0,0x56a2,0x56ba,0x56bc,0x56bd,0x56bb",
+            ],
+        ),
+        ("health", &["-health-management"]),
+        (
+            "monitoring_shared-dev_nfd",
+            &["-shared-dev-num=30", "-enable-monitoring", "-v=2"],
+        ),
+        ("nfd_labeled_nodes", &["-enable-monitoring", "-v=2"]),
+        ("wsl", &["-wsl"]),
+        (
+            "xpumd",
+            &[
+                "-xpumd-endpoint=/run/xpumd/intelxpuinfo.sock",
+                "-enable-monitoring",
+            ],
+        ),
+        (
+            "fractional_resources (before v0.34)",
+            &[
+                "-shared-dev-num=300",
+                "-resource-manager",
+                "-enable-monitoring",
+            ],
+        ),
+        (
+            "operator sample",
+            &[
+                "-v",
+                "4",
+                "-enable-monitoring",
+                "-shared-dev-num",
+                "10",
+                "-allocation-policy",
+                "none",
+            ],
+        ),
+        (
+            "operator, every field",
+            &[
+                "-v",
+                "2",
+                "-enable-monitoring",
+                "-monitoring-mode=split",
+                "-shared-dev-num",
+                "4",
+                "-allocation-policy",
+                "balanced",
+                "-allow-ids",
+                "0x56c0",
+                "-bypath",
+                "all",
+            ],
+        ),
+        (
+            "temperature limits",
+            &[
+                "-health-management",
+                "-temp-limit=90",
+                "-gpu-temp-limit",
+                "95",
+                "-memory-temp-limit=85",
+            ],
+        ),
+        (
+            "klog",
+            &[
+                "-logtostderr",
+                "-alsologtostderr=false",
+                "-stderrthreshold",
+                "INFO",
+                "-log_dir",
+                "/tmp",
+                "-log_file=/tmp/x",
+                "-log_file_max_size",
+                "10",
+                "-vmodule",
+                "gpu*=4",
+                "-skip_headers",
+                "-one_output=true",
+                "-add_dir_header",
+                "-skip_log_headers",
+                "-log_backtrace_at",
+                "x.go:1",
+                "-alsologtostderrthreshold=INFO",
+                "-legacy_stderr_threshold_behavior=false",
+            ],
+        ),
+    ];
+    let env = Env::new(&NodeSpec::starlingx_edge()).await;
+    for (name, args) in lists {
+        let port = free_port();
+        let mut all: Vec<&str> = args.to_vec();
+        let address = format!("127.0.0.1:{port}");
+        all.extend(["--http-address", &address]);
+        let mut p = env.start(&all);
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Some(status) = p.0.try_wait().unwrap() {
+                panic!("{name}: the plugin exited with {status}");
+            }
+            let up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && http_get(port, "/healthz").0 == "HTTP/1.1 200 OK";
+            if up {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name}: never served /healthz");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            p.0.try_wait().unwrap().is_none(),
+            "{name}: exited after starting"
+        );
+        drop(p);
+    }
+}

@@ -141,6 +141,121 @@ impl FakeNode {
         Ok(())
     }
 
+    /// Hot-adds a GPU (and its enabled VFs) in the order the kernel and
+    /// udev take: the sysfs directories and the devtmpfs nodes exist before
+    /// the kernel announces the `add` uevent of each DRM minor (`announce`
+    /// is called there, in the kernel's order); udev creates the by-path
+    /// links only after that.
+    ///
+    /// # Errors
+    /// When the tree cannot be written.
+    pub fn plug_gpu(&self, spec: &GpuSpec, mut announce: impl FnMut(&KernelEvent)) -> Result<()> {
+        let mut unlinked = spec.clone();
+        unlinked.by_path = false;
+        self.add_gpu(&unlinked)?;
+        let mut functions = vec![spec.clone()];
+        functions.extend(spec.vf_specs());
+        for f in &functions {
+            for event in self.minor_events("add", f) {
+                announce(&event);
+            }
+        }
+        if spec.by_path {
+            for f in &functions {
+                self.create_by_path(f)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hot-removes a GPU (a PF takes its VFs) in the kernel's order: the
+    /// devtmpfs nodes of each DRM minor go first, then the kernel announces
+    /// its `remove` uevent (`announce`), then the sysfs directory goes;
+    /// udev removes the by-path links last.
+    ///
+    /// # Errors
+    /// When the card does not exist or the tree cannot be changed.
+    pub fn unplug_gpu(&self, card: u32, mut announce: impl FnMut(&KernelEvent)) -> Result<()> {
+        let dev = self.card_device(card)?;
+        let mut functions = Vec::new();
+        for vf in list(&dev).into_iter().filter(|n| n.starts_with("virtfn")) {
+            if let Ok(vf_dev) = std::fs::canonicalize(dev.join(&vf)) {
+                functions.push(vf_dev);
+            }
+        }
+        functions.push(dev.clone());
+        let dri = self.root.join("dev/dri");
+        for f in &functions {
+            let mut minors = list(&f.join("drm"));
+            // Unregistered in the reverse of registration: render, then card.
+            minors.sort_by_key(|m| m.starts_with("card"));
+            for m in &minors {
+                remove(&dri.join(m))?;
+            }
+            for m in &minors {
+                announce(&KernelEvent::minor(
+                    "remove",
+                    &self.devpath(&f.join("drm").join(m)),
+                    m,
+                ));
+            }
+        }
+        // sysfs goes (links of the class, the directories), then udev's links.
+        let by_path_of: Vec<PathBuf> = functions.clone();
+        for f in &functions {
+            for c in cards_of(f) {
+                let class = self.root.join("sys/class/drm");
+                let name = format!("card{c}");
+                for entry in list(&class) {
+                    if entry == name
+                        || entry.starts_with(&format!("{name}-"))
+                        || list(&f.join("drm")).contains(&entry)
+                    {
+                        remove(&class.join(&entry))?;
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(f.join("physfn"));
+            io(f, std::fs::remove_dir_all(f))?;
+        }
+        for f in &by_path_of {
+            self.remove_by_path(f)?;
+        }
+        Ok(())
+    }
+
+    /// The path below `/sys` that a uevent names.
+    fn devpath(&self, dir: &Path) -> String {
+        let sys = self.root.join("sys");
+        format!("/{}", dir.strip_prefix(&sys).unwrap_or(dir).display())
+    }
+
+    fn minor_events(&self, action: &'static str, spec: &GpuSpec) -> Vec<KernelEvent> {
+        let drm = self.pci_dir(spec).join("drm");
+        let mut minors = list(&drm);
+        // The kernel registers the primary node before the render node.
+        minors.sort_by_key(|m| !m.starts_with("card"));
+        minors
+            .iter()
+            .map(|m| KernelEvent::minor(action, &self.devpath(&drm.join(m)), m))
+            .collect()
+    }
+
+    fn create_by_path(&self, spec: &GpuSpec) -> Result<()> {
+        let dri = self.root.join("dev/dri");
+        let address = spec.address();
+        for (node, kind) in [
+            (format!("card{}", spec.card), "card"),
+            (format!("renderD{}", spec.render_number()), "render"),
+        ] {
+            symlink(
+                &dri.join(node),
+                &dri.join(format!("by-path/pci-{address}-{kind}")),
+            )?;
+        }
+        Ok(())
+    }
+
     fn add_function(&self, spec: &GpuSpec, pf: Option<&Path>) -> Result<()> {
         let dev = self.pci_dir(spec);
         mkdir(&dev)?;
@@ -417,6 +532,46 @@ impl FakeNode {
     }
 }
 
+/// A uevent the kernel sends during a hotplug, as [`FakeNode::plug_gpu`] and
+/// [`FakeNode::unplug_gpu`] announce it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelEvent {
+    /// `add` or `remove`.
+    pub action: &'static str,
+    /// The path below `/sys`, e.g. `/devices/pci0000:00/0000:03:00.0/drm/card1`.
+    pub devpath: String,
+    /// `SUBSYSTEM`, `DEVNAME`, … in the kernel's order.
+    pub properties: Vec<(&'static str, String)>,
+}
+
+impl KernelEvent {
+    fn minor(action: &'static str, devpath: &str, name: &str) -> Self {
+        Self {
+            action,
+            devpath: devpath.to_owned(),
+            properties: vec![
+                ("SUBSYSTEM", "drm".to_owned()),
+                ("DEVNAME", format!("dri/{name}")),
+                ("DEVTYPE", "drm_minor".to_owned()),
+            ],
+        }
+    }
+
+    /// The kernel's wire format (netlink group 1): `ACTION@DEVPATH`, then
+    /// `KEY=VALUE` pairs, each ended by a NUL.
+    #[must_use]
+    pub fn to_kernel_message(&self) -> Vec<u8> {
+        let mut out = format!("{}@{}\0", self.action, self.devpath).into_bytes();
+        out.extend_from_slice(
+            format!("ACTION={}\0DEVPATH={}\0", self.action, self.devpath).as_bytes(),
+        );
+        for (k, v) in &self.properties {
+            out.extend_from_slice(format!("{k}={v}\0").as_bytes());
+        }
+        out
+    }
+}
+
 /// Sends a kernel-format uevent message to netlink group 1 of the current
 /// network namespace, as the kernel would. Needs root in the namespace's
 /// user namespace (e.g. under `unshare --user --map-root-user --net`, where
@@ -591,6 +746,63 @@ mod tests {
             .unwrap()
                 == Path::new("../renderD129")
         );
+    }
+
+    #[test]
+    fn plug_and_unplug_follow_the_kernels_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = FakeNode::create(dir.path()).unwrap();
+        let spec = GpuSpec::new(1).at("0000:09:00.0");
+        let root = dir.path().to_owned();
+        let mut seen = Vec::new();
+        node.plug_gpu(&spec, |e| {
+            // At the announcement: sysfs and nodes exist, links do not yet.
+            assert!(root.join("dev/dri/card1").exists());
+            assert!(root.join("sys/class/drm/card1").exists());
+            assert!(!root.join("dev/dri/by-path/pci-0000:09:00.0-card").exists());
+            seen.push((e.action, e.devpath.clone()));
+        })
+        .unwrap();
+        assert!(root.join("dev/dri/by-path/pci-0000:09:00.0-card").exists());
+        assert_eq!(
+            seen,
+            [
+                (
+                    "add",
+                    "/devices/pci0000:00/0000:09:00.0/drm/card1".to_owned()
+                ),
+                (
+                    "add",
+                    "/devices/pci0000:00/0000:09:00.0/drm/renderD129".to_owned()
+                ),
+            ]
+        );
+        let mut seen = Vec::new();
+        node.unplug_gpu(1, |e| {
+            // At the announcement: nodes gone, sysfs and links still there.
+            assert!(!root.join("dev/dri/card1").exists());
+            assert!(root.join("sys/devices/pci0000:00/0000:09:00.0").exists());
+            assert!(
+                root.join("dev/dri/by-path/pci-0000:09:00.0-card")
+                    .symlink_metadata()
+                    .is_ok()
+            );
+            seen.push(e.to_kernel_message());
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 2);
+        assert!(
+            seen[1]
+                .starts_with(b"remove@/devices/pci0000:00/0000:09:00.0/drm/card1\0ACTION=remove\0")
+        );
+        assert!(!root.join("sys/devices/pci0000:00/0000:09:00.0").exists());
+        assert!(
+            !root
+                .join("dev/dri/by-path/pci-0000:09:00.0-card")
+                .symlink_metadata()
+                .is_ok()
+        );
+        assert!(!root.join("sys/class/drm/card1").symlink_metadata().is_ok());
     }
 
     #[test]

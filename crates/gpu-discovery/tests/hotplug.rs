@@ -148,6 +148,53 @@ async fn uevent_child() {
         cards(i) == ["card0"]
     })
     .await;
+    // The kernel's order on removal: the device node goes, then `remove`
+    // is sent, and only then the sysfs directory goes. The uevent alone
+    // removes the card.
+    node.add_gpu(&GpuSpec::new(2).at("0000:06:00.0")).unwrap();
+    inject_uevent(&kernel_message(
+        "add",
+        "/devices/pci0000:00/0000:06:00.0/drm/card2",
+        &[("SUBSYSTEM", "drm"), ("DEVNAME", "dri/card2")],
+    ))
+    .unwrap();
+    until(&mut rx, "card2 appeared", |i| {
+        cards(i) == ["card0", "card2"]
+    })
+    .await;
+    std::fs::remove_file(node.devfs_root().join("dri/card2")).unwrap();
+    inject_uevent(&kernel_message(
+        "remove",
+        "/devices/pci0000:00/0000:06:00.0/drm/card2",
+        &[("SUBSYSTEM", "drm"), ("DEVNAME", "dri/card2")],
+    ))
+    .unwrap();
+    until(
+        &mut rx,
+        "card2 gone on its remove uevent, sysfs still there",
+        |i| cards(i) == ["card0"],
+    )
+    .await;
+    assert!(node.sysfs_root().join("class/drm/card2").exists());
+    node.remove_gpu(2).unwrap();
+    // Kernel health events: wedged until recovered; i915's reset cycle.
+    let card0 = "/devices/pci0000:00/0000:00:02.0/drm/card0";
+    let health = |i: &Inventory| i.card("card0").and_then(|g| g.kernel_health.clone());
+    for (props, sick) in [
+        (&[("WEDGED", "rebind,bus-reset")][..], true),
+        (&[("WEDGED", "none")][..], false),
+        (&[("ERROR", "1")][..], true),
+        (&[("RESET", "1")][..], true),
+        (&[("ERROR", "0")][..], false),
+    ] {
+        let mut all = vec![("SUBSYSTEM", "drm"), ("DEVNAME", "dri/card0")];
+        all.extend_from_slice(props);
+        inject_uevent(&kernel_message("change", card0, &all)).unwrap();
+        until(&mut rx, &format!("card0 health after {props:?}"), |i| {
+            health(i).is_some() == sick
+        })
+        .await;
+    }
     // A foreign event (network) is not a reason to rescan.
     let before = w.rescans();
     inject_uevent(&kernel_message(
