@@ -17,6 +17,19 @@ fn target_dir() -> PathBuf {
         .map_or_else(|| project_root().join("target"), PathBuf::from)
 }
 
+/// What `cargo` builds for the demo: never `-q`, so a cold build shows
+/// its progress.
+const BUILD_ARGS: &[&str] = &[
+    "build",
+    "--locked",
+    "-p",
+    "intel-gpu-plugin",
+    "-p",
+    "intel-gpu-labeler",
+    "-p",
+    "demo",
+];
+
 /// Builds what the demo runs and returns the command that runs it.
 pub(crate) fn command(args: &[String]) -> Result<Command> {
     for a in args {
@@ -24,18 +37,12 @@ pub(crate) fn command(args: &[String]) -> Result<Command> {
             bail!("unknown demo argument `{a}` (only --keep)");
         }
     }
-    run(cargo().args([
-        "build",
-        "--locked",
-        "-q",
-        "-p",
-        "intel-gpu-plugin",
-        "-p",
-        "intel-gpu-labeler",
-        "-p",
-        "demo",
-    ]))
-    .context("could not build the demo")?;
+    // A cold build takes minutes: say so, and let cargo show its progress.
+    eprintln!(
+        "demo: building the plugin, the labeller and the demo driver (a first build takes about 2 minutes on 2 cores; cargo's progress follows)"
+    );
+    run(cargo().args(BUILD_ARGS))
+        .context("could not build the demo")?;
     let bin = target_dir().join("debug");
     let mut cmd = Command::new(bin.join("demo"));
     cmd.arg("--plugin")
@@ -78,4 +85,12 @@ pub(crate) fn check() -> Result<()> {
         bail!("the demo did not print `{ALL_HELD}`");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_build_is_not_silent() {
+        assert!(!super::BUILD_ARGS.iter().any(|a| *a == "-q" || *a == "--quiet"));
+    }
 }
