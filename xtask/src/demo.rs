@@ -41,8 +41,7 @@ pub(crate) fn command(args: &[String]) -> Result<Command> {
     eprintln!(
         "demo: building the plugin, the labeller and the demo driver (a first build takes about 2 minutes on 2 cores; cargo's progress follows)"
     );
-    run(cargo().args(BUILD_ARGS))
-        .context("could not build the demo")?;
+    run(cargo().args(BUILD_ARGS)).context("could not build the demo")?;
     let bin = target_dir().join("debug");
     let mut cmd = Command::new(bin.join("demo"));
     cmd.arg("--plugin")
@@ -91,6 +90,10 @@ pub(crate) fn check() -> Result<()> {
 mod tests {
     #[test]
     fn the_build_is_not_silent() {
-        assert!(!super::BUILD_ARGS.iter().any(|a| *a == "-q" || *a == "--quiet"));
+        assert!(
+            !super::BUILD_ARGS
+                .iter()
+                .any(|a| *a == "-q" || *a == "--quiet")
+        );
     }
 }

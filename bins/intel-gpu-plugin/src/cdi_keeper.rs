@@ -103,7 +103,7 @@ impl CdiKeeper {
 
     /// Brings the directory in step with `plan` and marks each card of the
     /// plan whose spec is on disk (`Card::cdi`).
-    pub async fn sync(&mut self, plan: &mut Plan, bypath: ByPath, progress: &Progress) {
+    pub async fn sync(&mut self, plan: &mut Plan, bypath: ByPath, progress: &Arc<Progress>) {
         let now = Instant::now();
         let mut wanted = BTreeSet::new();
         for card in plan.cards.values() {
@@ -165,7 +165,10 @@ impl CdiKeeper {
             .collect();
         let dir = self.dir.clone();
         let cleanup = !expired.is_empty() || self.entries.is_empty();
+        // The guard goes with the work: stuck I/O stays counted.
+        let guard = progress.begin("CDI spec writes");
         let work = move || {
+            let _guard = guard;
             let results: Vec<(String, Result<bool, String>)> = jobs
                 .into_iter()
                 .map(|job| match job {
@@ -182,9 +185,7 @@ impl CdiKeeper {
             let retained = cleanup.then(|| dir.retain(&keep));
             (results, retained)
         };
-        let guard = progress.begin("CDI spec writes");
         let outcome = tokio::time::timeout(IO_TIMEOUT, tokio::task::spawn_blocking(work)).await;
-        drop(guard);
         let (results, retained) = match outcome {
             Ok(Ok(done)) => done,
             Ok(Err(error)) => {
@@ -323,4 +324,70 @@ pub fn chain(error: &dyn std::error::Error) -> String {
         src = e.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fake_gpu_node::{FakeNode, GpuSpec, NodeSpec};
+    use gpu_discovery::{DiscoveryConfig, scan};
+
+    fn plan_of(node: &FakeNode) -> Plan {
+        let inv = scan(&DiscoveryConfig::new(node.sysfs_root(), node.devfs_root())).unwrap();
+        let options = plan::Options {
+            shared_dev_num: 1,
+            bypath: ByPath::Single,
+            monitoring: None,
+            temp_limit: None,
+            temp_hysteresis: 5.0,
+            host_dri: "/dev/dri".into(),
+        };
+        plan::plan(
+            &inv,
+            &options,
+            &mut plan::Memory::default(),
+            &BTreeMap::new(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_card_missing_from_one_scan_keeps_its_spec_for_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = FakeNode::build(
+            &dir.path().join("node"),
+            &NodeSpec {
+                name: "t".into(),
+                gpus: vec![GpuSpec::new(0), GpuSpec::new(1)],
+            },
+        )
+        .unwrap();
+        let cdi = dir.path().join("cdi");
+        let progress = Progress::shared();
+        let mut keeper = CdiKeeper::new(
+            SpecDir::new(&cdi, plan::CDI_PREFIX),
+            Duration::from_millis(300),
+        );
+        let mut full = plan_of(&node);
+        keeper.sync(&mut full, ByPath::Single, &progress).await;
+        assert!(full.cards.values().all(|c| c.cdi));
+        let card1 = cdi.join("intel.cdi.k8s.io-gpu-card1.yaml");
+        assert!(card1.exists());
+        // One scan misses card1 (a transient read error, say).
+        let mut partial = full.clone();
+        partial.cards.remove(&1);
+        keeper.sync(&mut partial, ByPath::Single, &progress).await;
+        assert!(card1.exists(), "kept during the grace");
+        let due = keeper.next_deadline().unwrap();
+        assert!(due > Instant::now());
+        // Back within the grace: nothing happened.
+        keeper.sync(&mut full, ByPath::Single, &progress).await;
+        assert!(card1.exists());
+        // Gone for good: removed once the grace is over.
+        keeper.sync(&mut partial, ByPath::Single, &progress).await;
+        tokio::time::sleep_until(keeper.next_deadline().unwrap()).await;
+        keeper.sync(&mut partial, ByPath::Single, &progress).await;
+        assert!(!card1.exists(), "removed after the grace");
+        assert!(cdi.join("intel.cdi.k8s.io-gpu-card0.yaml").exists());
+        assert_eq!(keeper.states().len(), 1);
+    }
 }

@@ -37,6 +37,10 @@ pub struct Cli {
     /// included, when it restarts a container).
     #[arg(long, default_value_t = 60_000)]
     pub cdi_grace_ms: u64,
+    /// How long the main loop, a rescan, or a blocking read may go without
+    /// progress before `/healthz` fails, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    pub stall_limit_ms: u64,
     /// Advertise each GPU this many times (cardN-0 … cardN-(N-1)).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
     pub shared_dev_num: u32,

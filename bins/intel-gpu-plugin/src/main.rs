@@ -129,6 +129,7 @@ fn main() -> ExitCode {
         kubelet_dir: cli.kubelet_dir,
         cdi_dir: cli.cdi_dir,
         cdi_grace: std::time::Duration::from_millis(cli.cdi_grace_ms),
+        stall_limit: std::time::Duration::from_millis(cli.stall_limit_ms),
         http,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

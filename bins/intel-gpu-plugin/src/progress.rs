@@ -30,14 +30,16 @@ impl Default for Progress {
     }
 }
 
-/// Times one operation until dropped.
+/// Times one operation until dropped. It owns its watchdog, so it can go
+/// with the work onto a blocking thread and stay counted while that thread
+/// is stuck, past any timeout its caller gave up at.
 #[derive(Debug)]
-pub struct Running<'a> {
-    progress: &'a Progress,
+pub struct Running {
+    progress: Arc<Progress>,
     id: u64,
 }
 
-impl Drop for Running<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
         self.progress
             .running
@@ -61,13 +63,16 @@ impl Progress {
     }
 
     /// Times `what` until the returned guard is dropped.
-    pub fn begin(&self, what: &'static str) -> Running<'_> {
+    pub fn begin(self: &Arc<Self>, what: &'static str) -> Running {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, (what, Instant::now()));
-        Running { progress: self, id }
+        Running {
+            progress: Arc::clone(self),
+            id,
+        }
     }
 
     /// Ok while the loop beat and nothing ran for longer than `limit`.
@@ -75,19 +80,21 @@ impl Progress {
     /// # Errors
     /// What is stuck, and for how long.
     pub fn check(&self, limit: Duration) -> Result<(), String> {
+        // The stuck operation first: it is the more precise answer.
+        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((what, since)) = running.values().find(|(_, t)| t.elapsed() > limit) {
+            return Err(format!(
+                "{what} has been running for {} ms",
+                since.elapsed().as_millis()
+            ));
+        }
+        drop(running);
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let quiet = Duration::from_millis(now.saturating_sub(self.beat.load(Ordering::Relaxed)));
         if quiet > limit {
             return Err(format!(
-                "the main loop has made no progress for {} s",
-                quiet.as_secs()
-            ));
-        }
-        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((what, since)) = running.values().find(|(_, t)| t.elapsed() > limit) {
-            return Err(format!(
-                "{what} has been running for {} s",
-                since.elapsed().as_secs()
+                "the main loop has made no progress for {} ms",
+                quiet.as_millis()
             ));
         }
         Ok(())
@@ -100,7 +107,7 @@ mod tests {
 
     #[test]
     fn a_stuck_loop_or_operation_fails_the_check() {
-        let p = Progress::default();
+        let p = Progress::shared();
         p.beat();
         assert!(p.check(Duration::from_secs(1)).is_ok());
         let guard = p.begin("reading hwmon");

@@ -27,8 +27,9 @@ use ops_http as http;
 /// progress before `/healthz` fails (the liveness probe then restarts the
 /// pod).
 pub const STALL_LIMIT: Duration = Duration::from_secs(60);
-/// How long one round of hwmon reads may take.
-const TEMPS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the loop waits for one round of hwmon reads; a read that
+/// takes longer goes on alone, and no new round starts until it ends.
+const TEMPS_TIMEOUT: Duration = Duration::from_secs(1);
 /// The main loop beats at least this often.
 const BEAT: Duration = Duration::from_secs(5);
 
@@ -47,6 +48,8 @@ pub struct RunConfig {
     pub cdi_dir: PathBuf,
     /// How long a vanished card keeps its CDI spec.
     pub cdi_grace: Duration,
+    /// How long without progress fails `/healthz` ([`STALL_LIMIT`]).
+    pub stall_limit: Duration,
     /// The HTTP endpoint.
     pub http: Option<std::net::SocketAddr>,
 }
@@ -97,6 +100,9 @@ struct State {
     progress: Arc<Progress>,
     /// The last temperature readings (for the plan, and for `/metrics`).
     readings: Arc<RwLock<BTreeMap<u32, temps::Reading>>>,
+    /// A round of hwmon reads that outlived its wait (stuck in the kernel):
+    /// none starts while it runs.
+    stuck_read: Option<tokio::task::JoinHandle<BTreeMap<u32, temps::Reading>>>,
     memory: Memory,
     shared: Shared,
     handles: BTreeMap<ResourceName, ResourceHandle>,
@@ -106,26 +112,35 @@ struct State {
 impl State {
     /// Reads temperatures off the async workers, under a timeout, without
     /// waking suspended GPUs.
-    async fn read_temps(&self, inventory: &Arc<Inventory>) -> BTreeMap<u32, f64> {
+    async fn read_temps(&mut self, inventory: &Arc<Inventory>) -> BTreeMap<u32, f64> {
         if self.options.temp_limit.is_none() {
             return BTreeMap::new();
         }
+        if let Some(stuck) = &self.stuck_read {
+            if !stuck.is_finished() {
+                // Still stuck: no reading (hot cards stay hot), no wait.
+                return BTreeMap::new();
+            }
+            self.stuck_read = None;
+            tracing::info!("hwmon reads answer again");
+        }
         let inv = Arc::clone(inventory);
+        // The guard goes with the read: a read stuck in D state stays
+        // counted (and fails /healthz) after the loop stopped waiting.
         let guard = self.progress.begin("reading hwmon temperatures");
-        let read = tokio::time::timeout(
-            TEMPS_TIMEOUT,
-            tokio::task::spawn_blocking(move || temps::read(&inv)),
-        )
-        .await;
-        drop(guard);
-        let readings = match read {
+        let mut task = tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            temps::read(&inv)
+        });
+        let readings = match tokio::time::timeout(TEMPS_TIMEOUT, &mut task).await {
             Ok(Ok(r)) => r,
             Ok(Err(error)) => {
                 tracing::warn!(%error, "the temperature reader failed");
                 BTreeMap::new()
             }
             Err(_) => {
-                tracing::warn!(timeout = ?TEMPS_TIMEOUT, "hwmon reads did not finish in time; temperatures unknown this round");
+                tracing::warn!(timeout = ?TEMPS_TIMEOUT, "a hwmon read is stuck (a GPU in reset?); temperatures unknown until it returns");
+                self.stuck_read = Some(task);
                 BTreeMap::new()
             }
         };
@@ -204,6 +219,9 @@ struct Endpoints {
     progress: Arc<Progress>,
     watcher: Arc<InventoryWatcher>,
     readings: Arc<RwLock<BTreeMap<u32, temps::Reading>>>,
+    stall_limit: Duration,
+    /// Set once the first inventory has been planned and served.
+    started: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl http::Endpoints for Endpoints {
@@ -263,9 +281,9 @@ impl http::Endpoints for Endpoints {
     }
 
     fn live(&self) -> Result<(), String> {
-        self.progress.check(STALL_LIMIT)?;
+        self.progress.check(self.stall_limit)?;
         match self.watcher.scan_running_for() {
-            Some(t) if t > STALL_LIMIT => Err(format!(
+            Some(t) if t > self.stall_limit => Err(format!(
                 "a sysfs rescan has been running for {} s",
                 t.as_secs()
             )),
@@ -274,6 +292,9 @@ impl http::Endpoints for Endpoints {
     }
 
     fn ready(&self) -> Result<(), String> {
+        if !self.started.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("starting: the first inventory is not served yet".to_owned());
+        }
         let statuses = self.statuses.read().unwrap_or_else(PoisonError::into_inner);
         let waiting: Vec<String> = statuses
             .iter()
@@ -310,6 +331,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let progress = Progress::shared();
     progress.beat();
     let readings = Arc::new(RwLock::new(BTreeMap::new()));
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(addr) = config.http {
         let listener = http::bind(addr)
             .await
@@ -323,6 +345,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             progress: Arc::clone(&progress),
             watcher: Arc::clone(&watcher),
             readings: Arc::clone(&readings),
+            stall_limit: config.stall_limit,
+            started: Arc::clone(&started),
         };
         tokio::spawn(http::serve(listener, Arc::new(endpoints)));
     }
@@ -331,6 +355,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         cdi,
         progress: Arc::clone(&progress),
         readings,
+        stuck_read: None,
         config,
         framework,
         memory: Memory::default(),
@@ -340,6 +365,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     let mut inventory = watcher.subscribe();
     state.reconcile(&watcher.current()).await;
+    started.store(true, std::sync::atomic::Ordering::Relaxed);
     let temp_every = Duration::from_secs(5);
     let mut temp_tick = tokio::time::interval(temp_every);
     temp_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -67,7 +67,11 @@ impl Env {
             })
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var_os("E2E_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .unwrap();
         Plugin(child)
@@ -785,4 +789,91 @@ async fn every_upstream_argument_list_starts_the_plugin() {
         );
         drop(p);
     }
+}
+
+/// `-health-management` with hwmon: a hot card is Unhealthy, a cool one
+/// Healthy; a hwmon read stuck in the kernel (a FIFO that never answers
+/// stands for a GPU in reset) fails `/healthz` but blocks nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_management_and_a_stuck_read() {
+    let mut hot = GpuSpec::new(0);
+    hot.temperature_mdeg = Some(101_000);
+    let mut cool = GpuSpec::new(1);
+    cool.temperature_mdeg = Some(40_000);
+    let mut env = Env::new(&NodeSpec {
+        name: "t".into(),
+        gpus: vec![hot, cool],
+    })
+    .await;
+    {
+        let port = free_port();
+        let _p = env.start(&[
+            "-health-management",
+            "--http-address",
+            &format!("127.0.0.1:{port}"),
+        ]);
+        env.until("card0 hot, card1 cool", |v| {
+            health(v, I915, "card0-0") == Some(devplugin_api::Health::Unhealthy)
+                && health(v, I915, "card1-0") == Some(devplugin_api::Health::Healthy)
+        })
+        .await;
+        assert_eq!(
+            metric(port, "intel_gpu_plugin_temperature_celsius{card=\"card0\"}"),
+            Some(101.0)
+        );
+    }
+    // Without health management the limit does not apply (as in Go).
+    env.kubelet.restart().await.unwrap();
+    {
+        let _p = env.start(&["-temp-limit=50"]);
+        env.until("both healthy", |v| {
+            health(v, I915, "card0-0") == Some(devplugin_api::Health::Healthy)
+                && health(v, I915, "card1-0") == Some(devplugin_api::Health::Healthy)
+        })
+        .await;
+    }
+    // A read that never returns.
+    env.kubelet.restart().await.unwrap();
+    let input = env
+        .node
+        .sysfs_root()
+        .join("class/drm/card1/device/hwmon/hwmon0/temp1_input");
+    std::fs::remove_file(&input).unwrap();
+    let made = Command::new("mkfifo").arg(&input).status().unwrap();
+    assert!(made.success());
+    let port = free_port();
+    let _p = env.start(&[
+        "-health-management",
+        "--stall-limit-ms",
+        "300",
+        "--http-address",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    env.until("registered", |v| {
+        v.registrations(I915) == 3 && v.is_connected(I915) && ids(v, I915).len() == 2
+    })
+    .await;
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "never served");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let (status, body) = http_get(port, "/healthz");
+        if status.contains("503") {
+            assert!(body.contains("hwmon"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a stuck read never failed /healthz"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The loop lives on: allocations and readiness still answer.
+    assert_eq!(http_get(port, "/readyz").0, "HTTP/1.1 200 OK");
+    env.kubelet.allocate(I915, &["card0-0"]).await.unwrap();
+    // Unblock the reader so the process can exit.
+    let _ = std::fs::OpenOptions::new().write(true).open(&input);
 }

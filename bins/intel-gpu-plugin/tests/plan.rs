@@ -342,3 +342,82 @@ fn cdi_spec_of_a_card() {
         "ro"
     );
 }
+
+#[test]
+fn temperature_health_has_hysteresis_and_survives_a_missing_reading() {
+    let inv = inventory(&NodeSpec {
+        name: "t".into(),
+        gpus: vec![GpuSpec::new(0)],
+    });
+    let opts = Options {
+        temp_limit: Some(90.0),
+        ..options(1)
+    };
+    let mut memory = Memory::default();
+    let mut health = |temp: Option<f64>| {
+        let temps: BTreeMap<u32, f64> = temp.map(|t| (0, t)).into_iter().collect();
+        let p = plan(&inv, &opts, &mut memory, &temps);
+        (p.cards[&0].health, p.cards[&0].why.clone())
+    };
+    assert_eq!(health(Some(85.0)).0, Health::Healthy);
+    let (h, why) = health(Some(95.5));
+    assert_eq!(h, Health::Unhealthy);
+    assert!(why.unwrap().contains("95.5"));
+    // Cooling within the hysteresis is not enough.
+    assert_eq!(health(Some(87.0)).0, Health::Unhealthy);
+    // An unreadable (or suspended, unread) sensor keeps a hot card hot.
+    let (h, why) = health(None);
+    assert_eq!(h, Health::Unhealthy);
+    assert!(why.unwrap().contains("cannot be read"));
+    assert_eq!(health(Some(84.0)).0, Health::Healthy);
+    assert_eq!(health(None).0, Health::Healthy);
+}
+
+#[test]
+fn kernel_health_makes_a_card_unhealthy() {
+    let mut inv = inventory(&NodeSpec {
+        name: "t".into(),
+        gpus: vec![GpuSpec::new(0)],
+    });
+    inv.gpus[0].kernel_health = Some("the kernel declared it wedged (recovery: rebind)".into());
+    let p = plan(&inv, &options(1), &mut Memory::default(), &BTreeMap::new());
+    assert_eq!(p.cards[&0].health, Health::Unhealthy);
+    assert!(p.cards[&0].why.as_deref().unwrap().contains("wedged"));
+}
+
+#[test]
+fn an_advertised_card_is_in_exactly_one_resource() {
+    // Every shipped node and a driverless card: the inventory's word and
+    // the plugin's resources agree.
+    let mut nodes = vec![
+        NodeSpec::starlingx_edge(),
+        NodeSpec::battlemage_workstation(),
+    ];
+    nodes.push(NodeSpec {
+        name: "driverless".into(),
+        gpus: vec![GpuSpec::new(0).driver(None), GpuSpec::new(1)],
+    });
+    for spec in nodes {
+        let inv = inventory(&spec);
+        let p = plan(&inv, &options(2), &mut Memory::default(), &BTreeMap::new());
+        for g in &inv.gpus {
+            let holders = p
+                .resources
+                .values()
+                .filter(|(kind, list)| {
+                    matches!(kind, ResourceKind::Gpu(_))
+                        && list
+                            .devices()
+                            .iter()
+                            .any(|d| d.id.as_str().starts_with(&format!("{}-", g.card)))
+                })
+                .count();
+            let want = usize::from(g.advertised);
+            assert_eq!(
+                holders, want,
+                "{}: {} advertised={}",
+                spec.name, g.card, g.advertised
+            );
+        }
+    }
+}
