@@ -222,6 +222,16 @@ const GO_IGNORED: &[(&str, bool, &str)] = &[
 /// Boolean flags (Go accepts `-flag=true`).
 const BOOLEAN: &[&str] = &["enable-monitoring", "health-management", "json"];
 
+/// Whether `name` is one of our long flags.
+fn is_ours(name: &str) -> bool {
+    use clap::CommandFactory as _;
+    let cmd = Cli::command();
+    let mut all = cmd
+        .get_arguments()
+        .chain(cmd.get_subcommands().flat_map(clap::Command::get_arguments));
+    name == "help" || name == "version" || all.any(|a| a.get_long() == Some(name))
+}
+
 /// Translates the Go plugin's spellings into ours: `-flag`, `-flag=v` and
 /// `-flag v` become `--flag`; `-v=N`/`-v N` becomes `--log-level`;
 /// `-flag=true|false` for booleans; ignored Go flags are dropped with a
@@ -276,6 +286,23 @@ pub fn translate_go_flags(args: Vec<String>) -> (Vec<String>, Vec<String>) {
             if !warnings.contains(&w) {
                 warnings.push(w);
             }
+            continue;
+        }
+        // A Go-style flag that neither this plugin nor the Go plugin knows
+        // (a newer Go release's, say): warned about and ignored, so an
+        // in-place switch never crash-loops on it. `--` flags stay ours and
+        // strict.
+        if !arg.starts_with("--") && !is_ours(&name) {
+            if value.is_none()
+                && rest
+                    .last()
+                    .is_some_and(|n| !n.starts_with('-') && n != "inspect")
+            {
+                rest.pop();
+            }
+            warnings.push(format!(
+                "-{name} is not a flag of this plugin or of the Go plugin; ignored"
+            ));
             continue;
         }
         if BOOLEAN.contains(&name.as_str()) {
@@ -340,6 +367,11 @@ mod tests {
             assert_eq!(t(input).0, *want, "{input:?}");
         }
         assert!(t(&["p", "-health-management"]).1.is_empty());
+        // Unknown Go-style flags are ignored with a warning; ours stay strict.
+        let (args, warnings) = t(&["p", "-future-flag", "x", "-other=1", "-newbool", "inspect"]);
+        assert_eq!(args, ["p", "inspect"]);
+        assert_eq!(warnings.len(), 3);
+        assert_eq!(t(&["p", "--future-flag"]).0, ["p", "--future-flag"]);
         // Each ignored flag warns once.
         assert_eq!(
             t(&["p", "-logtostderr", "-logtostderr=true", "-wsl"])

@@ -130,6 +130,7 @@ fn main() -> ExitCode {
         cdi_dir: cli.cdi_dir,
         cdi_grace: std::time::Duration::from_millis(cli.cdi_grace_ms),
         stall_limit: std::time::Duration::from_millis(cli.stall_limit_ms),
+        ignored_flags: go_warnings.len(),
         http,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -50,6 +50,9 @@ pub struct RunConfig {
     pub cdi_grace: Duration,
     /// How long without progress fails `/healthz` ([`STALL_LIMIT`]).
     pub stall_limit: Duration,
+    /// Flags accepted and ignored (Go's and klog's, and unknown Go-style
+    /// ones), for `/metrics`.
+    pub ignored_flags: usize,
     /// The HTTP endpoint.
     pub http: Option<std::net::SocketAddr>,
 }
@@ -222,6 +225,7 @@ struct Endpoints {
     stall_limit: Duration,
     /// Set once the first inventory has been planned and served.
     started: Arc<std::sync::atomic::AtomicBool>,
+    ignored_flags: usize,
 }
 
 impl http::Endpoints for Endpoints {
@@ -260,6 +264,12 @@ impl http::Endpoints for Endpoints {
                 "gauge",
                 "Advertised cards whose CDI spec is not on disk (their Allocate answers carry no CDI name).",
                 load(&self.cdi.missing),
+            ),
+            (
+                "ignored_flags",
+                "gauge",
+                "Command-line flags accepted and ignored (the Go plugin's, klog's, unknown Go-style ones).",
+                u64::try_from(self.ignored_flags).unwrap_or(u64::MAX),
             ),
         ] {
             out.push_str(&format!(
@@ -347,6 +357,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             readings: Arc::clone(&readings),
             stall_limit: config.stall_limit,
             started: Arc::clone(&started),
+            ignored_flags: config.ignored_flags,
         };
         tokio::spawn(http::serve(listener, Arc::new(endpoints)));
     }
