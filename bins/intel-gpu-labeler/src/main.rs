@@ -62,7 +62,12 @@ pub struct Cli {
     /// Do not set the gpu.intel.com/* discovery labels.
     #[arg(long, global = true)]
     pub no_discovery_labels: bool,
-    /// Reconcile once and exit.
+    /// How long a "not enabled" reading must hold (read twice this far
+    /// apart, same content) before the plugin label is removed.
+    #[arg(long, default_value = "2s", value_parser = parse_duration, global = true)]
+    pub settle: Duration,
+    /// Reconcile once and exit (a "not enabled" reading is confirmed by a
+    /// second read --settle later first).
     #[arg(long, global = true)]
     pub oneshot: bool,
     /// Print the desired labels as a JSON object; touch nothing.

@@ -13,7 +13,8 @@ use gpu_discovery::{DiscoveryConfig, IdFilter, InventoryWatcher, WatcherConfig, 
 use node_labeler::cluster::Cluster;
 use node_labeler::desired::Decision;
 use node_labeler::engine::{
-    Outcome, Source, cleanup, decide, reconcile_features_file, reconcile_node,
+    Outcome, Settle, Source, cleanup, decide, decide_with_evidence, reconcile_features_file,
+    reconcile_node,
 };
 use node_labeler::reconcile::{Intent, NodeView, Policy, reconcile};
 use tokio::signal::unix::{SignalKind, signal};
@@ -193,7 +194,20 @@ async fn dispatch(cli: Cli, setup: Setup) -> anyhow::Result<()> {
     }
     if cli.oneshot {
         let inventory = scan(&setup.discovery).context("cannot read the GPU inventory")?;
-        let decision = decide(&setup.sources, cluster.as_ref()).await?;
+        // A "not enabled" reading is read again --settle later; the content
+        // must not have changed (at most a few rounds while it keeps
+        // changing, then the decision stays unknown).
+        let mut settle = Settle::new(cli.settle);
+        let mut decision = Decision::Unknown("not read yet".into());
+        for _ in 0..4 {
+            let (read, evidence) = decide_with_evidence(&setup.sources, cluster.as_ref()).await?;
+            let (acted, recheck) = settle.filter(read, &evidence, tokio::time::Instant::now());
+            decision = acted;
+            match recheck {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => break,
+            }
+        }
         let out = once(&cli, &setup, cluster.as_ref(), &inventory, &decision).await?;
         println!("{}", summary(&out));
         return Ok(());
@@ -356,11 +370,17 @@ async fn daemon(cli: Cli, setup: Setup, cluster: Option<Cluster>) -> anyhow::Res
     // on every resync.
     let mut said = String::new();
     let mut failures: u32 = 0;
+    let mut settle = Settle::new(cli.settle);
     loop {
         stats.reconciles.fetch_add(1, Ordering::Relaxed);
-        let (decision, note) = match decide(&setup.sources, cluster.as_ref()).await {
-            Ok(d) => {
-                last_good = Some(d.clone());
+        let mut recheck = None;
+        let (decision, note) = match decide_with_evidence(&setup.sources, cluster.as_ref()).await {
+            Ok((read, evidence)) => {
+                let (d, again) = settle.filter(read, &evidence, tokio::time::Instant::now());
+                recheck = again;
+                if recheck.is_none() {
+                    last_good = Some(d.clone());
+                }
                 let note = format!("{d:?}");
                 (d, note)
             }
@@ -424,6 +444,10 @@ async fn daemon(cli: Cli, setup: Setup, cluster: Option<Cluster>) -> anyhow::Res
                 delay
             }
         };
+        // A "not enabled" reading is read again once it may be confirmed.
+        let wait = recheck.map_or(wait, |at| {
+            wait.min(at.saturating_duration_since(tokio::time::Instant::now()))
+        });
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -256,3 +256,47 @@ async fn daemon_follows_the_file_and_keeps_labels_on_sigterm() {
         "labels are never removed on shutdown"
     );
 }
+
+/// What a reader sees while `cat > file` writes: an empty file. It is no
+/// decision, so the plugin label stays; a real "not enabled" is read twice,
+/// `--settle` apart, before the label goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_file_is_no_decision_and_disabled_is_confirmed() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let api = ApiServer::start().await.unwrap();
+    api.add_node(NODE);
+    let kc = env.kubeconfig(&api);
+    let oneshot = |file: &PathBuf, settle: &str| {
+        run(env
+            .cmd()
+            .arg("--oneshot")
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .arg("--enabled-plugins-file")
+            .arg(file)
+            .args(["--settle", settle]))
+    };
+    let file = env.plugins_file(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#);
+    let out = oneshot(&file, "2s");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(has(&api, "intelgpu"));
+    for blank in ["", "\n", "   \t\n"] {
+        std::fs::write(&file, blank).unwrap();
+        let out = oneshot(&file, "2s");
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            has(&api, "intelgpu"),
+            "a blank file {blank:?} evicted the plugin"
+        );
+    }
+    // Really not enabled: confirmed by a second read, then removed.
+    std::fs::write(&file, r#"{"intel-qat-plugin": "intelqat=enabled"}"#).unwrap();
+    let started = Instant::now();
+    let out = oneshot(&file, "300ms");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "not confirmed"
+    );
+    assert!(!has(&api, "intelgpu"));
+}

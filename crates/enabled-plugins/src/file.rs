@@ -36,6 +36,13 @@ pub enum ReadError {
         #[source]
         source: io::Error,
     },
+    /// The file is empty or holds only white space: what a reader sees
+    /// while `cat > file`, `tee` or `echo >` is writing it. No decision.
+    #[error("enabled-plugins file {} is empty or blank (a writer may be half way through it)", path.display())]
+    Blank {
+        /// The path read.
+        path: PathBuf,
+    },
     /// The file was read but its content is invalid.
     #[error(transparent)]
     Invalid(#[from] ParseError),
@@ -46,7 +53,10 @@ impl ReadError {
     /// (missing or unreadable), as opposed to content that is invalid.
     #[must_use]
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Missing { .. } | Self::Unreadable { .. })
+        matches!(
+            self,
+            Self::Missing { .. } | Self::Unreadable { .. } | Self::Blank { .. }
+        )
     }
 }
 
@@ -55,10 +65,15 @@ impl ReadError {
 ///
 /// # Errors
 /// [`ReadError::Missing`] when it does not exist, [`ReadError::Unreadable`]
-/// when it cannot be read, [`ReadError::Invalid`] when its content is
-/// invalid.
+/// when it cannot be read, [`ReadError::Blank`] when it is empty or blank,
+/// [`ReadError::Invalid`] when its content is invalid.
 pub fn read_file(path: &Path) -> Result<EnabledPlugins, ReadError> {
     let bytes = read_capped(path)?;
+    if crate::parse::is_blank(&bytes) {
+        return Err(ReadError::Blank {
+            path: path.to_owned(),
+        });
+    }
     Ok(parse(&path.display().to_string(), &bytes)?)
 }
 
@@ -155,6 +170,22 @@ mod tests {
                     .join("opt/platform/config/22.12/enabled_kube_plugins"),
             ]
         );
+    }
+
+    #[test]
+    fn empty_and_blank_files_are_no_decision() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("enabled_kube_plugins");
+        for content in [&b""[..], b"\n", b"  \t\r\n", b"\xef\xbb\xbf\n"] {
+            std::fs::write(&path, content).unwrap();
+            let err = read_file(&path).unwrap_err();
+            assert!(matches!(err, ReadError::Blank { .. }), "{content:?}: {err}");
+            assert!(err.is_unavailable());
+            assert!(err.to_string().contains("half way"), "{err}");
+        }
+        // "Nothing enabled" is written, not implied.
+        std::fs::write(&path, "{}").unwrap();
+        assert!(read_file(&path).unwrap().gpu_plugin().is_none());
     }
 
     #[test]

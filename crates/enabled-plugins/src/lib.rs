@@ -27,7 +27,9 @@
 //!
 //! A missing or unreadable file is not "nothing enabled": [`ReadError`]
 //! keeps it apart ([`ReadError::is_unavailable`]) so that callers treat the
-//! decision as unknown. An empty file is "nothing enabled".
+//! decision as unknown. Neither is an empty or blank file
+//! ([`ReadError::Blank`]): that is what a reader sees while a writer is half
+//! way through it. "Nothing enabled" is an empty list or object (`{}`).
 
 mod file;
 pub mod label;
@@ -45,6 +47,6 @@ pub use model::{
     ENABLED, EnabledPlugins, GPU_PLUGIN, InsertError, KNOWN_PLUGINS, KnownPlugin, canonical_name,
     default_label,
 };
-pub use parse::{Form, MAX_SIZE, ParseError, Position, detect_form, parse};
+pub use parse::{Form, MAX_SIZE, ParseError, Position, detect_form, is_blank, parse};
 pub use render::render_starlingx;
 pub use watch::{FileWatcher, Update, WatchConfig};

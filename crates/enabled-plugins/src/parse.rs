@@ -144,6 +144,15 @@ pub enum ParseError {
     },
 }
 
+/// Whether content is empty or only white space (a byte-order mark
+/// included): no decision can come from it. Files in this state are being
+/// written; [`crate::read_file`] reports them as [`crate::ReadError::Blank`].
+#[must_use]
+pub fn is_blank(bytes: &[u8]) -> bool {
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
+    bytes.iter().all(u8::is_ascii_whitespace)
+}
+
 /// Detects the form of `text` from its first non-blank character.
 #[must_use]
 pub fn detect_form(text: &str) -> Form {

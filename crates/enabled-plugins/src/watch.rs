@@ -249,6 +249,13 @@ impl FileWatcher {
     fn read(&mut self) -> Option<Update> {
         let path = &self.config.path;
         let (seen, update) = match read_capped(path) {
+            Ok(bytes) if crate::parse::is_blank(&bytes) => {
+                let error = ReadError::Blank { path: path.clone() };
+                (
+                    Seen::Unreadable(error.to_string()),
+                    Update::Unreadable(error),
+                )
+            }
             Ok(bytes) => match parse(&path.display().to_string(), &bytes) {
                 Ok(set) => {
                     self.last_good = Some(set.clone());

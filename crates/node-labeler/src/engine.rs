@@ -46,22 +46,35 @@ fn decision_of(set: &EnabledPlugins) -> Decision {
 }
 
 /// The decision of the first source that exists. Missing sources are
-/// skipped; a source that exists but cannot be read makes the decision
-/// unknown; invalid content is an error (the daemon keeps its last good
-/// decision, `--oneshot` fails).
+/// skipped; a source that exists but cannot be read, or is empty or blank
+/// (being written), makes the decision unknown; invalid content is an
+/// error (the daemon keeps its last good decision, `--oneshot` fails).
 ///
 /// # Errors
 /// The parse error of the first existing source, naming it and the
 /// position.
 pub async fn decide(sources: &[Source], cluster: Option<&Cluster>) -> Result<Decision, ParseError> {
+    Ok(decide_with_evidence(sources, cluster).await?.0)
+}
+
+/// [`decide`], with what the decision rests on: the source and the
+/// content read from it (empty when the decision is unknown), for
+/// [`Settle`].
+///
+/// # Errors
+/// As [`decide`].
+pub async fn decide_with_evidence(
+    sources: &[Source],
+    cluster: Option<&Cluster>,
+) -> Result<(Decision, String), ParseError> {
     let mut looked = Vec::new();
     for source in sources {
         match source {
             Source::File(path) => match read_file(path) {
-                Ok(set) => return Ok(decision_of(&set)),
+                Ok(set) => return Ok((decision_of(&set), format!("{source}: {set:?}"))),
                 Err(ReadError::Missing { .. }) => looked.push(format!("{source} is missing")),
                 Err(ReadError::Invalid(e)) => return Err(e),
-                Err(e) => return Ok(Decision::Unknown(chain(&e))),
+                Err(e) => return Ok((Decision::Unknown(chain(&e)), String::new())),
             },
             Source::ConfigMap { namespace, name } => {
                 let Some(cluster) = cluster else {
@@ -69,21 +82,85 @@ pub async fn decide(sources: &[Source], cluster: Option<&Cluster>) -> Result<Dec
                     continue;
                 };
                 match cluster.configmap(namespace, name, CONFIGMAP_KEY).await {
+                    // Blank content is no decision, as for a file.
+                    Ok(Some(text)) if enabled_plugins::is_blank(text.as_bytes()) => {
+                        return Ok((
+                            Decision::Unknown(format!("{source} (key {CONFIGMAP_KEY}) is blank")),
+                            String::new(),
+                        ));
+                    }
                     Ok(Some(text)) => {
-                        return parse(&source.to_string(), text.as_bytes())
-                            .map(|s| decision_of(&s));
+                        let set = parse(&source.to_string(), text.as_bytes())?;
+                        return Ok((decision_of(&set), format!("{source}: {set:?}")));
                     }
                     Ok(None) => looked.push(format!("{source} (key {CONFIGMAP_KEY}) is missing")),
-                    Err(e) => return Ok(Decision::Unknown(chain(&e))),
+                    Err(e) => return Ok((Decision::Unknown(chain(&e)), String::new())),
                 }
             }
         }
     }
-    Ok(Decision::Unknown(if looked.is_empty() {
+    let why = if looked.is_empty() {
         "no enabled-plugins source is configured".into()
     } else {
         looked.join("; ")
-    }))
+    };
+    Ok((Decision::Unknown(why), String::new()))
+}
+
+/// Confirms a "disabled" decision before it removes anything: the same
+/// content must be read twice, at least `wait` apart. Until then the
+/// decision acted on is unknown (the plugin label stays). An enabled or
+/// unknown decision passes at once. One reading of a file half rewritten
+/// (truncated, then a shorter list) therefore never evicts the plugin.
+#[derive(Debug, Clone)]
+pub struct Settle {
+    wait: std::time::Duration,
+    pending: Option<(String, tokio::time::Instant)>,
+}
+
+impl Settle {
+    /// Confirms after `wait` (the labeller's `--settle`, default 2 s).
+    #[must_use]
+    pub fn new(wait: std::time::Duration) -> Self {
+        Self {
+            wait,
+            pending: None,
+        }
+    }
+
+    /// The decision to act on now, and when to read again if it is still
+    /// being confirmed.
+    pub fn filter(
+        &mut self,
+        decision: Decision,
+        evidence: &str,
+        now: tokio::time::Instant,
+    ) -> (Decision, Option<tokio::time::Instant>) {
+        if decision != Decision::Disabled || self.wait.is_zero() {
+            self.pending = None;
+            return (decision, None);
+        }
+        match &self.pending {
+            Some((seen, first)) if seen == evidence => {
+                let due = *first + self.wait;
+                if now >= due {
+                    (Decision::Disabled, None)
+                } else {
+                    (Self::confirming(self.wait), Some(due))
+                }
+            }
+            _ => {
+                self.pending = Some((evidence.to_owned(), now));
+                (Self::confirming(self.wait), Some(now + self.wait))
+            }
+        }
+    }
+
+    fn confirming(wait: std::time::Duration) -> Decision {
+        Decision::Unknown(format!(
+            "the GPU plugin reads as not enabled; confirming with a second read {wait:?} later"
+        ))
+    }
 }
 
 /// What a reconcile did.

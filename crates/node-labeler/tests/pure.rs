@@ -283,3 +283,38 @@ fn a_long_gpu_list_uses_continuation_keys() {
     );
     assert!(labels.iter().all(|(k, v)| Label::new(k, v).is_ok()));
 }
+
+#[test]
+fn not_enabled_is_confirmed_by_a_second_read_of_the_same_content() {
+    use node_labeler::engine::Settle;
+    let t0 = tokio::time::Instant::now();
+    let wait = Duration::from_secs(2);
+    let mut s = Settle::new(wait);
+    let label = Decision::Enabled(Label::parse("intelgpu=enabled").unwrap());
+    // Enabled and unknown pass at once.
+    assert_eq!(s.filter(label.clone(), "f: a", t0), (label.clone(), None));
+    // Disabled: unknown until the same content is read again, 2 s later.
+    let (d, again) = s.filter(Decision::Disabled, "f: b", t0);
+    assert!(matches!(d, Decision::Unknown(_)));
+    assert_eq!(again, Some(t0 + wait));
+    let (d, _) = s.filter(Decision::Disabled, "f: b", t0 + Duration::from_secs(1));
+    assert!(matches!(d, Decision::Unknown(_)), "too early");
+    assert_eq!(
+        s.filter(Decision::Disabled, "f: b", t0 + wait),
+        (Decision::Disabled, None)
+    );
+    // Other content starts over.
+    let (d, again) = s.filter(Decision::Disabled, "f: c", t0 + wait);
+    assert!(matches!(d, Decision::Unknown(_)));
+    assert_eq!(again, Some(t0 + wait + wait));
+    // Enabled in between forgets the pending reading.
+    s.filter(label, "f: a", t0 + wait);
+    let (d, _) = s.filter(Decision::Disabled, "f: c", t0 + wait * 3);
+    assert!(matches!(d, Decision::Unknown(_)));
+    // No settle: at once.
+    let mut now = Settle::new(Duration::ZERO);
+    assert_eq!(
+        now.filter(Decision::Disabled, "x", t0),
+        (Decision::Disabled, None)
+    );
+}
