@@ -115,43 +115,53 @@ pub fn reconcile(
         .contains(ABSENT_SINCE_ANNOTATION)
         .then(|| view.annotations.get(ABSENT_SINCE_ANNOTATION)?.parse().ok())
         .flatten();
-    let note = match decision {
-        Decision::Enabled(label) => {
-            let held = owned_labels
-                .get(label.key())
-                .is_some_and(|v| v == label.value());
-            if gpu_present {
-                labels.insert(label.key().to_owned(), label.value().to_owned());
-                format!("{label}: the node has an advertisable GPU and the plugin is enabled")
-            } else if held {
-                let since = absent_since.unwrap_or(now);
-                let waited = Duration::from_secs(now.saturating_sub(since));
-                if waited >= policy.removal_grace {
-                    format!("{label} removed: no advertisable GPU for {waited:?}")
-                } else {
-                    labels.insert(label.key().to_owned(), label.value().to_owned());
-                    annotations.insert(ABSENT_SINCE_ANNOTATION.to_owned(), since.to_string());
-                    format!(
-                        "{label} kept: no advertisable GPU for {waited:?}, grace {:?}",
-                        policy.removal_grace
-                    )
-                }
-            } else {
-                format!("{label} not set: the node has no advertisable GPU")
-            }
+    // The plugin label this decision wants, if any (a GPU is needed).
+    let mut note = match decision {
+        Decision::Enabled(label) if gpu_present => {
+            labels.insert(label.key().to_owned(), label.value().to_owned());
+            format!("{label}: the node has an advertisable GPU and the plugin is enabled")
         }
+        Decision::Enabled(label) => format!("{label} not set: the node has no advertisable GPU"),
         Decision::Disabled => "plugin label not set: the GPU plugin is not enabled".to_owned(),
         Decision::Unknown(why) => {
             // Keep whatever plugin label we own, exactly as it is.
             for (k, v) in owned_labels.iter().filter(|(k, _)| !is_discovery_key(k)) {
                 labels.insert(k.clone(), v.clone());
             }
-            if let Some(since) = absent_since {
-                annotations.insert(ABSENT_SINCE_ANNOTATION.to_owned(), since.to_string());
-            }
             format!("plugin label unchanged: the enabled-plugins decision is unknown ({why})")
         }
     };
+    // No advertisable GPU: every label we own stays, as it is, through the
+    // removal grace (a driver reload or an SR-IOV change must not evict a
+    // plugin selecting on any of them, `intel.feature.node.kubernetes.io/gpu`
+    // included), except a plugin label the decision takes back. The clock
+    // is kept on the Node; a GPU that comes back resets it.
+    if !gpu_present {
+        let disabled = *decision == Decision::Disabled;
+        let kept: BTreeMap<String, String> = owned_labels
+            .iter()
+            .filter(|(k, _)| !(disabled && !is_discovery_key(k)))
+            .filter(|(k, _)| !labels.contains_key(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !kept.is_empty() {
+            let since = absent_since.unwrap_or(now);
+            let waited = Duration::from_secs(now.saturating_sub(since));
+            if waited < policy.removal_grace {
+                note = format!(
+                    "{} owned labels kept: no advertisable GPU for {waited:?}, grace {:?}",
+                    kept.len(),
+                    policy.removal_grace
+                );
+                labels.extend(kept);
+                annotations.insert(ABSENT_SINCE_ANNOTATION.to_owned(), since.to_string());
+            } else {
+                note = format!("owned labels removed: no advertisable GPU for {waited:?}");
+            }
+        } else if let (Decision::Unknown(_), Some(since)) = (decision, absent_since) {
+            annotations.insert(ABSENT_SINCE_ANNOTATION.to_owned(), since.to_string());
+        }
+    }
     let mut conflicts = Vec::new();
     labels.retain(|k, v| match view.labels.get(k) {
         Some(found) if found != v && !view.owned_labels.contains(k) => {

@@ -113,10 +113,12 @@ async fn gpu_gone_removes_the_plugin_label_after_the_grace_period_only() {
         node.labels.get("intelgpu").map(String::as_str),
         Some("enabled")
     );
-    assert!(
-        !node.labels.contains_key("gpu.intel.com/tiles"),
-        "discovery labels follow the hardware at once"
+    assert_eq!(
+        node.labels.get("intel.feature.node.kubernetes.io/gpu").map(String::as_str),
+        Some("true"),
+        "every owned label stays through the grace"
     );
+    assert!(node.labels.contains_key("gpu.intel.com/tiles"));
     assert_eq!(node.annotations[ABSENT_SINCE_ANNOTATION], "2000");
     // A restarted labeller (state only on the Node) still waits.
     let fresh = Cluster::new(cluster_client(&api), NODE);
@@ -132,6 +134,7 @@ async fn gpu_gone_removes_the_plugin_label_after_the_grace_period_only() {
         !node.labels.contains_key("intelgpu"),
         "removed after the grace period"
     );
+    assert!(!node.labels.contains_key("gpu.intel.com/tiles"));
     assert!(!node.annotations.contains_key(ABSENT_SINCE_ANNOTATION));
 }
 
@@ -178,16 +181,15 @@ async fn other_owners_and_hand_set_values_are_left_alone() {
             && e["message"].as_str().unwrap().contains("intelgpu")),
         "{events:?}"
     );
-    // Disabling later removes only what we own.
-    reconcile_node(
-        &cluster,
-        &inventory(&NodeSpec::default()),
-        &Decision::Disabled,
-        &POLICY,
-        2000,
-    )
-    .await
-    .unwrap();
+    // Disabling later (and the GPUs gone past the grace) removes only
+    // what we own.
+    let none = inventory(&NodeSpec::default());
+    reconcile_node(&cluster, &none, &Decision::Disabled, &POLICY, 2000)
+        .await
+        .unwrap();
+    reconcile_node(&cluster, &none, &Decision::Disabled, &POLICY, 2400)
+        .await
+        .unwrap();
     let l = labels(&api);
     assert_eq!(l["intelgpu"], "manual");
     assert_eq!(l["gpu.intel.com/custom"], "x");

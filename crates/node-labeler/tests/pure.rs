@@ -143,24 +143,30 @@ fn first_apply_then_a_noop() {
 }
 
 #[test]
-fn gpu_gone_keeps_the_plugin_label_for_the_grace_period() {
+fn gpu_gone_keeps_every_owned_label_for_the_grace_period() {
     let mut view = NodeView::default();
     owned(
         &mut view,
-        &[("intelgpu", "enabled"), ("gpu.intel.com/tiles", "1")],
+        &[
+            ("intelgpu", "enabled"),
+            ("gpu.intel.com/tiles", "1"),
+            ("intel.feature.node.kubernetes.io/gpu", "true"),
+        ],
     );
     let intent = reconcile(&view, &empty(), &enabled(), &POLICY, 1000);
     let (labels, annotations, _, changed) = apply(intent);
-    assert!(changed);
+    assert!(changed, "the clock is written");
     assert_eq!(
         labels,
-        map(&[("intelgpu", "enabled")]),
-        "discovery labels follow the hardware at once"
+        map(&[
+            ("intelgpu", "enabled"),
+            ("gpu.intel.com/tiles", "1"),
+            ("intel.feature.node.kubernetes.io/gpu", "true"),
+        ]),
+        "the upstream plugin's selector and every discovery label stay through the grace"
     );
     assert_eq!(annotations, map(&[(ABSENT_SINCE_ANNOTATION, "1000")]));
     // Persisted on the Node: a restarted labeller continues the grace.
-    view.labels.remove("gpu.intel.com/tiles");
-    view.owned_labels.remove("gpu.intel.com/tiles");
     view.annotations
         .insert(ABSENT_SINCE_ANNOTATION.into(), "1000".into());
     view.owned_annotations
@@ -317,4 +323,17 @@ fn not_enabled_is_confirmed_by_a_second_read_of_the_same_content() {
         now.filter(Decision::Disabled, "x", t0),
         (Decision::Disabled, None)
     );
+}
+
+#[test]
+fn disabled_without_a_gpu_takes_the_plugin_label_and_keeps_the_rest_through_the_grace() {
+    let mut view = NodeView::default();
+    owned(
+        &mut view,
+        &[("intelgpu", "enabled"), ("intel.feature.node.kubernetes.io/gpu", "true")],
+    );
+    let (labels, annotations, _, _) =
+        apply(reconcile(&view, &empty(), &Decision::Disabled, &POLICY, 1000));
+    assert_eq!(labels, map(&[("intel.feature.node.kubernetes.io/gpu", "true")]));
+    assert_eq!(annotations, map(&[(ABSENT_SINCE_ANNOTATION, "1000")]));
 }
