@@ -254,13 +254,25 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
                 json!({"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": st.next_rv.to_string()}, "items": items}),
             )
         }
-        ("GET", ["api", "v1", "nodes", name]) => match shared.lock().nodes.get(*name) {
-            Some(o) => (200, o.to_json("Node")),
-            None => (
-                404,
-                status(404, "NotFound", &format!("nodes \"{name}\" not found")),
-            ),
-        },
+        ("GET", ["api", "v1", "nodes", name]) => {
+            let mut st = shared.lock();
+            let answer = match st.nodes.get(*name) {
+                Some(o) => (200, o.to_json("Node")),
+                None => (
+                    404,
+                    status(404, "NotFound", &format!("nodes \"{name}\" not found")),
+                ),
+            };
+            // A test's hook: the Node goes right after this read.
+            if st.delete_after_get.as_deref() == Some(*name) {
+                st.delete_after_get = None;
+                st.nodes.remove(*name);
+                st.bump();
+                drop(st);
+                shared.changed.send_modify(|v| *v += 1);
+            }
+            answer
+        }
         ("PATCH", ["api", "v1", "nodes", name]) => patch_node(shared, req, name),
         ("GET", ["api", "v1", "namespaces", ns, "configmaps", name]) => {
             match shared
@@ -351,20 +363,56 @@ fn patch_node(shared: &Shared, req: &Request, name: &str) -> (u16, Value) {
                 .and_then(|m| m.get("resourceVersion"))
                 .and_then(Value::as_str)
                 .map(str::to_owned);
+            let uid = meta
+                .and_then(|m| m.get("uid"))
+                .and_then(Value::as_str)
+                .map(str::to_owned);
             let force = req.query("force").is_some_and(|f| f == "true");
-            let created = !st.nodes.contains_key(name);
-            if created {
-                if precondition.is_some() {
+            // The storage's precondition check (`Preconditions.Check`,
+            // `staging/src/k8s.io/apiserver/pkg/storage/interfaces.go`): a
+            // uid names the one object meant; a missing or replaced object
+            // fails it with 409 (the integration test
+            // TestCreateOnApplyFailsWithUID, kubernetes PR 138908).
+            if let Some(want) = &uid {
+                let have = st
+                    .nodes
+                    .get(name)
+                    .map(|n| n.uid.clone())
+                    .unwrap_or_default();
+                if *want != have {
                     return (
                         409,
                         status(
                             409,
                             "Conflict",
-                            "resourceVersion should not be set on objects to be created",
+                            &format!(
+                                "Operation cannot be fulfilled on nodes \"{name}\": Precondition failed: UID in precondition: {want}, UID in object meta: {have}"
+                            ),
                         ),
                     );
                 }
-                // As the API server: an apply creates a missing object.
+            }
+            let created = !st.nodes.contains_key(name);
+            if created {
+                // Creating through apply is authorized as `create`
+                // (`handlers/patch.go`: withAuthorization on the create
+                // validation), so RBAC without it answers 403.
+                if st.forbidden.contains("create") {
+                    return (
+                        403,
+                        status(
+                            403,
+                            "Forbidden",
+                            &format!(
+                                "nodes \"{name}\" is forbidden: User \"system:serviceaccount:intel-gpu:intel-gpu-labeler\" cannot create resource \"nodes\" in API group \"\" at the cluster scope"
+                            ),
+                        ),
+                    );
+                }
+                // As the API server: an apply creates a missing object,
+                // whatever resourceVersion it carries (kubernetes issue
+                // 106745; `handlers/patch.go` forces create on apply, PR
+                // 65723), and a resourceVersion is not checked on create.
                 st.next_uid += 1;
                 let uid = st.next_uid;
                 st.nodes
@@ -374,6 +422,7 @@ fn patch_node(shared: &Shared, req: &Request, name: &str) -> (u16, Value) {
                 return (500, status(500, "InternalError", "vanished"));
             };
             if let Some(pre) = precondition
+                && !created
                 && pre != node.resource_version.to_string()
             {
                 return (

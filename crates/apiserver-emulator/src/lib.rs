@@ -6,9 +6,12 @@
 //! (`application/apply-patch+yaml`, `fieldManager`, `force`) of
 //! `metadata.labels` and `metadata.annotations` with managed fields,
 //! conflicts without force (409 with causes), removal of fields a manager
-//! stops applying, a `metadata.resourceVersion` precondition, and — as the
-//! real API server — **creation of a missing object** by an apply without a
-//! resourceVersion; JSON merge patch of labels and annotations; GET of
+//! stops applying, `metadata.resourceVersion` and `metadata.uid`
+//! preconditions, and — as the real API server — **creation of a missing
+//! object** by an apply, whatever resourceVersion it carries (kubernetes
+//! issue 106745), unless it carries a uid (the precondition fails: 409) or
+//! the client may not `create` (403); JSON merge patch of labels and
+//! annotations; GET of
 //! ConfigMaps; creation of Events; 404 and 409 as Kubernetes `Status`
 //! objects; and injectable faults (500, 503, 429 with Retry-After, slow
 //! responses, dropped connections). It does not emulate authentication,
@@ -64,6 +67,11 @@ pub(crate) struct State {
     pub(crate) rng: u64,
     pub(crate) next_rv: u64,
     pub(crate) next_uid: u64,
+    /// Delete this Node right after answering its next GET (a Node deleted
+    /// between a client's read and its write).
+    pub(crate) delete_after_get: Option<String>,
+    /// Verbs on `nodes` the client's identity is not granted (RBAC).
+    pub(crate) forbidden: std::collections::BTreeSet<&'static str>,
 }
 
 impl State {
@@ -238,6 +246,20 @@ impl ApiServer {
     }
 
     /// Creates or replaces a ConfigMap's data.
+    /// Deletes Node `name` right after the next GET of it is answered: the
+    /// Node a client just read is gone when it writes.
+    pub fn delete_node_after_next_read(&self, name: &str) {
+        self.shared.lock().delete_after_get = Some(name.to_owned());
+    }
+
+    /// Denies the client the `create` verb on Nodes, as RBAC without it
+    /// does: an apply that would create a Node answers 403 (the apply
+    /// handler authorizes `create` when the object does not exist,
+    /// `staging/src/k8s.io/apiserver/pkg/endpoints/handlers/patch.go`).
+    pub fn forbid_node_creation(&self) {
+        self.shared.lock().forbidden.insert("create");
+    }
+
     pub fn set_configmap(&self, namespace: &str, name: &str, data: &[(&str, &str)]) {
         let data = data
             .iter()

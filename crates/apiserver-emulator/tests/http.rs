@@ -37,36 +37,61 @@ async fn call(
 
 const APPLY: &str = "application/apply-patch+yaml";
 
+/// Apply creates a missing object, whatever resourceVersion it carries
+/// (kubernetes issue 106745); a uid precondition is the one thing in the
+/// body that stops it; without `create` permission it is forbidden.
 #[tokio::test]
-async fn apply_creates_a_missing_object_unless_it_carries_a_resource_version() {
+async fn apply_creates_a_missing_object_unless_a_uid_or_rbac_stops_it() {
     let api = ApiServer::start().await.unwrap();
-    let body = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "labels": {"a": "1"}}});
-    let (code, node) = call(
-        &api,
-        "PATCH",
-        "/api/v1/nodes/n1?fieldManager=m",
-        APPLY,
-        &body,
-    )
-    .await;
+    let apply = |name: &str, meta: Value| {
+        let mut body = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"a": "1"}}});
+        for (k, v) in meta.as_object().unwrap() {
+            body["metadata"][k] = v.clone();
+        }
+        (format!("/api/v1/nodes/{name}?fieldManager=m"), body)
+    };
+    let (path, body) = apply("n1", json!({}));
+    let (code, node) = call(&api, "PATCH", &path, APPLY, &body).await;
     assert_eq!(code, 200);
     assert_eq!(node["metadata"]["labels"]["a"], "1");
     assert!(
         api.node("n1").is_some(),
         "created, as the real API server does"
     );
-    let body = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n2", "resourceVersion": "5", "labels": {"a": "1"}}});
-    let (code, status) = call(
-        &api,
-        "PATCH",
-        "/api/v1/nodes/n2?fieldManager=m",
-        APPLY,
-        &body,
-    )
-    .await;
+    let (path, body) = apply("n2", json!({"resourceVersion": "5"}));
+    let (code, _) = call(&api, "PATCH", &path, APPLY, &body).await;
+    assert_eq!(code, 200, "a resourceVersion does not stop the creation");
+    assert!(api.node("n2").is_some());
+    let (path, body) = apply("n3", json!({"uid": "00000000-0000-4000-8000-000000000001"}));
+    let (code, status) = call(&api, "PATCH", &path, APPLY, &body).await;
     assert_eq!(code, 409);
     assert_eq!(status["kind"], "Status");
-    assert!(api.node("n2").is_none());
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("Precondition failed: UID in precondition")
+    );
+    assert!(api.node("n3").is_none(), "a uid precondition never creates");
+    // The uid also refuses a replaced Node.
+    let old = api.node("n1").unwrap().uid;
+    api.delete_node("n1");
+    api.add_node("n1");
+    let (path, body) = apply("n1", json!({"uid": old}));
+    let (code, _) = call(&api, "PATCH", &path, APPLY, &body).await;
+    assert_eq!(code, 409);
+    // RBAC without create.
+    api.forbid_node_creation();
+    let (path, body) = apply("n4", json!({}));
+    let (code, status) = call(&api, "PATCH", &path, APPLY, &body).await;
+    assert_eq!(code, 403);
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot create resource \"nodes\"")
+    );
+    assert!(api.node("n4").is_none());
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ pub enum ClusterError {
         #[source]
         source: kube::Error,
     },
-    /// Every apply met a newer resourceVersion.
+    /// Every apply met a Node that changed under it.
     #[error("node {node} changed during every one of 3 attempts to apply labels")]
     KeepsChanging {
         /// The Node.
@@ -52,8 +52,11 @@ impl ClusterError {
 pub struct NodeState {
     /// Labels, annotations and what we own.
     pub view: NodeView,
-    /// `metadata.resourceVersion`, the precondition of our apply.
+    /// `metadata.resourceVersion` as read.
     pub resource_version: String,
+    /// `metadata.uid`: the precondition of our apply, so that it can only
+    /// ever change this very Node, never create one.
+    pub uid: String,
 }
 
 /// The labeller's handle on one Node.
@@ -138,15 +141,21 @@ impl Cluster {
             NodeState {
                 view,
                 resource_version: meta.resource_version.unwrap_or_default(),
+                uid: meta.uid.unwrap_or_default(),
             }
         }))
     }
 
     /// Applies exactly these owned labels and annotations (server-side
-    /// apply, field manager `intel-gpu-labeler`, no force), with the
-    /// resourceVersion read before as a precondition: the API server refuses
-    /// a stale one (409) and refuses to create an object that carries one,
-    /// so a deleted Node is never re-created.
+    /// apply, field manager `intel-gpu-labeler`, no force) to the Node with
+    /// this uid. An apply creates a missing object, whatever
+    /// resourceVersion it carries (kubernetes issue 106745), and only RBAC
+    /// without `create` would stop it — which does not hold for a kubelet's
+    /// own credentials in host mode. A uid does: the API server checks it
+    /// as a precondition and answers 409 when the Node is gone or was
+    /// replaced (`Precondition failed: UID in precondition`), so a deleted
+    /// Node is never re-created, in every mode. No resourceVersion is sent:
+    /// on a busy Node it would only raise needless conflicts.
     ///
     /// # Errors
     /// When the API server refuses or cannot be reached.
@@ -154,14 +163,14 @@ impl Cluster {
         &self,
         labels: &BTreeMap<String, String>,
         annotations: &BTreeMap<String, String>,
-        resource_version: &str,
+        uid: &str,
     ) -> Result<(), ClusterError> {
         let body = json!({
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {
                 "name": self.node,
-                "resourceVersion": resource_version,
+                "uid": uid,
                 "labels": labels,
                 "annotations": annotations,
             },

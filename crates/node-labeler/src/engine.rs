@@ -188,8 +188,8 @@ pub enum Outcome {
     },
 }
 
-/// Reconciles the Node through the API once (re-reading and retrying on a
-/// stale resourceVersion).
+/// Reconciles the Node through the API once (re-reading and retrying when
+/// the Node changed under the write).
 ///
 /// # Errors
 /// When the API server fails or keeps answering 409.
@@ -217,10 +217,7 @@ pub async fn reconcile_node(
         if !changed {
             return Ok(Outcome::Unchanged { labels, conflicts });
         }
-        match cluster
-            .apply(&labels, &annotations, &state.resource_version)
-            .await
-        {
+        match cluster.apply(&labels, &annotations, &state.uid).await {
             Ok(()) => {
                 tracing::info!(node = %cluster.node(), labels = labels.len(), %note, "labels applied");
                 for c in &conflicts {
@@ -237,8 +234,14 @@ pub async fn reconcile_node(
                     note,
                 });
             }
+            // The Node was deleted or replaced since the read (the uid
+            // precondition failed), or someone took a field: read again.
             Err(e) if e.code() == Some(409) => {
                 tracing::debug!(error = %chain(&e), "node changed meanwhile; reading it again")
+            }
+            // Creation forbidden (RBAC without `create`): it is gone.
+            Err(e) if e.code() == Some(403) && cluster.read().await?.is_none() => {
+                return Ok(Outcome::NodeMissing);
             }
             Err(e) => return Err(e),
         }
@@ -263,7 +266,7 @@ pub async fn cleanup(cluster: &Cluster) -> Result<Outcome, ClusterError> {
         });
     }
     cluster
-        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.resource_version)
+        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.uid)
         .await?;
     Ok(Outcome::Applied {
         labels: BTreeMap::new(),

@@ -114,7 +114,9 @@ async fn gpu_gone_removes_the_plugin_label_after_the_grace_period_only() {
         Some("enabled")
     );
     assert_eq!(
-        node.labels.get("intel.feature.node.kubernetes.io/gpu").map(String::as_str),
+        node.labels
+            .get("intel.feature.node.kubernetes.io/gpu")
+            .map(String::as_str),
         Some("true"),
         "every owned label stays through the grace"
     );
@@ -215,23 +217,70 @@ async fn a_deleted_node_is_not_recreated_and_labels_return_with_it() {
     assert_eq!(labels(&api)["intelgpu"], "enabled");
 }
 
+/// The apply carries the uid it read: a Node deleted (or deleted and
+/// registered again) between the read and the write is never created or
+/// overwritten — with node credentials too, which may create their Node.
 #[tokio::test]
-async fn the_precondition_refuses_to_create_and_to_overwrite_a_newer_node() {
+async fn the_uid_precondition_refuses_to_create_or_to_write_a_replaced_node() {
     let (api, cluster) = setup().await;
     let state = cluster.read().await.unwrap().unwrap();
+    // No resourceVersion: unrelated changes do not conflict.
     api.set_annotation(NODE, "kubelet", "heartbeat", Some("1"));
-    let err = cluster
-        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.resource_version)
+    cluster
+        .apply(
+            &BTreeMap::from([("a".to_owned(), "1".to_owned())]),
+            &BTreeMap::new(),
+            &state.uid,
+        )
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Some(409));
+        .unwrap();
     api.delete_node(NODE);
     let err = cluster
-        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.resource_version)
+        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.uid)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(409));
     assert!(api.node(NODE).is_none());
+    api.add_node(NODE);
+    let err = cluster
+        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.uid)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(409),
+        "a new Node of the same name is not the one read"
+    );
+}
+
+/// The Node goes right after the labeller read it: its write fails, it
+/// reads again, finds nothing and creates nothing — whether or not its
+/// identity may create Nodes.
+#[tokio::test]
+async fn a_node_deleted_right_after_the_read_is_not_recreated() {
+    for rbac_forbids_create in [false, true] {
+        let (api, cluster) = setup().await;
+        if rbac_forbids_create {
+            api.forbid_node_creation();
+        }
+        let inv = inventory(&NodeSpec::starlingx_edge());
+        api.delete_node_after_next_read(NODE);
+        let out = reconcile_node(&cluster, &inv, &enabled(), &POLICY, 1000)
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            Outcome::NodeMissing,
+            "rbac forbids create: {rbac_forbids_create}"
+        );
+        assert!(api.node(NODE).is_none(), "never re-created");
+        let applies = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "PATCH")
+            .count();
+        assert_eq!(applies, 1, "one write, refused; no retry storm");
+    }
 }
 
 #[tokio::test]

@@ -330,10 +330,21 @@ fn disabled_without_a_gpu_takes_the_plugin_label_and_keeps_the_rest_through_the_
     let mut view = NodeView::default();
     owned(
         &mut view,
-        &[("intelgpu", "enabled"), ("intel.feature.node.kubernetes.io/gpu", "true")],
+        &[
+            ("intelgpu", "enabled"),
+            ("intel.feature.node.kubernetes.io/gpu", "true"),
+        ],
     );
-    let (labels, annotations, _, _) =
-        apply(reconcile(&view, &empty(), &Decision::Disabled, &POLICY, 1000));
-    assert_eq!(labels, map(&[("intel.feature.node.kubernetes.io/gpu", "true")]));
+    let (labels, annotations, _, _) = apply(reconcile(
+        &view,
+        &empty(),
+        &Decision::Disabled,
+        &POLICY,
+        1000,
+    ));
+    assert_eq!(
+        labels,
+        map(&[("intel.feature.node.kubernetes.io/gpu", "true")])
+    );
     assert_eq!(annotations, map(&[(ABSENT_SINCE_ANNOTATION, "1000")]));
 }
