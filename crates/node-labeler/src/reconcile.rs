@@ -140,7 +140,7 @@ pub fn reconcile(
         let disabled = *decision == Decision::Disabled;
         let kept: BTreeMap<String, String> = owned_labels
             .iter()
-            .filter(|(k, _)| !(disabled && !is_discovery_key(k)))
+            .filter(|(k, _)| !disabled || is_discovery_key(k))
             .filter(|(k, _)| !labels.contains_key(*k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
