@@ -296,11 +296,75 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
             | ["apis", "events.k8s.io", "v1", "namespaces", _, "events"],
         ) => match serde_json::from_slice::<Value>(&req.body) {
             Ok(v) => {
-                shared.lock().events.push(v.clone());
+                let mut st = shared.lock();
+                // A named object that exists already: 409 AlreadyExists,
+                // as every create.
+                let name = v["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                if !name.is_empty()
+                    && st
+                        .events
+                        .iter()
+                        .any(|e| e["metadata"]["name"] == name.as_str())
+                {
+                    return (
+                        409,
+                        status(
+                            409,
+                            "AlreadyExists",
+                            &format!("events \"{name}\" already exists"),
+                        ),
+                    );
+                }
+                st.events.push(v.clone());
                 (201, v)
             }
             Err(e) => (400, status(400, "BadRequest", &e.to_string())),
         },
+        ("GET", ["api", "v1", "namespaces", ns, "events", name]) => {
+            let st = shared.lock();
+            match st.events.iter().find(|e| {
+                e["metadata"]["name"] == *name
+                    && e["metadata"]["namespace"].as_str().is_none_or(|n| n == *ns)
+            }) {
+                Some(e) => (200, e.clone()),
+                None => (
+                    404,
+                    status(404, "NotFound", &format!("events \"{name}\" not found")),
+                ),
+            }
+        }
+        // A repeated event: the recorder patches its count and times (JSON
+        // merge patch of top-level fields).
+        ("PATCH", ["api", "v1", "namespaces", _, "events", name]) => {
+            let patch: Value = match serde_json::from_slice(&req.body) {
+                Ok(v) => v,
+                Err(e) => return (400, status(400, "BadRequest", &e.to_string())),
+            };
+            let mut st = shared.lock();
+            match st
+                .events
+                .iter_mut()
+                .find(|e| e["metadata"]["name"] == *name)
+            {
+                Some(e) => {
+                    if let (Some(target), Some(fields)) = (e.as_object_mut(), patch.as_object()) {
+                        for (k, v) in fields {
+                            if k != "metadata" {
+                                target.insert(k.clone(), v.clone());
+                            }
+                        }
+                    }
+                    (200, e.clone())
+                }
+                None => (
+                    404,
+                    status(404, "NotFound", &format!("events \"{name}\" not found")),
+                ),
+            }
+        }
         _ => (
             404,
             status(

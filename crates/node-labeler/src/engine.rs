@@ -226,7 +226,9 @@ pub async fn reconcile_node(
                         "label {} is {:?}, set by another manager; the labeller wanted {:?} and left it",
                         c.key, c.found, c.wanted
                     );
-                    cluster.warn_event("LabelConflict", &message).await;
+                    cluster
+                        .warn_event(&state.uid, "LabelConflict", &message)
+                        .await;
                 }
                 return Ok(Outcome::Applied {
                     labels,

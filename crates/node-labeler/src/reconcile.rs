@@ -110,11 +110,12 @@ pub fn reconcile(
     };
     let mut annotations = BTreeMap::new();
     let gpu_present = inventory.advertised().next().is_some();
+    // The grace clock, whoever holds it now: someone who took it over
+    // (`kubectl annotate --overwrite`) still sets the time.
     let absent_since: Option<u64> = view
-        .owned_annotations
-        .contains(ABSENT_SINCE_ANNOTATION)
-        .then(|| view.annotations.get(ABSENT_SINCE_ANNOTATION)?.parse().ok())
-        .flatten();
+        .annotations
+        .get(ABSENT_SINCE_ANNOTATION)
+        .and_then(|v| v.parse().ok());
     // The plugin label this decision wants, if any (a GPU is needed).
     let mut note = match decision {
         Decision::Enabled(label) if gpu_present => {
@@ -165,6 +166,20 @@ pub fn reconcile(
     let mut conflicts = Vec::new();
     labels.retain(|k, v| match view.labels.get(k) {
         Some(found) if found != v && !view.owned_labels.contains(k) => {
+            conflicts.push(Conflict {
+                key: k.clone(),
+                wanted: v.clone(),
+                found: found.clone(),
+            });
+            false
+        }
+        _ => true,
+    });
+    // Annotations as labels: one someone else set to another value is not
+    // applied (a non-forced apply would be refused on every try and wedge
+    // the Node); it is reported, and its value is what counts.
+    annotations.retain(|k, v| match view.annotations.get(k) {
+        Some(found) if found != v && !view.owned_annotations.contains(k) => {
             conflicts.push(Conflict {
                 key: k.clone(),
                 wanted: v.clone(),

@@ -183,6 +183,30 @@ async fn other_owners_and_hand_set_values_are_left_alone() {
             && e["message"].as_str().unwrap().contains("intelgpu")),
         "{events:?}"
     );
+    // The Event names the Node by uid (kubectl describe node shows it), and
+    // the same conflict again counts up instead of piling up.
+    let uid = api.node(NODE).unwrap().uid;
+    assert!(
+        events
+            .iter()
+            .all(|e| e["involvedObject"]["uid"] == uid.as_str()),
+        "{events:?}"
+    );
+    let before = events.len();
+    // Other hardware, so the labeller writes again and meets the conflict.
+    let other = inventory(&NodeSpec::battlemage_workstation());
+    let out = reconcile_node(&cluster, &other, &enabled(), &POLICY, 1001)
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Applied { .. }), "{out:?}");
+    let events = api.events();
+    assert_eq!(events.len(), before, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "LabelConflict" && e["count"] == 2),
+        "{events:?}"
+    );
     // Disabling later (and the GPUs gone past the grace) removes only
     // what we own.
     let none = inventory(&NodeSpec::default());
@@ -416,5 +440,47 @@ async fn the_first_existing_source_decides() {
             Decision::Unknown(_)
         ),
         "an unreadable source is unknown"
+    );
+}
+
+/// `kubectl annotate --overwrite` takes the labeller's clock annotation: the
+/// next reconcile neither fails on a field-manager conflict forever nor
+/// overwrites it; it reports the conflict and goes on.
+#[tokio::test]
+async fn an_annotation_taken_by_hand_does_not_wedge_the_node() {
+    let (api, cluster) = setup().await;
+    reconcile_node(
+        &cluster,
+        &inventory(&NodeSpec::starlingx_edge()),
+        &enabled(),
+        &POLICY,
+        1000,
+    )
+    .await
+    .unwrap();
+    let none = inventory(&NodeSpec::default());
+    reconcile_node(&cluster, &none, &enabled(), &POLICY, 2000)
+        .await
+        .unwrap();
+    assert_eq!(
+        api.node(NODE).unwrap().annotations[ABSENT_SINCE_ANNOTATION],
+        "2000"
+    );
+    api.set_annotation(
+        NODE,
+        "kubectl-annotate",
+        ABSENT_SINCE_ANNOTATION,
+        Some("tomorrow"),
+    );
+    let out = reconcile_node(&cluster, &none, &enabled(), &POLICY, 2010)
+        .await
+        .unwrap();
+    let (Outcome::Applied { conflicts, .. } | Outcome::Unchanged { conflicts, .. }) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(
+        api.node(NODE).unwrap().annotations[ABSENT_SINCE_ANNOTATION],
+        "tomorrow"
     );
 }

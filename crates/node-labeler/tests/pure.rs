@@ -348,3 +348,31 @@ fn disabled_without_a_gpu_takes_the_plugin_label_and_keeps_the_rest_through_the_
     );
     assert_eq!(annotations, map(&[(ABSENT_SINCE_ANNOTATION, "1000")]));
 }
+
+#[test]
+fn an_annotation_taken_over_by_hand_does_not_wedge_the_node() {
+    // We own the plugin label and the clock; an operator overwrote the clock.
+    let mut view = NodeView::default();
+    owned(&mut view, &[("intelgpu", "enabled")]);
+    view.annotations
+        .insert(ABSENT_SINCE_ANNOTATION.into(), "900".into());
+    let (labels, annotations, conflicts, _) =
+        apply(reconcile(&view, &empty(), &enabled(), &POLICY, 1000));
+    // Their value is the clock (kept 100 s of 300 s); applying the same
+    // value shares the field, no conflict.
+    assert!(labels.contains_key("intelgpu"));
+    assert_eq!(annotations, map(&[(ABSENT_SINCE_ANNOTATION, "900")]));
+    assert!(conflicts.is_empty(), "same value: no conflict");
+    view.annotations
+        .insert(ABSENT_SINCE_ANNOTATION.into(), "garbage".into());
+    let (_, annotations, conflicts, _) =
+        apply(reconcile(&view, &empty(), &enabled(), &POLICY, 1000));
+    assert!(annotations.is_empty());
+    assert_eq!(conflicts.len(), 1);
+    assert_eq!(conflicts[0].key, ABSENT_SINCE_ANNOTATION);
+    // Grace over by their clock: the label goes.
+    view.annotations
+        .insert(ABSENT_SINCE_ANNOTATION.into(), "500".into());
+    let (labels, ..) = apply(reconcile(&view, &empty(), &enabled(), &POLICY, 1000));
+    assert!(!labels.contains_key("intelgpu"));
+}
