@@ -56,6 +56,11 @@ pub struct Cli {
         global = true
     )]
     pub nfd_features_dir: PathBuf,
+    /// How long the NFD feature file stays valid after it is written (NFD
+    /// drops its labels after that, e.g. when the labeller died); it is
+    /// rewritten when half of it has passed.
+    #[arg(long, default_value = "1h", value_parser = parse_duration, global = true)]
+    pub nfd_expiry: Duration,
     /// How long a node without GPUs keeps the plugin label (e.g. 5m, 30s, 0s).
     #[arg(long, default_value = "5m", value_parser = parse_duration, global = true)]
     pub removal_grace: Duration,

@@ -16,7 +16,7 @@ use node_labeler::engine::{
     Outcome, Settle, Source, cleanup, decide, decide_with_evidence, reconcile_features_file,
     reconcile_node,
 };
-use node_labeler::reconcile::{Intent, NodeView, Policy, reconcile};
+use node_labeler::reconcile::{Intent, NodeView, OPT_OUT_ANNOTATION, Policy, reconcile};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
@@ -178,11 +178,18 @@ async fn dispatch(cli: Cli, setup: Setup) -> anyhow::Result<()> {
     let needs_api = cli.output == Output::Api
         || cli.enabled_plugins_configmap.is_some()
         || cli.command == Some(Command::Cleanup);
+    let node = cli.node_name.clone().unwrap_or_default();
     let cluster = if needs_api {
-        let node = cli.node_name.clone().unwrap_or_default();
         Some(Cluster::new(client(&cli).await?, &node))
     } else {
-        None
+        // NFD mode: the API only to read the opt-out, where there is one.
+        match client(&cli).await {
+            Ok(c) => Some(Cluster::new(c, &node)),
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "no API client: the opt-out annotation is not checked in NFD mode");
+                None
+            }
+        }
     };
     if cli.command == Some(Command::Cleanup) {
         let Some(cluster) = &cluster else {
@@ -226,13 +233,34 @@ async fn once(
         (Output::Api, Some(c)) => {
             Ok(reconcile_node(c, inventory, decision, &setup.policy, now()).await?)
         }
-        (Output::NfdFeaturesFile, _) => reconcile_features_file(
-            &cli.nfd_features_dir,
-            inventory,
-            decision,
-            &setup.policy,
-            now(),
-        )
+        (Output::NfdFeaturesFile, cluster) => {
+            // The opt-out holds here too, where the Node can be read; a
+            // failed read does not stop the file.
+            if let Some(c) = cluster {
+                match c.read().await {
+                    Ok(Some(n))
+                        if n.view
+                            .annotations
+                            .get(OPT_OUT_ANNOTATION)
+                            .is_some_and(|v| v == "disabled") =>
+                    {
+                        return Ok(Outcome::OptedOut);
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::debug!(error = %format!("{error}"), "could not read the Node for its opt-out");
+                    }
+                }
+            }
+            reconcile_features_file(
+                &cli.nfd_features_dir,
+                inventory,
+                decision,
+                &setup.policy,
+                now(),
+                cli.nfd_expiry,
+            )
+        }
         .with_context(|| {
             format!(
                 "cannot write the feature file in {}",

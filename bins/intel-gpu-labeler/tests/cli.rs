@@ -182,6 +182,38 @@ fn nfd_feature_file() {
         content.lines().any(|l| l == "gpu.intel.com/tiles=5"),
         "{content}"
     );
+    // NFD's expiry directive, an hour ahead by default.
+    let expiry = content
+        .lines()
+        .find_map(|l| l.strip_prefix("# +expiry-time="))
+        .expect("an expiry time");
+    assert!(expiry.ends_with('Z') && expiry.len() == 20, "{expiry}");
+}
+
+/// NFD mode reads the Node (where it can) for the opt-out annotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nfd_mode_honours_the_opt_out() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let api = ApiServer::start().await.unwrap();
+    api.add_node(NODE);
+    api.set_annotation(NODE, "admin", "gpu.intel.com/labeler", Some("disabled"));
+    let kc = env.kubeconfig(&api);
+    let file = env.plugins_file(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#);
+    let dir = env.dir.path().join("features.d");
+    let out = run(env
+        .cmd()
+        .args(["--oneshot", "--output", "nfd-features-file"])
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .arg("--nfd-features-dir")
+        .arg(&dir)
+        .arg("--enabled-plugins-file")
+        .arg(&file));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("opted out"), "{}", text(&out));
+    assert!(!dir.join("intel-gpu-labeler").exists());
+    // The Node was only read, never written.
+    assert!(api.requests().iter().all(|r| r.method == "GET"));
 }
 
 fn wait(what: &str, f: impl Fn() -> bool) {

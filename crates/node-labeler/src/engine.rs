@@ -277,16 +277,33 @@ pub async fn cleanup(cluster: &Cluster) -> Result<Outcome, ClusterError> {
     })
 }
 
+/// NFD's directive giving a feature file an expiry time (RFC 3339): after
+/// it NFD ignores the file, so labels of a labeller that died do not claim
+/// GPUs for ever (NFD's `features.d` format).
+const EXPIRY_DIRECTIVE: &str = "# +expiry-time=";
+
 /// The NFD feature file as a [`NodeView`]: its labels are ours; the grace
 /// clock is kept in a comment.
 #[must_use]
 pub fn read_features_file(dir: &Path) -> NodeView {
+    read_features(dir).0
+}
+
+/// The feature file's view and its expiry (Unix seconds), if any.
+fn read_features(dir: &Path) -> (NodeView, Option<i64>) {
     let mut view = NodeView::default();
+    let mut expiry = None;
     let Ok(text) = std::fs::read_to_string(dir.join(NFD_FILE)) else {
-        return view;
+        return (view, expiry);
     };
     for line in text.lines() {
-        if let Some(since) = line.strip_prefix(&format!("# {ABSENT_SINCE_ANNOTATION}=")) {
+        if let Some(at) = line.strip_prefix(EXPIRY_DIRECTIVE) {
+            expiry = at
+                .trim()
+                .parse::<k8s_openapi::jiff::Timestamp>()
+                .ok()
+                .map(|t| t.as_second());
+        } else if let Some(since) = line.strip_prefix(&format!("# {ABSENT_SINCE_ANNOTATION}=")) {
             view.annotations
                 .insert(ABSENT_SINCE_ANNOTATION.into(), since.trim().into());
             view.owned_annotations
@@ -296,7 +313,7 @@ pub fn read_features_file(dir: &Path) -> NodeView {
             view.owned_labels.insert(k.trim().into());
         }
     }
-    view
+    (view, expiry)
 }
 
 /// Writes the NFD feature file atomically (`key=value` lines; NFD prefixes
@@ -308,9 +325,13 @@ pub fn write_features_file(
     dir: &Path,
     labels: &BTreeMap<String, String>,
     annotations: &BTreeMap<String, String>,
+    expires: i64,
 ) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut text = String::from("# Written by intel-gpu-labeler. Do not edit.\n");
+    if let Ok(at) = k8s_openapi::jiff::Timestamp::from_second(expires) {
+        text.push_str(&format!("{EXPIRY_DIRECTIVE}{at}\n"));
+    }
     if let Some(since) = annotations.get(ABSENT_SINCE_ANNOTATION) {
         text.push_str(&format!("# {ABSENT_SINCE_ANNOTATION}={since}\n"));
     }
@@ -324,7 +345,9 @@ pub fn write_features_file(
     std::fs::rename(&tmp, dir.join(NFD_FILE))
 }
 
-/// Reconciles the NFD feature file once.
+/// Reconciles the NFD feature file once. The file expires `ttl` after it
+/// is written (NFD then drops its labels); it is written again when its
+/// content changes or half of that time has passed.
 ///
 /// # Errors
 /// When the file cannot be written.
@@ -334,8 +357,12 @@ pub fn reconcile_features_file(
     decision: &Decision,
     policy: &Policy,
     now: u64,
+    ttl: std::time::Duration,
 ) -> std::io::Result<Outcome> {
-    let view = read_features_file(dir);
+    let (view, expiry) = read_features(dir);
+    let now_s = i64::try_from(now).unwrap_or(i64::MAX);
+    let ttl_s = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+    let stale = expiry.is_none_or(|e| e - now_s < ttl_s / 2);
     let Intent::Apply {
         labels,
         annotations,
@@ -346,10 +373,10 @@ pub fn reconcile_features_file(
     else {
         return Ok(Outcome::OptedOut);
     };
-    if !changed && dir.join(NFD_FILE).exists() {
+    if !changed && !stale && dir.join(NFD_FILE).exists() {
         return Ok(Outcome::Unchanged { labels, conflicts });
     }
-    write_features_file(dir, &labels, &annotations)?;
+    write_features_file(dir, &labels, &annotations, now_s.saturating_add(ttl_s))?;
     Ok(Outcome::Applied {
         labels,
         conflicts,

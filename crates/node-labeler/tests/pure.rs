@@ -376,3 +376,32 @@ fn an_annotation_taken_over_by_hand_does_not_wedge_the_node() {
     let (labels, ..) = apply(reconcile(&view, &empty(), &enabled(), &POLICY, 1000));
     assert!(!labels.contains_key("intelgpu"));
 }
+
+#[test]
+fn the_nfd_file_expires_and_is_refreshed_at_half_its_life() {
+    use node_labeler::engine::{Outcome, reconcile_features_file};
+    let dir = tempfile::tempdir().unwrap();
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let ttl = Duration::from_secs(3600);
+    let run =
+        |now| reconcile_features_file(dir.path(), &inv, &enabled(), &POLICY, now, ttl).unwrap();
+    assert!(matches!(run(1_000), Outcome::Applied { .. }));
+    let text = std::fs::read_to_string(dir.path().join("intel-gpu-labeler")).unwrap();
+    assert!(
+        text.contains("# +expiry-time=1970-01-01T01:16:40Z"),
+        "{text}"
+    );
+    assert!(
+        matches!(run(2_000), Outcome::Unchanged { .. }),
+        "nothing to write yet"
+    );
+    assert!(
+        matches!(run(2_801), Outcome::Applied { .. }),
+        "refreshed at half its life"
+    );
+    let text = std::fs::read_to_string(dir.path().join("intel-gpu-labeler")).unwrap();
+    assert!(
+        text.contains("# +expiry-time=1970-01-01T01:46:41Z"),
+        "{text}"
+    );
+}
