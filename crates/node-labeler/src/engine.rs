@@ -67,8 +67,18 @@ pub async fn decide_with_evidence(
     sources: &[Source],
     cluster: Option<&Cluster>,
 ) -> Result<(Decision, String), ParseError> {
+    // One truth per cluster: where a ConfigMap is configured (and the API
+    // is there to read it), it alone decides. Every node of a DaemonSet
+    // reads the same object, so no two can disagree; a stale file on one
+    // host is never consulted, and a missing ConfigMap is unknown rather
+    // than a fall-back to that file. Files decide where no ConfigMap is
+    // configured (host mode, standalone) or nothing can read it.
+    let cluster_wide = cluster.is_some() && sources.iter().any(|s| matches!(s, Source::ConfigMap { .. }));
     let mut looked = Vec::new();
     for source in sources {
+        if cluster_wide && matches!(source, Source::File(_)) {
+            continue;
+        }
         match source {
             Source::File(path) => match read_file(path) {
                 Ok(set) => return Ok((decision_of(&set), format!("{source}: {set:?}"))),

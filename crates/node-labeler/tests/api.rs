@@ -383,7 +383,7 @@ async fn cleanup_removes_exactly_what_the_labeller_owns() {
 }
 
 #[tokio::test]
-async fn the_first_existing_source_decides() {
+async fn a_configured_configmap_alone_decides_files_only_without_one() {
     let (api, cluster) = setup().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("enabled_kube_plugins");
@@ -392,24 +392,30 @@ async fn the_first_existing_source_decides() {
         name: "enabled-kube-plugins".into(),
     };
     let sources = [Source::File(file.clone()), cm.clone()];
-    assert!(matches!(
-        decide(&sources, Some(&cluster)).await.unwrap(),
-        Decision::Unknown(_)
-    ));
+    // A stale file on this host says "not enabled"; the cluster says
+    // nothing yet: unknown, never the file's word.
+    std::fs::write(&file, r#"{"intel-qat-plugin": "intelqat=enabled"}"#).unwrap();
+    let d = decide(&sources, Some(&cluster)).await.unwrap();
+    assert!(matches!(&d, Decision::Unknown(why) if why.contains("configmap")), "{d:?}");
     api.set_configmap(
         "kube-system",
         "enabled-kube-plugins",
         &[("enabled_kube_plugins", r#"["intelgpu"]"#)],
     );
-    assert_eq!(decide(&sources, Some(&cluster)).await.unwrap(), enabled());
-    std::fs::write(&file, r#"{"intel-qat-plugin": "intelqat=enabled"}"#).unwrap();
     assert_eq!(
         decide(&sources, Some(&cluster)).await.unwrap(),
-        Decision::Disabled,
-        "the file comes first"
+        enabled(),
+        "the ConfigMap decides for every node; the stale file is not consulted"
+    );
+    // Without an API (a dry run), or without a ConfigMap configured (host
+    // mode), the files decide, the first that exists first.
+    assert_eq!(decide(&sources, None).await.unwrap(), Decision::Disabled);
+    assert_eq!(
+        decide(&[Source::File(file.clone())], Some(&cluster)).await.unwrap(),
+        Decision::Disabled
     );
     std::fs::write(&file, r#"{"intel-gpu-plugin": "intelgpu"}"#).unwrap();
-    let err = decide(&sources, Some(&cluster)).await.unwrap_err();
+    let err = decide(&[Source::File(file.clone())], None).await.unwrap_err();
     assert!(
         err.to_string()
             .contains("is not a label of the form key=value"),
@@ -420,7 +426,6 @@ async fn the_first_existing_source_decides() {
         "enabled-kube-plugins",
         &[("enabled_kube_plugins", "[")],
     );
-    std::fs::remove_file(&file).unwrap();
     let err = decide(&sources, Some(&cluster)).await.unwrap_err();
     assert!(
         err.to_string()
@@ -441,6 +446,11 @@ async fn the_first_existing_source_decides() {
         ),
         "an unreadable source is unknown"
     );
+    // An unreadable file names itself, and is unknown.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let d = decide(&[Source::File(file.clone())], None).await.unwrap();
+    assert!(matches!(&d, Decision::Unknown(why) if why.contains("enabled_kube_plugins")), "{d:?}");
 }
 
 /// `kubectl annotate --overwrite` takes the labeller's clock annotation: the
