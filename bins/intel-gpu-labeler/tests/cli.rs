@@ -332,3 +332,121 @@ async fn a_blank_file_is_no_decision_and_disabled_is_confirmed() {
     );
     assert!(!has(&api, "intelgpu"));
 }
+
+/// `(resource, verb)` of an API request, as RBAC sees it.
+fn rbac_verb(method: &str, target: &str) -> (String, String) {
+    let path = target.split('?').next().unwrap_or("");
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // /api/v1/<res>[/<name>] or /api/v1/namespaces/<ns>/<res>[/<name>]
+    let rest = if parts.get(2) == Some(&"namespaces") {
+        &parts[4..]
+    } else {
+        &parts[2..]
+    };
+    let resource = rest.first().copied().unwrap_or("").to_owned();
+    let named = rest.len() > 1;
+    let verb = match (method, named, target.contains("watch=")) {
+        ("GET", _, true) => "watch",
+        ("GET", true, _) => "get",
+        ("GET", false, _) => "list",
+        ("POST", _, _) => "create",
+        ("PATCH", _, _) => "patch",
+        ("PUT", _, _) => "update",
+        ("DELETE", _, _) => "delete",
+        _ => "?",
+    };
+    (resource, verb.to_owned())
+}
+
+/// The `(resource, verb)` pairs the base RBAC grants the labeller.
+fn granted() -> std::collections::BTreeSet<(String, String)> {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/base/labeler-rbac.yaml"),
+    )
+    .unwrap();
+    let list = |line: &str| -> Vec<String> {
+        line.split_once('[')
+            .and_then(|(_, r)| r.split_once(']'))
+            .map(|(inside, _)| {
+                inside
+                    .split(',')
+                    .map(|s| s.trim().trim_matches('"').to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut out = std::collections::BTreeSet::new();
+    let mut resources = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(r) = line.strip_prefix("resources:") {
+            resources = list(r);
+        } else if let Some(v) = line.strip_prefix("verbs:") {
+            for r in &resources {
+                for verb in list(v) {
+                    out.insert((r.clone(), verb));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The base RBAC grants exactly what the labeller calls: a run that reads
+/// its ConfigMap and Node, applies labels and records (and counts up) a
+/// conflict Event uses every granted verb and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_is_exactly_what_the_labeller_uses() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let api = ApiServer::start().await.unwrap();
+    api.add_node(NODE);
+    api.set_label(NODE, "kubectl", "intelgpu", Some("manual"));
+    api.set_configmap(
+        "intel-gpu",
+        "enabled-kube-plugins",
+        &[("enabled_kube_plugins", r#"["intelgpu"]"#)],
+    );
+    let kc = env.kubeconfig(&api);
+    for grace in ["5m", "4m"] {
+        // Two runs: the second changes nothing but meets the conflict again.
+        let out = run(env
+            .cmd()
+            .arg("--oneshot")
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args([
+                "--enabled-plugins-configmap",
+                "intel-gpu/enabled-kube-plugins",
+            ])
+            .args(["--removal-grace", grace]));
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    // A GPU gone, to write again (and meet the conflict again).
+    env.node.remove_gpu(0).unwrap();
+    let out = run(env
+        .cmd()
+        .arg("--oneshot")
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args([
+            "--enabled-plugins-configmap",
+            "intel-gpu/enabled-kube-plugins",
+        ]));
+    assert!(out.status.success(), "{}", text(&out));
+    let used: std::collections::BTreeSet<(String, String)> = api
+        .requests()
+        .iter()
+        .map(|r| rbac_verb(&r.method, &r.target))
+        .collect();
+    let mut granted = granted();
+    // The ConfigMap's Role.
+    assert!(granted.contains(&("configmaps".to_owned(), "get".to_owned())));
+    let used_nodes_events: std::collections::BTreeSet<_> = used
+        .iter()
+        .filter(|(r, _)| r != "configmaps")
+        .cloned()
+        .collect();
+    granted.retain(|(r, _)| r != "configmaps");
+    assert_eq!(used_nodes_events, granted, "used (left) vs granted (right)");
+}

@@ -73,7 +73,10 @@ pub async fn decide_with_evidence(
     // host is never consulted, and a missing ConfigMap is unknown rather
     // than a fall-back to that file. Files decide where no ConfigMap is
     // configured (host mode, standalone) or nothing can read it.
-    let cluster_wide = cluster.is_some() && sources.iter().any(|s| matches!(s, Source::ConfigMap { .. }));
+    let cluster_wide = cluster.is_some()
+        && sources
+            .iter()
+            .any(|s| matches!(s, Source::ConfigMap { .. }));
     let mut looked = Vec::new();
     for source in sources {
         if cluster_wide && matches!(source, Source::File(_)) {

@@ -396,7 +396,10 @@ async fn a_configured_configmap_alone_decides_files_only_without_one() {
     // nothing yet: unknown, never the file's word.
     std::fs::write(&file, r#"{"intel-qat-plugin": "intelqat=enabled"}"#).unwrap();
     let d = decide(&sources, Some(&cluster)).await.unwrap();
-    assert!(matches!(&d, Decision::Unknown(why) if why.contains("configmap")), "{d:?}");
+    assert!(
+        matches!(&d, Decision::Unknown(why) if why.contains("configmap")),
+        "{d:?}"
+    );
     api.set_configmap(
         "kube-system",
         "enabled-kube-plugins",
@@ -411,11 +414,15 @@ async fn a_configured_configmap_alone_decides_files_only_without_one() {
     // mode), the files decide, the first that exists first.
     assert_eq!(decide(&sources, None).await.unwrap(), Decision::Disabled);
     assert_eq!(
-        decide(&[Source::File(file.clone())], Some(&cluster)).await.unwrap(),
+        decide(&[Source::File(file.clone())], Some(&cluster))
+            .await
+            .unwrap(),
         Decision::Disabled
     );
     std::fs::write(&file, r#"{"intel-gpu-plugin": "intelgpu"}"#).unwrap();
-    let err = decide(&[Source::File(file.clone())], None).await.unwrap_err();
+    let err = decide(&[Source::File(file.clone())], None)
+        .await
+        .unwrap_err();
     assert!(
         err.to_string()
             .contains("is not a label of the form key=value"),
@@ -450,7 +457,10 @@ async fn a_configured_configmap_alone_decides_files_only_without_one() {
     std::fs::remove_file(&file).unwrap();
     std::fs::create_dir(&file).unwrap();
     let d = decide(&[Source::File(file.clone())], None).await.unwrap();
-    assert!(matches!(&d, Decision::Unknown(why) if why.contains("enabled_kube_plugins")), "{d:?}");
+    assert!(
+        matches!(&d, Decision::Unknown(why) if why.contains("enabled_kube_plugins")),
+        "{d:?}"
+    );
 }
 
 /// `kubectl annotate --overwrite` takes the labeller's clock annotation: the
