@@ -17,9 +17,14 @@ pub struct Cli {
     /// What to do (default: run).
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// The Node to label.
+    /// The Node to label (default: from the credentials, when they are a
+    /// node's own: `system:node:<name>`, asked of the API server).
     #[arg(long, env = "NODE_NAME", global = true)]
     pub node_name: Option<String>,
+    /// The server-side apply field manager (host mode next to a DaemonSet
+    /// labeller: use another, e.g. intel-gpu-labeler-host).
+    #[arg(long, default_value = "intel-gpu-labeler", global = true)]
+    pub field_manager: String,
     /// Where sysfs is read.
     #[arg(long, default_value = "/sys", global = true)]
     pub sysfs_root: PathBuf,

@@ -109,10 +109,8 @@ pub(crate) fn main(cli: Cli) -> ExitCode {
             }
         }
     }
-    let needs_node =
-        !cli.dry_run && (cli.output == Output::Api || cli.command == Some(Command::Cleanup));
-    if needs_node && cli.node_name.as_deref().is_none_or(str::is_empty) {
-        return usage("--node-name (or NODE_NAME) is required");
+    if cli.field_manager.is_empty() || cli.field_manager.len() > 128 {
+        return usage("--field-manager must be 1 to 128 characters");
     }
     let setup = Setup {
         sources,
@@ -141,6 +139,54 @@ pub(crate) fn main(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The Node to label: `--node-name` (or `NODE_NAME`), else the node whose
+/// own credentials these are — the API server's answer to "who am I"
+/// (`SelfSubjectReview`, Kubernetes ≥ 1.28) is `system:node:<name>` for a
+/// kubelet's identity. Unlike systemd's `%l` it is right on nodes
+/// registered by FQDN.
+async fn node_name(cli: &Cli, client: &kube::Client) -> anyhow::Result<String> {
+    if let Some(name) = cli.node_name.as_deref().filter(|n| !n.is_empty()) {
+        return Ok(name.to_owned());
+    }
+    let user = node_labeler::cluster::who_am_i(client).await.context(
+        "no --node-name (or NODE_NAME), and the API server cannot say who these credentials are",
+    )?;
+    match user.strip_prefix("system:node:") {
+        Some(name) if !name.is_empty() => {
+            tracing::info!(node = name, "node name from the kubelet's credentials");
+            Ok(name.to_owned())
+        }
+        _ => bail!(
+            "no --node-name (or NODE_NAME), and the credentials are {user:?}, not a node's (system:node:<name>)"
+        ),
+    }
+}
+
+/// What identifies the credentials' files now: the client certificate, key
+/// and token files a kubeconfig names, with their modification times (the
+/// kubelet rotates `kubelet-client-current.pem` by replacing the file a
+/// symlink points to). `None` without such files.
+fn credential_files(cli: &Cli) -> Option<Vec<(std::path::PathBuf, std::time::SystemTime)>> {
+    let path = cli.kubeconfig.as_ref()?;
+    let kc = kube::config::Kubeconfig::read_from(path).ok()?;
+    let base = path.parent().unwrap_or(std::path::Path::new("/"));
+    let mut out = Vec::new();
+    for named in &kc.auth_infos {
+        let Some(auth) = &named.auth_info else {
+            continue;
+        };
+        for file in [&auth.client_certificate, &auth.client_key, &auth.token_file]
+            .into_iter()
+            .flatten()
+        {
+            let p = base.join(file);
+            let modified = std::fs::metadata(&p).and_then(|m| m.modified()).ok()?;
+            out.push((p, modified));
+        }
+    }
+    Some(out)
 }
 
 async fn client(cli: &Cli) -> anyhow::Result<kube::Client> {
@@ -178,13 +224,18 @@ async fn dispatch(cli: Cli, setup: Setup) -> anyhow::Result<()> {
     let needs_api = cli.output == Output::Api
         || cli.enabled_plugins_configmap.is_some()
         || cli.command == Some(Command::Cleanup);
-    let node = cli.node_name.clone().unwrap_or_default();
     let cluster = if needs_api {
-        Some(Cluster::new(client(&cli).await?, &node))
+        let c = client(&cli).await?;
+        let node = node_name(&cli, &c).await?;
+        Some(Cluster::new(c, &node).with_field_manager(&cli.field_manager))
     } else {
         // NFD mode: the API only to read the opt-out, where there is one.
-        match client(&cli).await {
-            Ok(c) => Some(Cluster::new(c, &node)),
+        let found = match client(&cli).await {
+            Ok(c) => node_name(&cli, &c).await.map(|n| (c, n)),
+            Err(e) => Err(e),
+        };
+        match found {
+            Ok((c, node)) => Some(Cluster::new(c, &node).with_field_manager(&cli.field_manager)),
             Err(error) => {
                 tracing::warn!(error = %format!("{error:#}"), "no API client: the opt-out annotation is not checked in NFD mode");
                 None
@@ -362,7 +413,10 @@ impl ops_http::Endpoints for Stats {
     }
 }
 
-async fn daemon(cli: Cli, setup: Setup, cluster: Option<Cluster>) -> anyhow::Result<()> {
+async fn daemon(cli: Cli, setup: Setup, mut cluster: Option<Cluster>) -> anyhow::Result<()> {
+    // Host mode: the kubelet rotates its client certificate; a client
+    // built from the old one would fail once it expires.
+    let mut creds = credential_files(&cli);
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let stats = Arc::new(Stats::default());
@@ -400,6 +454,23 @@ async fn daemon(cli: Cli, setup: Setup, cluster: Option<Cluster>) -> anyhow::Res
     let mut failures: u32 = 0;
     let mut settle = Settle::new(cli.settle);
     loop {
+        let now_creds = credential_files(&cli);
+        if now_creds != creds
+            && let Some(current) = &cluster
+        {
+            match client(&cli).await {
+                Ok(c) => {
+                    tracing::info!("the client credentials changed on disk; using the new ones");
+                    cluster = Some(
+                        Cluster::new(c, current.node()).with_field_manager(current.field_manager()),
+                    );
+                    creds = now_creds;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %format!("{error:#}"), "the client credentials changed but cannot be used yet; keeping the old ones");
+                }
+            }
+        }
         stats.reconciles.fetch_add(1, Ordering::Relaxed);
         let mut recheck = None;
         let (decision, note) = match decide_with_evidence(&setup.sources, cluster.as_ref()).await {

@@ -81,13 +81,23 @@ fn version_help_and_unknown_flags() {
         &["--enabled-plugins-configmap", "nonamespace"],
         &["--allow-ids", "0x56a0", "--deny-ids", "0x56c0"],
         &["--http-address", "nowhere", "--node-name", "n"],
-        &["--oneshot"],
+        &["--field-manager", ""],
     ] {
         let out = run(Command::new(BIN).args(args).env_remove("NODE_NAME"));
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
     }
+    // No node name and no credentials to learn it from: one line, exit 1.
+    let out = run(Command::new(BIN)
+        .arg("--oneshot")
+        .env_remove("NODE_NAME")
+        .env_remove("KUBECONFIG")
+        .env("HOME", "/nonexistent"));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("kubeconfig"), "{err}");
 }
 
 #[test]
@@ -449,4 +459,180 @@ async fn rbac_is_exactly_what_the_labeller_uses() {
         .collect();
     granted.retain(|(r, _)| r != "configmaps");
     assert_eq!(used_nodes_events, granted, "used (left) vs granted (right)");
+}
+
+/// Host mode: the node name comes from the kubelet's own credentials
+/// (`system:node:<name>`), not from a flag or `%l`; credentials that are
+/// not a node's are refused with a clear line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_name_comes_from_a_kubelets_credentials() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let api = ApiServer::start().await.unwrap();
+    let fqdn = "edge-0.example.org";
+    api.add_node(fqdn);
+    api.set_identity(&format!("system:node:{fqdn}"));
+    let kc = env.kubeconfig(&api);
+    let file = env.plugins_file(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#);
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--sysfs-root")
+        .arg(env.node.sysfs_root())
+        .arg("--devfs-root")
+        .arg(env.node.devfs_root())
+        .args(["--oneshot", "--http-address", ""])
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .arg("--enabled-plugins-file")
+        .arg(&file)
+        .env_remove("NODE_NAME");
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(api.node(fqdn).unwrap().labels["intelgpu"], "enabled");
+    api.set_identity("system:serviceaccount:default:someone");
+    let out = run(&mut cmd);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("not a node's"), "{}", text(&out));
+}
+
+/// A DaemonSet labeller and a host-mode one on one node use separate field
+/// managers: they never co-own (and flip) the same fields; where they
+/// disagree the second leaves the first's value and reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_labellers_on_one_node_do_not_fight() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let api = ApiServer::start().await.unwrap();
+    api.add_node(NODE);
+    let kc = env.kubeconfig(&api);
+    let on = env.plugins_file(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#);
+    let run_as = |manager: &str, file: &PathBuf| {
+        run(env
+            .cmd()
+            .arg("--oneshot")
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .arg("--enabled-plugins-file")
+            .arg(file)
+            .args(["--field-manager", manager]))
+    };
+    assert!(run_as("intel-gpu-labeler", &on).status.success());
+    let other = env.dir.path().join("other");
+    std::fs::write(&other, r#"{"intel-gpu-plugin": "intelgpu=yes"}"#).unwrap();
+    let out = run_as("intel-gpu-labeler-host", &other);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("1 conflicts"), "{}", text(&out));
+    let node = api.node(NODE).unwrap();
+    assert_eq!(
+        node.labels["intelgpu"], "enabled",
+        "the first owner's value stays"
+    );
+    let managers: Vec<&str> = node.managers.iter().map(|m| m.name.as_str()).collect();
+    assert!(
+        managers.contains(&"intel-gpu-labeler") && managers.contains(&"intel-gpu-labeler-host"),
+        "{managers:?}"
+    );
+}
+
+/// The kubelet rotates its client credentials: the daemon notices the new
+/// files and builds a new client, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_credentials_are_picked_up() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let api = ApiServer::start().await.unwrap();
+    api.add_node(NODE);
+    let token = env.dir.path().join("token");
+    std::fs::write(&token, "one").unwrap();
+    let kc = env.dir.path().join("kubeconfig");
+    let base = api.kubeconfig();
+    // The emulator's kubeconfig with a token file instead of a token.
+    let with_file = base
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("token:") {
+                format!("    tokenFile: {}", token.display())
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(with_file.contains("tokenFile"), "{base}");
+    std::fs::write(&kc, with_file).unwrap();
+    let file = env.plugins_file(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#);
+    let child = env
+        .cmd()
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .arg("--enabled-plugins-file")
+        .arg(&file)
+        .args(["--resync", "200ms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let a = std::sync::Arc::new(api);
+    let w = std::sync::Arc::clone(&a);
+    tokio::task::spawn_blocking(move || wait("labels", || has(&w, "intelgpu")))
+        .await
+        .unwrap();
+    // Rotation: a new file, a later modification time.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&token, "two").unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("credentials changed on disk"), "{log}");
+}
+
+/// The systemd unit: `systemd-analyze verify` accepts it, it pulls in no
+/// kubelet, tolerates missing paths and names no node by `%l`.
+#[test]
+fn the_systemd_unit_verifies_and_starts_anywhere() {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/systemd/intel-gpu-labeler.service"),
+    )
+    .unwrap();
+    assert!(
+        !unit.lines().any(|l| l.starts_with("Wants=")),
+        "no Wants=kubelet.service"
+    );
+    assert!(
+        !unit.contains("%l"),
+        "the node name comes from the credentials"
+    );
+    let ro = unit
+        .lines()
+        .find(|l| l.starts_with("ReadOnlyPaths="))
+        .unwrap();
+    assert!(
+        ro["ReadOnlyPaths=".len()..]
+            .split_whitespace()
+            .all(|p| p.starts_with('-')),
+        "{ro}"
+    );
+    let probe = Command::new("systemd-analyze").arg("--version").output();
+    if probe.is_err() {
+        eprintln!("SKIPPED systemd-analyze verify: systemd-analyze is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("intel-gpu-labeler.service");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/intel-gpu-labeler", BIN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        !said.contains("Unknown key") && !said.contains("Failed"),
+        "{said}"
+    );
 }

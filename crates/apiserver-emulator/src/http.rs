@@ -323,6 +323,24 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
             }
             Err(e) => (400, status(400, "BadRequest", &e.to_string())),
         },
+        // "Who am I": the username the credentials authenticate as
+        // (authentication.k8s.io/v1 SelfSubjectReview, GA in 1.28).
+        ("POST", ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"]) => {
+            let user = shared
+                .lock()
+                .identity
+                .clone()
+                .unwrap_or_else(|| "system:serviceaccount:intel-gpu:intel-gpu-labeler".into());
+            (
+                201,
+                json!({
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "SelfSubjectReview",
+                    "metadata": {"creationTimestamp": null},
+                    "status": {"userInfo": {"username": user, "groups": ["system:authenticated"]}},
+                }),
+            )
+        }
         ("GET", ["api", "v1", "namespaces", ns, "events", name]) => {
             let st = shared.lock();
             match st.events.iter().find(|e| {

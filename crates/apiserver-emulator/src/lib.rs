@@ -72,6 +72,8 @@ pub(crate) struct State {
     pub(crate) delete_after_get: Option<String>,
     /// Verbs on `nodes` the client's identity is not granted (RBAC).
     pub(crate) forbidden: std::collections::BTreeSet<&'static str>,
+    /// Who every client is, as `SelfSubjectReview` answers.
+    pub(crate) identity: Option<String>,
 }
 
 impl State {
@@ -246,6 +248,13 @@ impl ApiServer {
     }
 
     /// Creates or replaces a ConfigMap's data.
+    /// Who the clients are (`SelfSubjectReview`'s username), e.g. a
+    /// kubelet's `system:node:<name>`; by default a labeller's service
+    /// account.
+    pub fn set_identity(&self, username: &str) {
+        self.shared.lock().identity = Some(username.to_owned());
+    }
+
     /// Deletes Node `name` right after the next GET of it is answered: the
     /// Node a client just read is gone when it writes.
     pub fn delete_node_after_next_read(&self, name: &str) {

@@ -65,6 +65,7 @@ pub struct Cluster {
     nodes: Api<Node>,
     client: kube::Client,
     node: String,
+    manager: String,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -97,7 +98,24 @@ impl Cluster {
             nodes: Api::all(client.clone()),
             client,
             node: node.to_owned(),
+            manager: FIELD_MANAGER.to_owned(),
         }
+    }
+
+    /// Owns fields under `manager` instead of [`FIELD_MANAGER`]: a host-mode
+    /// labeller next to a DaemonSet one uses its own, so the two never
+    /// share (and fight over) one manager's fields; where they disagree,
+    /// each sees the other's value as someone else's and leaves it.
+    #[must_use]
+    pub fn with_field_manager(mut self, manager: &str) -> Self {
+        manager.clone_into(&mut self.manager);
+        self
+    }
+
+    /// The field manager.
+    #[must_use]
+    pub fn field_manager(&self) -> &str {
+        &self.manager
     }
 
     /// The Node's name.
@@ -128,7 +146,7 @@ impl Cluster {
                 ..NodeView::default()
             };
             for entry in meta.managed_fields.unwrap_or_default() {
-                if entry.manager.as_deref() == Some(FIELD_MANAGER)
+                if entry.manager.as_deref() == Some(self.manager.as_str())
                     && entry.operation.as_deref() == Some("Apply")
                 {
                     let fields = entry.fields_v1.map(|f| f.0);
@@ -178,7 +196,7 @@ impl Cluster {
         self.nodes
             .patch(
                 &self.node,
-                &PatchParams::apply(FIELD_MANAGER),
+                &PatchParams::apply(&self.manager),
                 &Patch::Apply(body),
             )
             .await
@@ -241,7 +259,7 @@ impl Cluster {
             message: Some(message.to_owned()),
             type_: Some("Warning".into()),
             source: Some(k8s_openapi::api::core::v1::EventSource {
-                component: Some(FIELD_MANAGER.into()),
+                component: Some(self.manager.clone()),
                 host: Some(self.node.clone()),
             }),
             first_timestamp: Some(now.clone()),
@@ -269,6 +287,30 @@ impl Cluster {
             tracing::warn!(%error, reason, "could not record an Event");
         }
     }
+}
+
+/// The username these credentials authenticate as, from the API server
+/// (`SelfSubjectReview`, `authentication.k8s.io/v1`, Kubernetes ≥ 1.28). A
+/// kubelet's own identity is `system:node:<node name>`.
+///
+/// # Errors
+/// When the API server cannot be asked.
+pub async fn who_am_i(client: &kube::Client) -> Result<String, ClusterError> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let api: Api<SelfSubjectReview> = Api::all(client.clone());
+    let review = api
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .map_err(|source| ClusterError::Api {
+            action: "ask who",
+            what: "these credentials are".into(),
+            source,
+        })?;
+    Ok(review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .unwrap_or_default())
 }
 
 /// FNV-1a over the parts (with separators): a stable name for an Event.
