@@ -56,6 +56,7 @@ pub(crate) const GOALS: &[(&str, Goal)] = &[
     ("discovery.idle_cpu_ms_per_30s", Goal::AtMost(5.0)),
     ("labeler.oneshot_ms", Goal::AtMost(200.0)),
     ("labeler.rss_kib", Goal::AtMost(20.0 * 1024.0)),
+    ("labeler.idle_requests_per_hour", Goal::AtMost(60.0)),
     ("plugin.hotplug_add_ms_p99", Goal::AtMost(5.0)),
     ("plugin.hotplug_remove_ms_p99", Goal::AtMost(5.0)),
     ("plugin.allocate_us_p99", Goal::AtMost(1000.0)),

@@ -1,7 +1,12 @@
 //! Labeller figures, the release binary against a fake node and the
 //! API-server emulator:
 //! - `labeler.oneshot_ms`: process start → labels applied (p50 of 10 runs);
-//! - `labeler.rss_kib`: resident memory of the daemon, steady.
+//! - `labeler.rss_kib`: resident memory of the daemon, steady;
+//! - `labeler.idle_requests_per_hour`: requests the daemon sends to the API
+//!   server while nothing changes (watching its Node and the ConfigMap, the
+//!   default 60 s resync), counted over `LABELER_IDLE_SECONDS` (default
+//!   330: more than one of kube-runtime's 290 s watch periods) and scaled
+//!   to an hour.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark may panic
 
@@ -79,6 +84,43 @@ async fn main() {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(f64::NAN);
     report.metric("labeler.rss_kib", rss);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+
+    // Idle API load of a DaemonSet labeller: file and ConfigMap sources,
+    // watches on both.
+    api.set_configmap(
+        "intel-gpu",
+        "enabled-kube-plugins",
+        &[(
+            "enabled_kube_plugins",
+            r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#,
+        )],
+    );
+    let mut daemon = cmd()
+        .args([
+            "--enabled-plugins-configmap",
+            "intel-gpu/enabled-kube-plugins",
+        ])
+        .spawn()
+        .unwrap();
+    api.wait_node("edge-0", Duration::from_secs(10), |n| {
+        n.is_some_and(|n| n.labels.contains_key("intelgpu"))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let window: u64 = std::env::var("LABELER_IDLE_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(330);
+    let before = api.requests().len();
+    tokio::time::sleep(Duration::from_secs(window)).await;
+    let sent = api.requests().len() - before;
+    report.metric(
+        "labeler.idle_requests_per_hour",
+        sent as f64 * 3600.0 / window as f64,
+    );
     let _ = daemon.kill();
     let _ = daemon.wait();
     report.finish().unwrap();

@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// plugin, and takes back only what it set.
 #[derive(Debug, Parser)]
 #[command(name = "intel-gpu-labeler", version, about, long_about = None)]
+// A flag given twice takes its last value (as the plugin's).
+#[command(args_override_self = true)]
 pub struct Cli {
     /// What to do (default: run).
     #[command(subcommand)]

@@ -453,6 +453,10 @@ async fn daemon(cli: Cli, setup: Setup, mut cluster: Option<Cluster>) -> anyhow:
     let mut said = String::new();
     let mut failures: u32 = 0;
     let mut settle = Settle::new(cli.settle);
+    let mut node_missing = false;
+    // Watches on the Node and the ConfigMap (API mode): they fill the
+    // cache reads come from and wake the loop on every change.
+    let mut followers = follow(&cli, cluster.as_ref(), &trigger_tx);
     loop {
         let now_creds = credential_files(&cli);
         if now_creds != creds
@@ -465,6 +469,10 @@ async fn daemon(cli: Cli, setup: Setup, mut cluster: Option<Cluster>) -> anyhow:
                         Cluster::new(c, current.node()).with_field_manager(current.field_manager()),
                     );
                     creds = now_creds;
+                    for f in followers.drain(..) {
+                        f.abort();
+                    }
+                    followers = follow(&cli, cluster.as_ref(), &trigger_tx);
                 }
                 Err(error) => {
                     tracing::warn!(error = %format!("{error:#}"), "the client credentials changed but cannot be used yet; keeping the old ones");
@@ -510,7 +518,18 @@ async fn daemon(cli: Cli, setup: Setup, mut cluster: Option<Cluster>) -> anyhow:
         let wait = match once(&cli, &setup, cluster.as_ref(), &current, &decision).await {
             Ok(out) => {
                 failures = 0;
-                stats.ready.store(true, Ordering::Relaxed);
+                // A missing Node: said once, and not ready until it is back.
+                let missing = out == Outcome::NodeMissing;
+                if missing && !node_missing {
+                    tracing::warn!(
+                        node = cluster.as_ref().map_or("", |c| c.node()),
+                        "the Node does not exist; waiting for it (it is never created by the labeller)"
+                    );
+                } else if !missing && node_missing {
+                    tracing::info!("the Node exists again");
+                }
+                node_missing = missing;
+                stats.ready.store(!missing, Ordering::Relaxed);
                 stats.last_success.store(now(), Ordering::Relaxed);
                 let (labels, conflicts): (Option<&BTreeMap<String, String>>, usize) = match &out {
                     Outcome::Applied {
@@ -527,8 +546,9 @@ async fn daemon(cli: Cli, setup: Setup, mut cluster: Option<Cluster>) -> anyhow:
                     .store(labels.map_or(0, |l| l.len() as u64), Ordering::Relaxed);
                 stats.conflicts.store(conflicts as u64, Ordering::Relaxed);
                 tracing::debug!(outcome = %summary(&out), "reconciled");
-                // A missing node is polled until it (re)appears.
-                if out == Outcome::NodeMissing {
+                // Without watches, a missing node is polled until it
+                // (re)appears; with them, its return wakes the loop.
+                if missing && followers.is_empty() {
                     Duration::from_secs(5).min(cli.resync)
                 } else {
                     cli.resync
@@ -555,9 +575,36 @@ async fn daemon(cli: Cli, setup: Setup, mut cluster: Option<Cluster>) -> anyhow:
             () = tokio::time::sleep(wait) => {}
         }
     }
+    for f in followers {
+        f.abort();
+    }
     // Labels are never removed on shutdown or rollout.
     tracing::info!("stopping; labels stay as they are");
     Ok(())
+}
+
+/// Starts the watches of API mode; their changes become triggers.
+fn follow(
+    cli: &Cli,
+    cluster: Option<&Cluster>,
+    triggers: &mpsc::Sender<()>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let Some(cluster) = cluster.filter(|_| cli.output == Output::Api) else {
+        return Vec::new();
+    };
+    let configmap = cli
+        .enabled_plugins_configmap
+        .as_deref()
+        .and_then(|c| c.split_once('/'))
+        .map(|(ns, name)| (ns.to_owned(), name.to_owned()));
+    let tx = triggers.clone();
+    cluster.follow(
+        configmap,
+        Arc::new(move || {
+            // A full queue already holds a wake-up.
+            let _ = tx.try_send(());
+        }),
+    )
 }
 
 /// 1 s, 2 s, 4 s … capped at 60 s, ±20 % jitter.

@@ -444,14 +444,53 @@ async fn rbac_is_exactly_what_the_labeller_uses() {
             "intel-gpu/enabled-kube-plugins",
         ]));
     assert!(out.status.success(), "{}", text(&out));
+    // The daemon follows the Node and the ConfigMap (list, watch).
+    let mut daemon = env
+        .cmd()
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args([
+            "--enabled-plugins-configmap",
+            "intel-gpu/enabled-kube-plugins",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let seen = |api: &ApiServer, verb: &str, res: &str| {
+        api.requests()
+            .iter()
+            .any(|r| rbac_verb(&r.method, &r.target) == (res.to_owned(), verb.to_owned()))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(seen(&api, "watch", "nodes") && seen(&api, "watch", "configmaps")) {
+        assert!(
+            Instant::now() < deadline,
+            "no watches: {:?}",
+            api.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
     let used: std::collections::BTreeSet<(String, String)> = api
         .requests()
         .iter()
         .map(|r| rbac_verb(&r.method, &r.target))
         .collect();
     let mut granted = granted();
-    // The ConfigMap's Role.
-    assert!(granted.contains(&("configmaps".to_owned(), "get".to_owned())));
+    // The ConfigMap's Role: exactly get, list, watch.
+    let cm: std::collections::BTreeSet<_> = used
+        .iter()
+        .filter(|(r, _)| r == "configmaps")
+        .cloned()
+        .collect();
+    let cm_granted: std::collections::BTreeSet<_> = granted
+        .iter()
+        .filter(|(r, _)| r == "configmaps")
+        .cloned()
+        .collect();
+    assert_eq!(cm, cm_granted);
     let used_nodes_events: std::collections::BTreeSet<_> = used
         .iter()
         .filter(|(r, _)| r != "configmaps")
@@ -635,4 +674,144 @@ fn the_systemd_unit_verifies_and_starts_anywhere() {
         !said.contains("Unknown key") && !said.contains("Failed"),
         "{said}"
     );
+}
+
+fn http_status(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.lines().next().map(str::to_owned)
+}
+
+/// Watches, not polls: with a one-hour resync, only the watch can explain
+/// a label put back within a second, an opt-out respected at once, and a
+/// missing Node noticed and reported once (not ready meanwhile). Dropped
+/// watch connections resume; a compacted history relists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_follows_the_node_by_watch() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let api = std::sync::Arc::new(ApiServer::start().await.unwrap());
+    api.add_node(NODE);
+    api.bookmark_every(Duration::from_millis(200));
+    let kc = env.kubeconfig(&api);
+    let file = env.plugins_file(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = env.cmd();
+    cmd.arg("--kubeconfig")
+        .arg(&kc)
+        .arg("--enabled-plugins-file")
+        .arg(&file)
+        .args([
+            "--resync",
+            "1h",
+            "--http-address",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("E2E_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::piped()
+        });
+    let child = cmd.spawn().unwrap();
+    let within = |what: &'static str, limit: Duration, f: Box<dyn Fn() -> bool + Send>| async move {
+        tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + limit;
+            while !f() {
+                assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+        .await
+        .unwrap();
+    };
+    let a = std::sync::Arc::clone(&api);
+    within(
+        "labels",
+        Duration::from_secs(10),
+        Box::new(move || has(&a, "intelgpu")),
+    )
+    .await;
+    // A label removed by hand comes back within a second.
+    for round in 0..3 {
+        if round == 1 {
+            api.drop_watches();
+        }
+        if round == 2 {
+            api.compact();
+            api.drop_watches();
+        }
+        api.set_label(NODE, "kubectl", "gpu.intel.com/tiles", None);
+        let a = std::sync::Arc::clone(&api);
+        within(
+            "the label put back",
+            Duration::from_secs(1),
+            Box::new(move || has(&a, "gpu.intel.com/tiles")),
+        )
+        .await;
+    }
+    // The opt-out is respected at once: a label removed then stays removed.
+    api.set_annotation(NODE, "admin", "gpu.intel.com/labeler", Some("disabled"));
+    std::thread::sleep(Duration::from_millis(200));
+    api.set_label(NODE, "kubectl", "gpu.intel.com/tiles", None);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !has(&api, "gpu.intel.com/tiles"),
+        "an opted-out Node was touched"
+    );
+    api.set_annotation(NODE, "admin", "gpu.intel.com/labeler", None);
+    let a = std::sync::Arc::clone(&api);
+    within(
+        "back after the opt-out",
+        Duration::from_secs(1),
+        Box::new(move || has(&a, "gpu.intel.com/tiles")),
+    )
+    .await;
+    // The Node goes: not ready, said once, never re-created; it comes back.
+    api.delete_node(NODE);
+    within(
+        "not ready",
+        Duration::from_secs(2),
+        Box::new(move || http_status(port, "/readyz").is_some_and(|s| s.contains("503"))),
+    )
+    .await;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(api.node(NODE).is_none());
+    api.add_node(NODE);
+    let a = std::sync::Arc::clone(&api);
+    within(
+        "labels on the new Node",
+        Duration::from_secs(2),
+        Box::new(move || has(&a, "intelgpu")),
+    )
+    .await;
+    within(
+        "ready",
+        Duration::from_secs(2),
+        Box::new(move || http_status(port, "/readyz").is_some_and(|s| s.contains("200"))),
+    )
+    .await;
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(log.matches("the Node does not exist").count(), 1, "{log}");
+    // Idle: no polling GETs of the Node while nothing changed.
+    let gets = api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.target.starts_with(&format!("/api/v1/nodes/{NODE}")))
+        .count();
+    assert!(gets <= 2, "{gets} Node GETs: the daemon polls");
 }

@@ -172,8 +172,28 @@ async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
             continue;
         }
         if req.method == "GET" && req.query("watch").is_some_and(|w| w == "true" || w == "1") {
-            watch(stream, &shared, &req).await;
-            return;
+            let parts: Vec<String> = req
+                .path()
+                .trim_matches('/')
+                .split('/')
+                .map(str::to_owned)
+                .collect();
+            let target = match parts
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .as_slice()
+            {
+                ["api", "v1", "nodes"] => Some((crate::Kind::Node, None)),
+                ["api", "v1", "namespaces", ns, "configmaps"] => {
+                    Some((crate::Kind::ConfigMap, Some((*ns).to_owned())))
+                }
+                _ => None,
+            };
+            if let Some((kind, ns)) = target {
+                watch(stream, &shared, &req, kind, ns).await;
+                return;
+            }
         }
         let (code, body) = route(&shared, &req);
         let close = req
@@ -247,11 +267,31 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method.as_str(), parts.as_slice()) {
         ("GET", ["api", "v1", "nodes"]) => {
+            let only = name_selector(req);
             let st = shared.lock();
-            let items: Vec<Value> = st.nodes.values().map(|o| o.to_json("Node")).collect();
+            let items: Vec<Value> = st
+                .nodes
+                .iter()
+                .filter(|(n, _)| only.as_ref().is_none_or(|o| o == *n))
+                .map(|(_, o)| o.to_json("Node"))
+                .collect();
             (
                 200,
                 json!({"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": st.next_rv.to_string()}, "items": items}),
+            )
+        }
+        ("GET", ["api", "v1", "namespaces", ns, "configmaps"]) => {
+            let only = name_selector(req);
+            let st = shared.lock();
+            let items: Vec<Value> = st
+                .configmaps
+                .iter()
+                .filter(|((n, name), _)| n == ns && only.as_ref().is_none_or(|o| o == name))
+                .map(|((n, name), (data, rv))| crate::configmap_json(n, name, data, *rv))
+                .collect();
+            (
+                200,
+                json!({"kind": "ConfigMapList", "apiVersion": "v1", "metadata": {"resourceVersion": st.next_rv.to_string()}, "items": items}),
             )
         }
         ("GET", ["api", "v1", "nodes", name]) => {
@@ -267,9 +307,8 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
             if st.delete_after_get.as_deref() == Some(*name) {
                 st.delete_after_get = None;
                 st.nodes.remove(*name);
-                st.bump();
                 drop(st);
-                shared.changed.send_modify(|v| *v += 1);
+                shared.notify();
             }
             answer
         }
@@ -280,10 +319,7 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
                 .configmaps
                 .get(&((*ns).to_owned(), (*name).to_owned()))
             {
-                Some(data) => (
-                    200,
-                    json!({"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": name, "namespace": ns, "resourceVersion": "1"}, "data": data}),
-                ),
+                Some((data, rv)) => (200, crate::configmap_json(ns, name, data, *rv)),
                 None => (
                     404,
                     status(404, "NotFound", &format!("configmaps \"{name}\" not found")),
@@ -590,69 +626,131 @@ fn patch_node(shared: &Shared, req: &Request, name: &str) -> (u16, Value) {
         .unwrap_or(Value::Null);
     drop(st);
     if changed {
-        shared.changed.send_modify(|v| *v += 1);
+        shared.notify();
     }
     (200, out)
 }
 
-/// A watch of Nodes (optionally one, by `fieldSelector=metadata.name=X`):
-/// chunked JSON events for every change after it starts.
-async fn watch(mut stream: TcpStream, shared: &Shared, req: &Request) {
-    let only = req
-        .query("fieldSelector")
-        .and_then(|f| f.strip_prefix("metadata.name=").map(str::to_owned));
+/// `fieldSelector=metadata.name=X` → `X`.
+fn name_selector(req: &Request) -> Option<String> {
+    req.query("fieldSelector")
+        .and_then(|f| f.strip_prefix("metadata.name=").map(str::to_owned))
+}
+
+async fn send_event(stream: &mut TcpStream, event: &Value) -> std::io::Result<()> {
+    let line = format!("{event}\n");
+    let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+    stream.write_all(chunk.as_bytes()).await
+}
+
+/// A watch of Nodes or of one namespace's ConfigMaps (optionally one
+/// object, by `fieldSelector=metadata.name=X`), as the API server's watch
+/// cache serves it (`staging/src/k8s.io/apiserver/pkg/storage/cacher`):
+/// - `resourceVersion=N` resumes after N, replaying every change since; an
+///   N older than the kept history gets a `410 Expired` ERROR event (then
+///   the client lists again);
+/// - without one (or `0`), the current objects come first as `ADDED`;
+/// - `allowWatchBookmarks=true` adds `BOOKMARK` events carrying the latest
+///   resourceVersion (every `bookmark_every`, 60 s by default);
+/// - it ends after `timeoutSeconds` (kube-rs asks 290 s).
+async fn watch(
+    mut stream: TcpStream,
+    shared: &Shared,
+    req: &Request,
+    kind: crate::Kind,
+    namespace: Option<String>,
+) {
+    let only = name_selector(req);
     let timeout = req
         .query("timeoutSeconds")
         .and_then(|t| t.parse().ok())
         .map_or(Duration::from_secs(290), Duration::from_secs);
+    let from = req
+        .query("resourceVersion")
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|v| *v != 0);
+    let bookmarks = req
+        .query("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
+    let matches = |c: &crate::Change| {
+        c.kind == kind
+            && namespace.as_ref().is_none_or(|ns| *ns == c.namespace)
+            && only.as_ref().is_none_or(|o| *o == c.name)
+    };
     let head =
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
     if stream.write_all(head.as_bytes()).await.is_err() {
         return;
     }
-    let snapshot = |shared: &Shared| -> BTreeMap<String, (u64, Value)> {
-        shared
-            .lock()
-            .nodes
-            .iter()
-            .filter(|(n, _)| only.as_ref().is_none_or(|o| o == *n))
-            .map(|(n, o)| (n.clone(), (o.resource_version, o.to_json("Node"))))
-            .collect()
+    let start = {
+        let st = shared.lock();
+        match from {
+            Some(rv) if rv < st.floor => None,
+            Some(rv) => Some((rv, st.bookmark_every, Vec::new())),
+            None => {
+                let initial: Vec<Value> = st
+                    .logged
+                    .iter()
+                    .filter(|((k, ns, name), _)| {
+                        *k == kind
+                            && namespace.as_ref().is_none_or(|n| n == ns)
+                            && only.as_ref().is_none_or(|o| o == name)
+                    })
+                    .map(|(_, (_, obj))| json!({"type": "ADDED", "object": obj}))
+                    .collect();
+                Some((st.next_rv, st.bookmark_every, initial))
+            }
+        }
     };
+    let Some((mut cursor, every, initial)) = start else {
+        let rv = from.unwrap_or_default();
+        let gone = json!({"type": "ERROR", "object": status(410, "Expired", &format!("too old resource version: {rv} (the history starts after it)"))});
+        let _ = send_event(&mut stream, &gone).await;
+        let _ = stream.write_all(b"0\r\n\r\n").await;
+        return;
+    };
+    for e in &initial {
+        if send_event(&mut stream, e).await.is_err() {
+            return;
+        }
+    }
     let mut rx = shared.changed.subscribe();
-    let mut last = snapshot(shared);
+    let mut dropped = shared.drop_watches.subscribe();
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut bookmark = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
-        let mut probe = [0u8; 1];
-        tokio::select! {
-            r = rx.changed() => if r.is_err() { break },
-            () = tokio::time::sleep_until(deadline) => break,
-            n = stream.peek(&mut probe) => if matches!(n, Ok(0) | Err(_)) { return },
-        }
-        let now = snapshot(shared);
-        let mut events = Vec::new();
-        for (n, (rv, obj)) in &now {
-            match last.get(n) {
-                None => events.push(json!({"type": "ADDED", "object": obj})),
-                Some((old, _)) if old != rv => {
-                    events.push(json!({"type": "MODIFIED", "object": obj}))
-                }
-                _ => {}
-            }
-        }
-        for (n, (_, obj)) in &last {
-            if !now.contains_key(n) {
-                events.push(json!({"type": "DELETED", "object": obj}));
-            }
-        }
-        for e in events {
-            let line = format!("{e}\n");
-            let chunk = format!("{:x}\r\n{line}\r\n", line.len());
-            if stream.write_all(chunk.as_bytes()).await.is_err() {
+        let pending: Vec<crate::Change> = shared
+            .lock()
+            .log
+            .iter()
+            .filter(|c| c.rv > cursor && matches(c))
+            .cloned()
+            .collect();
+        for c in pending {
+            cursor = cursor.max(c.rv);
+            if send_event(&mut stream, &json!({"type": c.typ, "object": c.object}))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
-        last = now;
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { break },
+            _ = dropped.changed() => return,
+            () = tokio::time::sleep_until(deadline) => break,
+            _ = bookmark.tick(), if bookmarks => {
+                let latest = shared.lock().next_rv;
+                cursor = cursor.max(latest);
+                let kind_name = match kind { crate::Kind::Node => "Node", crate::Kind::ConfigMap => "ConfigMap" };
+                let b = json!({"type": "BOOKMARK", "object": {"kind": kind_name, "apiVersion": "v1", "metadata": {"resourceVersion": latest.to_string()}}});
+                if send_event(&mut stream, &b).await.is_err() {
+                    return;
+                }
+            }
+            n = stream.peek(&mut probe) => if matches!(n, Ok(0) | Err(_)) { return },
+        }
     }
     let _ = stream.write_all(b"0\r\n\r\n").await;
 }

@@ -59,7 +59,8 @@ pub struct Seen {
 #[derive(Debug, Default)]
 pub(crate) struct State {
     pub(crate) nodes: BTreeMap<String, Object>,
-    pub(crate) configmaps: BTreeMap<(String, String), BTreeMap<String, String>>,
+    /// ConfigMaps by (namespace, name): data and resourceVersion.
+    pub(crate) configmaps: BTreeMap<(String, String), (BTreeMap<String, String>, u64)>,
     pub(crate) events: Vec<Value>,
     pub(crate) requests: Vec<Seen>,
     pub(crate) faults: VecDeque<Fault>,
@@ -74,12 +75,106 @@ pub(crate) struct State {
     pub(crate) forbidden: std::collections::BTreeSet<&'static str>,
     /// Who every client is, as `SelfSubjectReview` answers.
     pub(crate) identity: Option<String>,
+    /// Every change, in resourceVersion order, for watches to resume from
+    /// (the watch cache); entries at or below `floor` were compacted.
+    pub(crate) log: VecDeque<Change>,
+    pub(crate) floor: u64,
+    /// The objects as last recorded in `log`.
+    pub(crate) logged: BTreeMap<(Kind, String, String), (u64, Value)>,
+    /// How often a watch that allows bookmarks gets one.
+    pub(crate) bookmark_every: Duration,
+}
+
+/// A kind of object watches follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Kind {
+    Node,
+    ConfigMap,
+}
+
+/// One change of one object, as a watch event.
+#[derive(Debug, Clone)]
+pub(crate) struct Change {
+    pub(crate) rv: u64,
+    pub(crate) kind: Kind,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) typ: &'static str,
+    pub(crate) object: Value,
+}
+
+/// The most changes kept for resuming watches.
+const LOG_LIMIT: usize = 10_000;
+
+pub(crate) fn configmap_json(
+    ns: &str,
+    name: &str,
+    data: &BTreeMap<String, String>,
+    rv: u64,
+) -> Value {
+    serde_json::json!({"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": name, "namespace": ns, "resourceVersion": rv.to_string()}, "data": data})
 }
 
 impl State {
     pub(crate) fn bump(&mut self) -> u64 {
         self.next_rv += 1;
         self.next_rv
+    }
+
+    /// Records what changed since the last record as watch events: an
+    /// added or modified object at its own resourceVersion, a deleted one
+    /// at a new one (as etcd does).
+    pub(crate) fn record(&mut self) {
+        let mut now: BTreeMap<(Kind, String, String), (u64, Value)> = BTreeMap::new();
+        for (name, o) in &self.nodes {
+            now.insert(
+                (Kind::Node, String::new(), name.clone()),
+                (o.resource_version, o.to_json("Node")),
+            );
+        }
+        for ((ns, name), (data, rv)) in &self.configmaps {
+            now.insert(
+                (Kind::ConfigMap, ns.clone(), name.clone()),
+                (*rv, configmap_json(ns, name, data, *rv)),
+            );
+        }
+        let mut changes = Vec::new();
+        for (key, (rv, obj)) in &now {
+            let typ = match self.logged.get(key) {
+                None => "ADDED",
+                Some((old, _)) if old != rv => "MODIFIED",
+                Some(_) => continue,
+            };
+            changes.push((*rv, key.clone(), typ, obj.clone()));
+        }
+        let gone: Vec<_> = self
+            .logged
+            .iter()
+            .filter(|(k, _)| !now.contains_key(*k))
+            .map(|(k, (_, obj))| (k.clone(), obj.clone()))
+            .collect();
+        for (key, mut obj) in gone {
+            let rv = self.bump();
+            obj["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+            changes.push((rv, key, "DELETED", obj));
+        }
+        changes.sort_by_key(|c| c.0);
+        for (rv, (kind, namespace, name), typ, object) in changes {
+            self.log.push_back(Change {
+                rv,
+                kind,
+                namespace,
+                name,
+                typ,
+                object,
+            });
+        }
+        while self.log.len() > LOG_LIMIT {
+            if let Some(c) = self.log.pop_front() {
+                self.floor = self.floor.max(c.rv);
+            }
+        }
+        self.logged = now;
     }
 
     /// The next fault to inject, if any.
@@ -109,13 +204,21 @@ impl State {
 
 pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
-    /// Bumped on every change of a Node (for watches and waiters).
+    /// Bumped on every change (for watches and waiters).
     pub(crate) changed: watch::Sender<u64>,
+    /// Bumped to drop every open watch connection.
+    pub(crate) drop_watches: watch::Sender<u64>,
 }
 
 impl Shared {
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// After a change: records it for watches and wakes them.
+    pub(crate) fn notify(&self) {
+        self.lock().record();
+        self.changed.send_modify(|v| *v += 1);
     }
 }
 
@@ -156,14 +259,17 @@ impl ApiServer {
             .map_err(StartError)?;
         let addr = listener.local_addr().map_err(StartError)?;
         let (changed, _) = watch::channel(0);
+        let (drop_watches, _) = watch::channel(0);
         let state = State {
             rng: 0x9e37_79b9_7f4a_7c15,
             next_rv: 100,
+            bookmark_every: Duration::from_secs(60),
             ..State::default()
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             changed,
+            drop_watches,
         });
         let task = tokio::spawn(http::serve(listener, Arc::clone(&shared)));
         Ok(Self { shared, addr, task })
@@ -185,7 +291,7 @@ impl ApiServer {
     }
 
     fn notify(&self) {
-        self.shared.changed.send_modify(|v| *v += 1);
+        self.shared.notify();
     }
 
     /// Creates a Node (as a kubelet registering).
@@ -247,7 +353,6 @@ impl ApiServer {
         self.notify();
     }
 
-    /// Creates or replaces a ConfigMap's data.
     /// Who the clients are (`SelfSubjectReview`'s username), e.g. a
     /// kubelet's `system:node:<name>`; by default a labeller's service
     /// account.
@@ -269,15 +374,19 @@ impl ApiServer {
         self.shared.lock().forbidden.insert("create");
     }
 
+    /// Creates or replaces a ConfigMap's data.
     pub fn set_configmap(&self, namespace: &str, name: &str, data: &[(&str, &str)]) {
         let data = data
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        self.shared
-            .lock()
-            .configmaps
-            .insert((namespace.to_owned(), name.to_owned()), data);
+        {
+            let mut st = self.shared.lock();
+            let rv = st.bump();
+            st.configmaps
+                .insert((namespace.to_owned(), name.to_owned()), (data, rv));
+        }
+        self.notify();
     }
 
     /// Deletes a ConfigMap.
@@ -286,6 +395,26 @@ impl ApiServer {
             .lock()
             .configmaps
             .remove(&(namespace.to_owned(), name.to_owned()));
+        self.notify();
+    }
+
+    /// Drops every open watch connection (a network blip, an API server
+    /// restart): clients resume from their last resourceVersion.
+    pub fn drop_watches(&self) {
+        self.shared.drop_watches.send_modify(|v| *v += 1);
+    }
+
+    /// Compacts the watch history: a watch resuming from an older
+    /// resourceVersion gets `410 Expired` and must list again.
+    pub fn compact(&self) {
+        let mut st = self.shared.lock();
+        st.floor = st.next_rv;
+        st.log.clear();
+    }
+
+    /// How often watches that allow bookmarks get one (default 60 s).
+    pub fn bookmark_every(&self, every: Duration) {
+        self.shared.lock().bookmark_every = every;
     }
 
     /// Queues faults for the next requests, in order.

@@ -172,3 +172,99 @@ async fn conflicts_and_errors_are_statuses() {
         200
     );
 }
+
+/// Opens a watch and returns the first `n` events (or fewer at the end).
+async fn watch_events(api: &ApiServer, path: &str, n: usize) -> Vec<Value> {
+    let addr = api.url().trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while events.len() < n {
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout_at(deadline, s.read(&mut chunk)).await;
+        let Ok(Ok(k)) = read else { break };
+        if k == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..k]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        events = text
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+    }
+    events
+}
+
+/// Watches as the API server's watch cache serves them: resumed from a
+/// resourceVersion with every change since, `410 Expired` past the kept
+/// history, bookmarks when asked for, ConfigMaps too.
+#[tokio::test]
+async fn watches_resume_expire_and_bookmark() {
+    let api = ApiServer::start().await.unwrap();
+    api.add_node("n");
+    let rv: u64 = api.node("n").unwrap().resource_version;
+    api.set_label("n", "kubectl", "a", Some("1"));
+    api.set_label("n", "kubectl", "a", Some("2"));
+    api.delete_node("n");
+    let events = watch_events(
+        &api,
+        &format!("/api/v1/nodes?watch=true&fieldSelector=metadata.name%3Dn&resourceVersion={rv}"),
+        3,
+    )
+    .await;
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        ["MODIFIED", "MODIFIED", "DELETED"],
+        "every change since {rv}"
+    );
+    assert_eq!(events[1]["object"]["metadata"]["labels"]["a"], "2");
+    // Compacted: resuming from before the history is 410 Expired.
+    api.compact();
+    let events = watch_events(
+        &api,
+        &format!("/api/v1/nodes?watch=true&resourceVersion={rv}"),
+        1,
+    )
+    .await;
+    assert_eq!(events[0]["type"], "ERROR");
+    assert_eq!(events[0]["object"]["code"], 410);
+    assert_eq!(events[0]["object"]["reason"], "Expired");
+    // Bookmarks carry the latest resourceVersion.
+    api.bookmark_every(std::time::Duration::from_millis(50));
+    api.add_node("m");
+    let events = watch_events(
+        &api,
+        "/api/v1/nodes?watch=true&allowWatchBookmarks=true&resourceVersion=999999",
+        1,
+    )
+    .await;
+    assert_eq!(events[0]["type"], "BOOKMARK");
+    assert!(
+        events[0]["object"]["metadata"]["resourceVersion"]
+            .as_str()
+            .is_some()
+    );
+    // ConfigMaps of a namespace, one by name; without a resourceVersion the
+    // current object comes first.
+    api.set_configmap("ns", "cm", &[("k", "v1")]);
+    let path = "/api/v1/namespaces/ns/configmaps?watch=true&fieldSelector=metadata.name%3Dcm";
+    let first = watch_events(&api, path, 1).await;
+    assert_eq!(first[0]["type"], "ADDED");
+    assert_eq!(first[0]["object"]["data"]["k"], "v1");
+    let from = first[0]["object"]["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    api.set_configmap("ns", "cm", &[("k", "v2")]);
+    api.delete_configmap("ns", "cm");
+    let later = watch_events(&api, &format!("{path}&resourceVersion={from}"), 2).await;
+    let types: Vec<&str> = later.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["MODIFIED", "DELETED"]);
+}

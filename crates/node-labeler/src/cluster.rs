@@ -66,6 +66,26 @@ pub struct Cluster {
     client: kube::Client,
     node: String,
     manager: String,
+    cache: std::sync::Arc<Cache>,
+}
+
+/// What the watches have seen.
+#[derive(Debug, Clone, Default)]
+enum Seen<T> {
+    /// Not listed yet (or not followed): ask the API server.
+    #[default]
+    Unknown,
+    Missing,
+    Present(T),
+}
+
+/// ConfigMap data by (namespace, name), as watched.
+type WatchedConfigMaps = BTreeMap<(String, String), Seen<BTreeMap<String, String>>>;
+
+#[derive(Debug, Default)]
+struct Cache {
+    node: std::sync::RwLock<Seen<Node>>,
+    configmaps: std::sync::RwLock<WatchedConfigMaps>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -99,6 +119,7 @@ impl Cluster {
             client,
             node: node.to_owned(),
             manager: FIELD_MANAGER.to_owned(),
+            cache: std::sync::Arc::new(Cache::default()),
         }
     }
 
@@ -124,11 +145,32 @@ impl Cluster {
         &self.node
     }
 
-    /// Reads the Node; `None` when it does not exist.
+    /// The Node as it is now: from the watch cache when [`Cluster::follow`]
+    /// runs and has listed it (no request), else read from the API server.
+    /// `None` when it does not exist.
     ///
     /// # Errors
     /// When the API server cannot be asked.
     pub async fn read(&self) -> Result<Option<NodeState>, ClusterError> {
+        let cached = self
+            .cache
+            .node
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match cached {
+            Seen::Present(node) => Ok(Some(self.state_of(node))),
+            Seen::Missing => Ok(None),
+            Seen::Unknown => self.read_fresh().await,
+        }
+    }
+
+    /// Reads the Node from the API server, whatever the cache says (after
+    /// a write the server refused, the cache may be behind).
+    ///
+    /// # Errors
+    /// When the API server cannot be asked.
+    pub async fn read_fresh(&self) -> Result<Option<NodeState>, ClusterError> {
         let node = self
             .nodes
             .get_opt(&self.node)
@@ -138,30 +180,130 @@ impl Cluster {
                 what: format!("node {}", self.node),
                 source,
             })?;
-        Ok(node.map(|n| {
-            let meta = n.metadata;
-            let mut view = NodeView {
-                labels: meta.labels.unwrap_or_default(),
-                annotations: meta.annotations.unwrap_or_default(),
-                ..NodeView::default()
-            };
-            for entry in meta.managed_fields.unwrap_or_default() {
-                if entry.manager.as_deref() == Some(self.manager.as_str())
-                    && entry.operation.as_deref() == Some("Apply")
-                {
-                    let fields = entry.fields_v1.map(|f| f.0);
-                    view.owned_labels
-                        .extend(owned_keys(fields.as_ref(), "labels"));
-                    view.owned_annotations
-                        .extend(owned_keys(fields.as_ref(), "annotations"));
+        Ok(node.map(|n| self.state_of(n)))
+    }
+
+    fn state_of(&self, n: Node) -> NodeState {
+        let meta = n.metadata;
+        let mut view = NodeView {
+            labels: meta.labels.unwrap_or_default(),
+            annotations: meta.annotations.unwrap_or_default(),
+            ..NodeView::default()
+        };
+        for entry in meta.managed_fields.unwrap_or_default() {
+            if entry.manager.as_deref() == Some(self.manager.as_str())
+                && entry.operation.as_deref() == Some("Apply")
+            {
+                let fields = entry.fields_v1.map(|f| f.0);
+                view.owned_labels
+                    .extend(owned_keys(fields.as_ref(), "labels"));
+                view.owned_annotations
+                    .extend(owned_keys(fields.as_ref(), "annotations"));
+            }
+        }
+        NodeState {
+            view,
+            resource_version: meta.resource_version.unwrap_or_default(),
+            uid: meta.uid.unwrap_or_default(),
+        }
+    }
+
+    /// Follows the Node (a watch with a field selector on its name) and,
+    /// when given, one ConfigMap, with kube-runtime's watcher: it lists,
+    /// then watches from that resourceVersion with bookmarks, resumes
+    /// after a dropped connection and lists again on `410 Gone`, backing
+    /// off on errors. What it sees fills the cache [`Cluster::read`] and
+    /// [`Cluster::configmap`] answer from, so an idle labeller sends no
+    /// reads; `wake` is called on every change. The tasks end when the
+    /// returned handles are dropped... or aborted: abort them to stop.
+    pub fn follow(
+        &self,
+        configmap: Option<(String, String)>,
+        wake: std::sync::Arc<dyn Fn() + Send + Sync>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        use futures_util::StreamExt as _;
+        use kube::runtime::{WatchStreamExt as _, watcher};
+        let mut tasks = Vec::new();
+        let cache = std::sync::Arc::clone(&self.cache);
+        let nodes = self.nodes.clone();
+        let name = self.node.clone();
+        let w = std::sync::Arc::clone(&wake);
+        tasks.push(tokio::spawn(async move {
+            let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+            let mut stream = watcher(nodes, config).default_backoff().boxed();
+            let mut listing: Option<Node> = None;
+            let mut complained = false;
+            while let Some(event) = stream.next().await {
+                let seen = match event {
+                    Ok(watcher::Event::Init) => {
+                        listing = None;
+                        continue;
+                    }
+                    Ok(watcher::Event::InitApply(n)) => {
+                        listing = Some(n);
+                        continue;
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        listing.take().map_or(Seen::Missing, Seen::Present)
+                    }
+                    Ok(watcher::Event::Apply(n)) => Seen::Present(n),
+                    Ok(watcher::Event::Delete(_)) => Seen::Missing,
+                    Err(error) => {
+                        if !complained {
+                            tracing::warn!(%error, node = %name, "watching the Node failed; retrying");
+                            complained = true;
+                        }
+                        continue;
+                    }
+                };
+                complained = false;
+                *cache.node.write().unwrap_or_else(std::sync::PoisonError::into_inner) = seen;
+                w();
+            }
+        }));
+        if let Some((namespace, cm)) = configmap {
+            let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &namespace);
+            let cache = std::sync::Arc::clone(&self.cache);
+            tasks.push(tokio::spawn(async move {
+                let config = watcher::Config::default().fields(&format!("metadata.name={cm}"));
+                let mut stream = watcher(api, config).default_backoff().boxed();
+                let key = (namespace.clone(), cm.clone());
+                let mut listing = None;
+                while let Some(event) = stream.next().await {
+                    let seen = match event {
+                        Ok(watcher::Event::Init) => {
+                            listing = None;
+                            continue;
+                        }
+                        Ok(watcher::Event::InitApply(c)) => {
+                            listing = Some(c);
+                            continue;
+                        }
+                        Ok(watcher::Event::InitDone) => {
+                            listing.take().map_or(Seen::Missing, Seen::Present)
+                        }
+                        Ok(watcher::Event::Apply(c)) => Seen::Present(c),
+                        Ok(watcher::Event::Delete(_)) => Seen::Missing,
+                        Err(error) => {
+                            tracing::debug!(%error, configmap = %cm, "watching the ConfigMap failed; retrying");
+                            continue;
+                        }
+                    };
+                    let data = match seen {
+                        Seen::Present(c) => Seen::Present(c.data.unwrap_or_default()),
+                        Seen::Missing => Seen::Missing,
+                        Seen::Unknown => Seen::Unknown,
+                    };
+                    cache
+                        .configmaps
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(key.clone(), data);
+                    wake();
                 }
-            }
-            NodeState {
-                view,
-                resource_version: meta.resource_version.unwrap_or_default(),
-                uid: meta.uid.unwrap_or_default(),
-            }
-        }))
+            }));
+        }
+        tasks
     }
 
     /// Applies exactly these owned labels and annotations (server-side
@@ -209,7 +351,8 @@ impl Cluster {
     }
 
     /// The value of `key` in ConfigMap `namespace/name`; `None` when the
-    /// ConfigMap or the key does not exist.
+    /// ConfigMap or the key does not exist. From the watch cache when
+    /// [`Cluster::follow`] follows it, else read.
     ///
     /// # Errors
     /// When the API server cannot be asked.
@@ -219,6 +362,18 @@ impl Cluster {
         name: &str,
         key: &str,
     ) -> Result<Option<String>, ClusterError> {
+        let cached = self
+            .cache
+            .configmaps
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned();
+        match cached {
+            Some(Seen::Present(mut data)) => return Ok(data.remove(key)),
+            Some(Seen::Missing) => return Ok(None),
+            Some(Seen::Unknown) | None => {}
+        }
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
         let cm = api
             .get_opt(name)

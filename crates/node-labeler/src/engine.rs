@@ -213,8 +213,14 @@ pub async fn reconcile_node(
     policy: &Policy,
     now: u64,
 ) -> Result<Outcome, ClusterError> {
-    for _ in 0..3 {
-        let Some(state) = cluster.read().await? else {
+    for attempt in 0..3 {
+        // The watch cache first; after a refused write, the server itself.
+        let read = if attempt == 0 {
+            cluster.read().await?
+        } else {
+            cluster.read_fresh().await?
+        };
+        let Some(state) = read else {
             return Ok(Outcome::NodeMissing);
         };
         let Intent::Apply {
@@ -255,7 +261,7 @@ pub async fn reconcile_node(
                 tracing::debug!(error = %chain(&e), "node changed meanwhile; reading it again")
             }
             // Creation forbidden (RBAC without `create`): it is gone.
-            Err(e) if e.code() == Some(403) && cluster.read().await?.is_none() => {
+            Err(e) if e.code() == Some(403) && cluster.read_fresh().await?.is_none() => {
                 return Ok(Outcome::NodeMissing);
             }
             Err(e) => return Err(e),
