@@ -86,6 +86,27 @@ fn owned_now(view: &NodeView) -> (BTreeMap<String, String>, BTreeMap<String, Str
     )
 }
 
+/// Drops from `wanted` every key someone else set to another value (we do
+/// not own it), reporting each as a conflict.
+fn leave_others(
+    wanted: &mut BTreeMap<String, String>,
+    on_node: &BTreeMap<String, String>,
+    owned: &BTreeSet<String>,
+    conflicts: &mut Vec<Conflict>,
+) {
+    wanted.retain(|k, v| match on_node.get(k) {
+        Some(found) if found != v && !owned.contains(k) => {
+            conflicts.push(Conflict {
+                key: k.clone(),
+                wanted: v.clone(),
+                found: found.clone(),
+            });
+            false
+        }
+        _ => true,
+    });
+}
+
 /// Decides what to apply. `now` is Unix seconds.
 #[must_use]
 pub fn reconcile(
@@ -164,31 +185,16 @@ pub fn reconcile(
         }
     }
     let mut conflicts = Vec::new();
-    labels.retain(|k, v| match view.labels.get(k) {
-        Some(found) if found != v && !view.owned_labels.contains(k) => {
-            conflicts.push(Conflict {
-                key: k.clone(),
-                wanted: v.clone(),
-                found: found.clone(),
-            });
-            false
-        }
-        _ => true,
-    });
+    leave_others(&mut labels, &view.labels, &view.owned_labels, &mut conflicts);
     // Annotations as labels: one someone else set to another value is not
     // applied (a non-forced apply would be refused on every try and wedge
     // the Node); it is reported, and its value is what counts.
-    annotations.retain(|k, v| match view.annotations.get(k) {
-        Some(found) if found != v && !view.owned_annotations.contains(k) => {
-            conflicts.push(Conflict {
-                key: k.clone(),
-                wanted: v.clone(),
-                found: found.clone(),
-            });
-            false
-        }
-        _ => true,
-    });
+    leave_others(
+        &mut annotations,
+        &view.annotations,
+        &view.owned_annotations,
+        &mut conflicts,
+    );
     let changed = labels != owned_labels || annotations != owned_annotations;
     Intent::Apply {
         labels,
