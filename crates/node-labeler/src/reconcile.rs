@@ -185,7 +185,12 @@ pub fn reconcile(
         }
     }
     let mut conflicts = Vec::new();
-    leave_others(&mut labels, &view.labels, &view.owned_labels, &mut conflicts);
+    leave_others(
+        &mut labels,
+        &view.labels,
+        &view.owned_labels,
+        &mut conflicts,
+    );
     // Annotations as labels: one someone else set to another value is not
     // applied (a non-forced apply would be refused on every try and wedge
     // the Node); it is reported, and its value is what counts.
