@@ -100,12 +100,20 @@ pub struct Cli {
 }
 
 /// Subcommands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Label the node (the default).
     Run,
     /// Remove exactly what the labeller owns on the node, and exit.
     Cleanup,
+    /// Publish the enabled-plugins file's exact content as the cluster's
+    /// ConfigMap (on the StarlingX controllers, which hold the replicated
+    /// file), so that every node decides from the same object.
+    Publish {
+        /// The ConfigMap, NAMESPACE/NAME.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        configmap: String,
+    },
 }
 
 /// Where labels go.

@@ -815,3 +815,80 @@ async fn the_daemon_follows_the_node_by_watch() {
         .count();
     assert!(gets <= 2, "{gets} Node GETs: the daemon polls");
 }
+
+/// On a StarlingX controller the replicated file
+/// (`/opt/platform/config/<SW_VERSION>/enabled_kube_plugins`, the release
+/// read from `/etc/build.info` as StarlingX does) is published byte for byte
+/// as the cluster's ConfigMap; a worker with no file decides from that.
+/// Nothing is published from a blank file, and a second controller
+/// publishing the same bytes changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_publish_the_replicated_file_for_every_node() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let api = ApiServer::start().await.unwrap();
+    api.add_node(NODE);
+    let kc = env.kubeconfig(&api);
+    let host = env.dir.path().join("controller");
+    std::fs::create_dir_all(host.join("etc")).unwrap();
+    std::fs::write(
+        host.join("etc/build.info"),
+        "OS=\"debian\"\nSW_VERSION=\"24.09\"\n",
+    )
+    .unwrap();
+    let replicated = host.join("opt/platform/config/24.09/enabled_kube_plugins");
+    std::fs::create_dir_all(replicated.parent().unwrap()).unwrap();
+    let bytes = r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#;
+    let publish = || {
+        run(Command::new(BIN)
+            .args([
+                "publish",
+                "--configmap",
+                "intel-gpu/enabled-kube-plugins",
+                "--oneshot",
+                "--settle",
+                "100ms",
+            ])
+            .arg("--host-root")
+            .arg(&host)
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args(["--http-address", ""]))
+    };
+    std::fs::write(&replicated, "").unwrap();
+    let out = publish();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("blank"), "{}", text(&out));
+    assert!(
+        api.requests().iter().all(|r| r.method != "PATCH"),
+        "nothing published from a blank file"
+    );
+    std::fs::write(&replicated, bytes).unwrap();
+    let out = publish();
+    assert!(out.status.success(), "{}", text(&out));
+    let (data, rv) = api.configmap("intel-gpu", "enabled-kube-plugins").unwrap();
+    assert_eq!(data["enabled_kube_plugins"], bytes, "the exact bytes");
+    // The other controller publishes the same bytes: accepted, no change.
+    let out = publish();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        api.configmap("intel-gpu", "enabled-kube-plugins")
+            .unwrap()
+            .1,
+        rv,
+        "no flapping"
+    );
+    // A worker (no file) decides from the ConfigMap.
+    let out = run(env
+        .cmd()
+        .arg("--oneshot")
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .arg("--host-root")
+        .arg(env.dir.path().join("worker"))
+        .args([
+            "--enabled-plugins-configmap",
+            "intel-gpu/enabled-kube-plugins",
+        ]));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(api.node(NODE).unwrap().labels["intelgpu"], "enabled");
+}

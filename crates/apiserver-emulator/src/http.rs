@@ -313,6 +313,55 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
             answer
         }
         ("PATCH", ["api", "v1", "nodes", name]) => patch_node(shared, req, name),
+        // Server-side apply of a ConfigMap's data: created when missing, as
+        // every apply (`handlers/patch.go`); the keys given are set.
+        ("PATCH", ["api", "v1", "namespaces", ns, "configmaps", name]) => {
+            let is_apply = req
+                .headers
+                .get("content-type")
+                .is_some_and(|c| c.starts_with("application/apply-patch"));
+            if !is_apply || req.query("fieldManager").is_none() {
+                return (
+                    415,
+                    status(
+                        415,
+                        "UnsupportedMediaType",
+                        "only server-side apply with a fieldManager",
+                    ),
+                );
+            }
+            let body: Value = match serde_json::from_slice(&req.body) {
+                Ok(v) => v,
+                Err(e) => return (400, status(400, "BadRequest", &e.to_string())),
+            };
+            let data = match string_map(body.get("data")) {
+                Ok(d) => d,
+                Err(e) => return (422, status(422, "Invalid", &e)),
+            };
+            let key = ((*ns).to_owned(), (*name).to_owned());
+            let changed = {
+                let mut st = shared.lock();
+                let rv = st.next_rv + 1;
+                let entry = st
+                    .configmaps
+                    .entry(key.clone())
+                    .or_insert_with(|| (BTreeMap::new(), 0));
+                let before = entry.clone();
+                entry.0.extend(data);
+                let changed = *entry != before;
+                if changed {
+                    entry.1 = rv;
+                    st.next_rv = rv;
+                }
+                changed
+            };
+            if changed {
+                shared.notify();
+            }
+            let st = shared.lock();
+            let (data, rv) = &st.configmaps[&key];
+            (200, crate::configmap_json(ns, name, data, *rv))
+        }
         ("GET", ["api", "v1", "namespaces", ns, "configmaps", name]) => {
             match shared
                 .lock()

@@ -389,6 +389,20 @@ impl ApiServer {
         self.notify();
     }
 
+    /// A ConfigMap's data and resourceVersion, if it exists.
+    #[must_use]
+    pub fn configmap(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<(BTreeMap<String, String>, u64)> {
+        self.shared
+            .lock()
+            .configmaps
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
     /// Deletes a ConfigMap.
     pub fn delete_configmap(&self, namespace: &str, name: &str) {
         self.shared

@@ -444,6 +444,44 @@ impl Cluster {
     }
 }
 
+/// The field manager of the enabled-plugins publisher.
+pub const PUBLISHER_FIELD_MANAGER: &str = "intel-gpu-enabled-plugins-publisher";
+
+/// Publishes `content` as key `key` of ConfigMap `namespace/name` (server-
+/// side apply, field manager [`PUBLISHER_FIELD_MANAGER`], creating it when
+/// missing). Two controllers publishing the same bytes apply the same
+/// field with the same value: nothing changes, nothing flaps.
+///
+/// # Errors
+/// When the API server refuses or cannot be reached.
+pub async fn publish_configmap(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    key: &str,
+    content: &str,
+) -> Result<(), ClusterError> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let body = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": namespace},
+        "data": {key: content},
+    });
+    api.patch(
+        name,
+        &PatchParams::apply(PUBLISHER_FIELD_MANAGER),
+        &Patch::Apply(body),
+    )
+    .await
+    .map(drop)
+    .map_err(|source| ClusterError::Api {
+        action: "publish",
+        what: format!("configmap {namespace}/{name}"),
+        source,
+    })
+}
+
 /// The username these credentials authenticate as, from the API server
 /// (`SelfSubjectReview`, `authentication.k8s.io/v1`, Kubernetes ≥ 1.28). A
 /// kubelet's own identity is `system:node:<node name>`.
