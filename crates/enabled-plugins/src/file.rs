@@ -102,13 +102,16 @@ fn classify(path: &Path, source: io::Error) -> ReadError {
     }
 }
 
-/// The StarlingX locations of the file under `root` (the host's `/`), most
-/// specific first: `/etc/platform/enabled_kube_plugins`, then
+/// The StarlingX locations of the file under `root` (the host's `/`), the
+/// authoritative first: the replicated, backed-up
 /// `/opt/platform/config/<release>/enabled_kube_plugins` when the release
-/// can be read from `SW_VERSION` in `/etc/build.info`.
+/// can be read from `SW_VERSION` in `/etc/build.info` (as StarlingX's
+/// `tsconfig` finds it), then the older per-host
+/// `/etc/platform/enabled_kube_plugins` (lost on controller switch-over,
+/// which is why StarlingX moved it).
 #[must_use]
 pub fn starlingx_locations(root: &Path) -> Vec<PathBuf> {
-    let mut out = vec![root.join(HOST_FILE)];
+    let mut out = Vec::new();
     if let Some(release) = std::fs::read_to_string(root.join(BUILD_INFO))
         .ok()
         .as_deref()
@@ -116,6 +119,7 @@ pub fn starlingx_locations(root: &Path) -> Vec<PathBuf> {
     {
         out.push(root.join(REPLICATED_DIR).join(release).join(FILE_NAME));
     }
+    out.push(root.join(HOST_FILE));
     out
 }
 
@@ -165,9 +169,9 @@ mod tests {
         assert_eq!(
             starlingx_locations(dir.path()),
             vec![
-                dir.path().join(HOST_FILE),
                 dir.path()
                     .join("opt/platform/config/22.12/enabled_kube_plugins"),
+                dir.path().join(HOST_FILE),
             ]
         );
     }
