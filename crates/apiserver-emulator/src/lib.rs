@@ -403,6 +403,23 @@ impl ApiServer {
             .cloned()
     }
 
+    /// Waits until ConfigMap `namespace/name` exists; whether it did.
+    pub async fn wait_configmap(&self, namespace: &str, name: &str, timeout: Duration) -> bool {
+        let mut rx = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.configmap(namespace, name).is_some() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+    }
+
     /// Deletes a ConfigMap.
     pub fn delete_configmap(&self, namespace: &str, name: &str) {
         self.shared

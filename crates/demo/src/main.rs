@@ -19,6 +19,9 @@ const NODE: &str = "controller-0";
 const I915: &str = "gpu.intel.com/i915";
 const XE: &str = "gpu.intel.com/xe";
 const LIMIT: Duration = Duration::from_secs(20);
+const CONFIGMAP_NAMESPACE: &str = "kube-system";
+const CONFIGMAP_NAME: &str = "enabled-kube-plugins";
+const CONFIGMAP: &str = "kube-system/enabled-kube-plugins";
 
 struct Proc(Child);
 
@@ -70,7 +73,14 @@ impl Demo {
         api.add_node(NODE);
         api.set_label(NODE, "kubelet", "kubernetes.io/hostname", Some(NODE));
         std::fs::write(root.join("kubeconfig"), api.kubeconfig())?;
-        let plugins_file = root.join("etc/platform/enabled_kube_plugins");
+        // The controller's replicated copy, in the release directory named
+        // by the host's build.info, as StarlingX keeps it.
+        std::fs::create_dir_all(root.join("etc"))?;
+        std::fs::write(
+            root.join("etc/build.info"),
+            "OS=\"debian\"\nSW_VERSION=\"24.09\"\n",
+        )?;
+        let plugins_file = root.join("opt/platform/config/24.09/enabled_kube_plugins");
         std::fs::create_dir_all(plugins_file.parent().unwrap_or(root))?;
         // Byte for byte what StarlingX's bootstrap writes.
         std::fs::write(&plugins_file, r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#)?;
@@ -92,18 +102,36 @@ impl Demo {
             .arg(self.node.devfs_root());
     }
 
+    /// The controller's publisher: the replicated file becomes the
+    /// cluster's ConfigMap.
+    fn publisher(&self) -> anyhow::Result<Proc> {
+        let mut c = Command::new(&self.labeler_bin);
+        c.args(["publish", "--configmap", CONFIGMAP, "--settle", "200ms"])
+            .arg("--host-root")
+            .arg(&self.root)
+            .arg("--kubeconfig")
+            .arg(self.root.join("kubeconfig"))
+            .args(["--http-address", "", "--log-level", "warn"]);
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        Ok(Proc(c.spawn().with_context(|| {
+            format!("cannot start {}", self.labeler_bin.display())
+        })?))
+    }
+
+    /// The node's labeller, deciding from the published ConfigMap.
     fn labeler(&self) -> anyhow::Result<Proc> {
         let mut c = Command::new(&self.labeler_bin);
         self.roots(&mut c);
         c.arg("--kubeconfig")
             .arg(self.root.join("kubeconfig"))
-            .arg("--enabled-plugins-file")
-            .arg(&self.plugins_file);
+            .args(["--enabled-plugins-configmap", CONFIGMAP]);
         c.args([
             "--node-name",
             NODE,
             "--removal-grace",
             "0s",
+            "--settle",
+            "200ms",
             "--resync",
             "2s",
             "--http-address",
@@ -185,6 +213,16 @@ async fn steps(demo: &mut Demo) -> Result<Vec<Proc>, (usize, &'static str, anyho
             demo.plugins_file.display(),
             std::fs::read_to_string(&demo.plugins_file)?
         );
+        procs.push(demo.publisher()?);
+        let published = demo
+            .api
+            .wait_configmap(CONFIGMAP_NAMESPACE, CONFIGMAP_NAME, LIMIT)
+            .await;
+        ensure!(
+            published,
+            "the controller did not publish the enabled-plugins ConfigMap"
+        );
+        println!("published as configmap {CONFIGMAP} (what every node decides from)");
         procs.push(demo.labeler()?);
         demo.wait_label(true).await?;
         let node = demo.api.node(NODE).context("node vanished")?;
@@ -294,7 +332,7 @@ async fn steps(demo: &mut Demo) -> Result<Vec<Proc>, (usize, &'static str, anyho
             let start = Instant::now();
             demo.wait_label(false).await?;
             println!(
-                "  intelgpu=enabled removed {} after the file changed; discovery labels stay",
+                "  intelgpu=enabled removed {} after the file changed (published, then confirmed by a second read); discovery labels stay",
                 ms(start.elapsed())
             );
             ensure!(
