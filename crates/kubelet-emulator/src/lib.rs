@@ -70,10 +70,18 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 #[non_exhaustive]
 pub enum KubeletVersion {
+    /// 1.24 (StarlingX 8.0's default): `manager.go` `Register` checks the
+    /// version and name, then `go m.addEndpoint(r)` and answers at once; the
+    /// dial-back (the socket path as `:authority`) happens after, and a
+    /// failure is only logged; the request's options are used
+    /// (`GetDevicePluginOptions` is not called); a stream that ends marks
+    /// its resource unhealthy only while its endpoint is still the current
+    /// one (`runEndpoint`).
+    V1_24,
     /// 1.25: the device manager's plugin package as in 1.26–1.34, but
     /// grpc-go dials the plugin with the bare socket path as target and no
     /// `WithAuthority`, so `:authority` is the socket path (kubernetes
-    /// issues 108254, 109081; StarlingX 8's Kubernetes).
+    /// issues 108254, 109081).
     V1_25,
     /// 1.34: `plugin/v1beta1/client.go` `dial` passes
     /// `grpc.WithAuthority("localhost")` (kubernetes PR 112597, 1.26+).
@@ -83,13 +91,15 @@ pub enum KubeletVersion {
 
 impl KubeletVersion {
     /// Every emulated version, oldest first.
-    pub const ALL: [Self; 2] = [Self::V1_25, Self::V1_34];
+    pub const ALL: [Self; 3] = [Self::V1_24, Self::V1_25, Self::V1_34];
 
     /// The `:authority` its dial-back to the plugin at `socket` sends.
     #[must_use]
     pub fn authority(self, socket: &Path) -> AuthorityRule {
         match self {
-            Self::V1_25 => AuthorityRule::Set(socket.as_os_str().as_encoded_bytes().to_vec()),
+            Self::V1_24 | Self::V1_25 => {
+                AuthorityRule::Set(socket.as_os_str().as_encoded_bytes().to_vec())
+            }
             Self::V1_34 => AuthorityRule::Set(b"localhost".to_vec()),
         }
     }
@@ -129,6 +139,9 @@ pub struct View {
     /// `Register` calls received, refused ones included (the kubelet counts
     /// them before any check: `server.go` `Register`).
     pub register_calls: u64,
+    /// Dial-backs that failed after `Register` had already answered
+    /// success (1.24 only; the kubelet just logs them).
+    pub dial_failures: u64,
 }
 
 impl View {
@@ -607,55 +620,56 @@ impl RegistrationService {
         // The kubelet returns plain Go errors: grpc-go sends them as Unknown.
         Status::unknown(message)
     }
+}
 
-    /// `handler.go` `runClient`: read the stream until it ends, then
-    /// disconnect whichever client is current for the name.
-    fn run_client(
-        &self,
-        resource: String,
-        id: u64,
-        mut client: DevicePluginClient<Channel>,
-        end: oneshot::Receiver<()>,
-    ) -> JoinHandle<()> {
-        let shared = Arc::clone(&self.shared);
-        tokio::spawn(async move {
-            let read = async {
-                let Ok(stream) = client.list_and_watch(pb::Empty {}).await else {
-                    return;
-                };
-                let mut stream = stream.into_inner();
-                while let Ok(Some(msg)) = stream.message().await {
-                    let list = DeviceList::from_pb(&msg).ok();
-                    shared.with(|s| {
-                        // `PluginListAndWatchReceiver` updates by name: an
-                        // old client still streaming writes too.
-                        if let Some(r) = s.view.resources.get_mut(&resource) {
-                            r.devices = list;
-                            r.updates += 1;
-                            r.last_update = Some(Instant::now());
-                        }
-                    });
-                }
+/// `handler.go` `runClient` (1.25+): read the stream until it ends, then
+/// disconnect whichever client is current for the name; 1.24's
+/// `runEndpoint` only its own.
+fn run_client(
+    shared: Arc<Shared>,
+    resource: String,
+    id: u64,
+    mut client: DevicePluginClient<Channel>,
+    end: oneshot::Receiver<()>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let read = async {
+            let Ok(stream) = client.list_and_watch(pb::Empty {}).await else {
+                return;
             };
-            tokio::select! {
-                () = read => {}
-                _ = end => {}
+            let mut stream = stream.into_inner();
+            while let Ok(Some(msg)) = stream.message().await {
+                let list = DeviceList::from_pb(&msg).ok();
+                shared.with(|s| {
+                    // `PluginListAndWatchReceiver` updates by name: an
+                    // old client still streaming writes too.
+                    if let Some(r) = s.view.resources.get_mut(&resource) {
+                        r.devices = list;
+                        r.updates += 1;
+                        r.last_update = Some(Instant::now());
+                    }
+                });
             }
-            drop(client);
-            shared.with(|s| {
+        };
+        tokio::select! {
+            () = read => {}
+            _ = end => {}
+        }
+        drop(client);
+        shared.with(|s| {
                 s.replaced.retain(|c| c.id != id);
                 // `getClient(name)`: the current client, which may be a
                 // newer registration's (kubernetes issue 121994).
                 let current = s.clients.get(&resource).map(|c| c.id);
-                if current.is_some() {
+                let own_only = shared.version == KubeletVersion::V1_24;
+                if current.is_some() && !(own_only && current != Some(id)) {
                     if current != Some(id) {
                         tracing::debug!(%resource, "an old stream ended: the current client is disconnected (kubelet issue 121994)");
                     }
                     Shared::disconnect(s, &resource);
                 }
             });
-        })
-    }
+    })
 }
 
 #[tonic::async_trait]
@@ -691,66 +705,93 @@ impl Registration for RegistrationService {
         if let Some(message) = refusal {
             return Err(self.reject(&resource, message));
         }
-        // `connectClient`: the endpoint is joined, not checked; the new
-        // client replaces the old in the map without closing it.
-        let path = go_join(&self.shared.dir, &req.endpoint);
-        let rule = self.shared.version.authority(&path);
-        let channel = uds::connect_with_authority(&path, DIAL_TIMEOUT, rule)
-            .await
-            .map_err(|e| {
-                self.shared.with(|s| {
-                    s.clients.remove(&resource);
-                });
-                Status::unknown(format!("failed to dial device plugin: {e}"))
-            })?;
-        let mut client = DevicePluginClient::new(channel.clone());
-        // `PluginConnected`: the options come from the plugin, not from the
-        // request, with no deadline.
-        let options = match client.get_device_plugin_options(pb::Empty {}).await {
-            Ok(o) => o.into_inner(),
-            Err(e) => {
-                self.shared.with(|s| {
-                    s.clients.remove(&resource);
-                });
-                return Err(Status::unknown(format!(
-                    "failed to get device plugin options: {e}"
-                )));
-            }
-        };
-        let id = self.shared.next_client.fetch_add(1, Ordering::Relaxed);
-        let (end_tx, end_rx) = oneshot::channel();
-        self.shared.with(|s| {
-            let replaced = s.clients.insert(
-                resource.clone(),
-                Client {
-                    id,
-                    channel,
-                    end: Some(end_tx),
-                },
-            );
-            // The old client is not closed: its connection and stream live
-            // on (`registerClient` only overwrites the map entry).
-            if let Some(old) = replaced {
-                s.replaced.push(old);
-            }
-            let r = s.view.resources.entry(resource.clone()).or_default();
-            r.endpoint.clone_from(&req.endpoint);
-            r.options = options;
-            r.registrations += 1;
-            r.registered_at = Some(Instant::now());
-            // The list of this registration has not arrived yet.
-            r.devices = None;
-            r.connected = true;
-            r.stopped_at = None;
-        });
-        // Then `go s.runClient(...)`, racing with the answer.
-        let task = self.run_client(resource, id, client, end_rx);
-        self.shared.with(|s| {
-            s.tasks.retain(|t| !t.is_finished());
-            s.tasks.push(task);
-        });
+        if self.shared.version == KubeletVersion::V1_24 {
+            // `go m.addEndpoint(r)`: success at once, the dial after.
+            let shared = Arc::clone(&self.shared);
+            tokio::spawn(async move {
+                if let Err(status) = connect(Arc::clone(&shared), req).await {
+                    tracing::debug!(error = %status.message(), "1.24: the dial-back failed after Register succeeded");
+                    shared.with(|s| s.view.dial_failures += 1);
+                }
+            });
+            return Ok(Response::new(pb::Empty {}));
+        }
+        connect(Arc::clone(&self.shared), req).await?;
         Ok(Response::new(pb::Empty {}))
     }
+}
+
+/// `connectClient` (1.25+) or `addEndpoint` (1.24): dial the plugin back,
+/// read its options, make it the resource's client, read its stream.
+async fn connect(shared: Arc<Shared>, req: pb::RegisterRequest) -> Result<(), Status> {
+    let resource = req.resource_name.clone();
+    // `connectClient`: the endpoint is joined, not checked; the new
+    // client replaces the old in the map without closing it.
+    let path = go_join(&shared.dir, &req.endpoint);
+    let rule = shared.version.authority(&path);
+    let channel = uds::connect_with_authority(&path, DIAL_TIMEOUT, rule)
+        .await
+        .map_err(|e| {
+            shared.with(|s| {
+                s.clients.remove(&resource);
+            });
+            Status::unknown(format!("failed to dial device plugin: {e}"))
+        })?;
+    let mut client = DevicePluginClient::new(channel.clone());
+    // `PluginConnected`: the options come from the plugin, not from the
+    // request, with no deadline (1.24: from the request).
+    let asked = if shared.version == KubeletVersion::V1_24 {
+        Ok(req.options.unwrap_or_default())
+    } else {
+        client
+            .get_device_plugin_options(pb::Empty {})
+            .await
+            .map(tonic::Response::into_inner)
+    };
+    let options = match asked {
+        Ok(o) => o,
+        Err(e) => {
+            shared.with(|s| {
+                s.clients.remove(&resource);
+            });
+            return Err(Status::unknown(format!(
+                "failed to get device plugin options: {e}"
+            )));
+        }
+    };
+    let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
+    let (end_tx, end_rx) = oneshot::channel();
+    shared.with(|s| {
+        let replaced = s.clients.insert(
+            resource.clone(),
+            Client {
+                id,
+                channel,
+                end: Some(end_tx),
+            },
+        );
+        // The old client is not closed: its connection and stream live
+        // on (`registerClient` only overwrites the map entry).
+        if let Some(old) = replaced {
+            s.replaced.push(old);
+        }
+        let r = s.view.resources.entry(resource.clone()).or_default();
+        r.endpoint.clone_from(&req.endpoint);
+        r.options = options;
+        r.registrations += 1;
+        r.registered_at = Some(Instant::now());
+        // The list of this registration has not arrived yet.
+        r.devices = None;
+        r.connected = true;
+        r.stopped_at = None;
+    });
+    // Then `go s.runClient(...)`, racing with the answer.
+    let task = run_client(Arc::clone(&shared), resource, id, client, end_rx);
+    shared.with(|s| {
+        s.tasks.retain(|t| !t.is_finished());
+        s.tasks.push(task);
+    });
+    Ok(())
 }
 
 #[cfg(test)]
