@@ -75,6 +75,18 @@ impl Progress {
         }
     }
 
+    /// How long the longest operation running now has been running.
+    #[must_use]
+    pub fn longest_running(&self) -> Duration {
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|(_, t)| t.elapsed())
+            .max()
+            .unwrap_or_default()
+    }
+
     /// Ok while the loop beat and nothing ran for longer than `limit`.
     ///
     /// # Errors

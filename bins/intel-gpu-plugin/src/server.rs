@@ -266,6 +266,15 @@ impl http::Endpoints for Endpoints {
                 load(&self.cdi.missing),
             ),
             (
+                "longest_blocking_operation_seconds",
+                "gauge",
+                "How long the longest sysfs, hwmon or CDI operation running now has run (a read stuck in D state grows it; /healthz fails past --stall-limit-ms).",
+                self.progress
+                    .longest_running()
+                    .max(self.watcher.scan_running_for().unwrap_or_default())
+                    .as_secs(),
+            ),
+            (
                 "ignored_flags",
                 "gauge",
                 "Command-line flags accepted and ignored (the Go plugin's, klog's, unknown Go-style ones).",

@@ -871,8 +871,10 @@ async fn health_management_and_a_stuck_read() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The loop lives on: allocations and readiness still answer.
+    // The loop lives on: allocations and readiness still answer, and the
+    // metric shows the stuck read.
     assert_eq!(http_get(port, "/readyz").0, "HTTP/1.1 200 OK");
+    assert!(metric(port, "intel_gpu_plugin_longest_blocking_operation_seconds").is_some());
     env.kubelet.allocate(I915, &["card0-0"]).await.unwrap();
     // Unblock the reader so the process can exit.
     let _ = std::fs::OpenOptions::new().write(true).open(&input);
