@@ -3,7 +3,7 @@
 //! `kubernetes-validate --strict`, linted with `yamllint`) and the Ansible
 //! role. Python tools are installed into `target/ci-venv` when missing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -98,23 +98,44 @@ pub(crate) fn check_manifests() -> Result<()> {
 }
 
 /// The Ansible role's manifest template: the `starlingx` overlay, with the
-/// node selector and the images as role variables.
+/// GPU plugin's node label, the images and the pull secret as role
+/// variables.
 const ANSIBLE_TEMPLATE: &str =
-    "deploy/ansible/roles/intel_gpu_plugins/templates/intel-gpu-plugin-daemonset.yaml.j2";
+    "deploy/ansible/roles/intel_gpu_plugins/templates/intel-gpu-plugin.yaml.j2";
 
 pub(crate) fn ansible_template() -> Result<String> {
     let rendered = std::fs::read_to_string(render("starlingx")?)?;
     if rendered.contains("{{") || rendered.contains("{%") {
         bail!("the starlingx overlay contains Jinja delimiters");
     }
-    let selector = "        intelgpu: enabled\n";
-    if !rendered.contains(selector) {
-        bail!("the starlingx overlay no longer selects `intelgpu: enabled`");
+    let substitutions = [
+        (
+            "        intelgpu: enabled\n",
+            "        {{ _intel_gpu_label.split('=')[0] }}: \"{{ _intel_gpu_label.split('=', 1)[1] }}\"\n",
+        ),
+        (
+            "image: intel-gpu-plugin:0.1.0\n",
+            "image: \"{{ intel_gpu_plugin_image }}\"\n",
+        ),
+        (
+            "image: intel-gpu-labeler:0.1.0\n",
+            "image: \"{{ intel_gpu_labeler_image }}\"\n",
+        ),
+        (
+            "- name: docker-registry-secret\n",
+            "- name: \"{{ intel_gpu_image_pull_secret }}\"\n",
+        ),
+    ];
+    let mut out = rendered;
+    for (from, to) in substitutions {
+        if !out.contains(from) {
+            bail!("the starlingx overlay no longer contains {from:?}");
+        }
+        out = out.replace(from, to);
     }
-    let out = rendered
-        .replace(selector, "        {{ _intel_gpu_label.split('=')[0] }}: \"{{ _intel_gpu_label.split('=', 1)[1] }}\"\n")
-        .replace("image: intel-gpu-plugin:0.1.0", "image: {{ intel_gpu_plugin_image }}")
-        .replace("image: intel-gpu-labeler:0.1.0", "image: {{ intel_gpu_labeler_image }}");
+    if out.contains("image: intel-gpu") {
+        bail!("the starlingx overlay has an image the Ansible template does not qualify");
+    }
     Ok(format!(
         "# Generated from deploy/overlays/starlingx by `cargo xtask manifests --write`. Do not edit.\n{out}"
     ))
@@ -148,8 +169,108 @@ fn check_ansible_template() -> Result<()> {
     Ok(())
 }
 
-/// Runs the Ansible role against localhost into a temporary root (kubectl
-/// switched off) and checks what it wrote.
+/// One run of the role in CI: the override file (StarlingX's shape), extra
+/// variables, and what it must do.
+struct AnsibleCase {
+    overrides: Option<&'static str>,
+    extra: &'static str,
+    /// The enabled-plugins file's bytes, derived from StarlingX's task
+    /// (`copy: content: "{{ k8s_plugins }}"`, which writes a dict or list as
+    /// Python's `json.dumps` with default separators, in the order given), or
+    /// `None` when the step must do nothing.
+    file: Option<&'static str>,
+    /// The GPU plugin's label, or `None` when no GPU manifest is written.
+    gpu_label: Option<&'static str>,
+    /// The image the manifest names.
+    image: &'static str,
+    /// A failure the role must report, with this text.
+    fails_with: Option<&'static str>,
+}
+
+const ANSIBLE_CASES: &[AnsibleCase] = &[
+    AnsibleCase {
+        overrides: Some("k8s-plugins-default.yml"),
+        extra: "{}",
+        file: None,
+        gpu_label: None,
+        image: "",
+        fails_with: None,
+    },
+    AnsibleCase {
+        overrides: Some("k8s-plugins-dict.yml"),
+        extra: r#"{"docker_registry": {"url": "registry.local:9001"}}"#,
+        file: Some(
+            r#"{"intel-qat-plugin": "intelqat=enabled", "intel-gpu-plugin": "intelgpu=enabled"}"#,
+        ),
+        gpu_label: Some("intelgpu=enabled"),
+        image: "registry.local:9001/starlingx/intel-gpu-plugin:0.1.0",
+        fails_with: None,
+    },
+    AnsibleCase {
+        overrides: Some("k8s-plugins-list.yml"),
+        extra: "{}",
+        file: Some(r#"["intelgpu"]"#),
+        gpu_label: Some("intelgpu=enabled"),
+        image: "docker.io/starlingx/intel-gpu-plugin:0.1.0",
+        fails_with: None,
+    },
+    AnsibleCase {
+        overrides: Some("seed-aliases.yml"),
+        extra: "{}",
+        file: Some(r#"["intelgpu", "intelqat"]"#),
+        gpu_label: Some("intelgpu=enabled"),
+        image: "docker.io/starlingx/intel-gpu-plugin:0.1.0",
+        fails_with: None,
+    },
+    // StarlingX skips the step outside bootstrap (restore, upgrade).
+    AnsibleCase {
+        overrides: Some("k8s-plugins-dict.yml"),
+        extra: r#"{"mode": "restore"}"#,
+        file: None,
+        gpu_label: None,
+        image: "",
+        fails_with: None,
+    },
+    AnsibleCase {
+        overrides: None,
+        extra: r#"{"k8s_plugins": {"intel-qat-plugin": "intelqat=enabled"}}"#,
+        file: Some(r#"{"intel-qat-plugin": "intelqat=enabled"}"#),
+        gpu_label: None,
+        image: "",
+        fails_with: None,
+    },
+    AnsibleCase {
+        overrides: None,
+        extra: r#"{"k8s_plugins": "intelgpu"}"#,
+        file: None,
+        gpu_label: None,
+        image: "",
+        fails_with: Some("k8s_plugins must be a dict from plugin to node label"),
+    },
+    AnsibleCase {
+        overrides: None,
+        extra: r#"{"k8s_plugins": {"intel-gpu": "intelgpu=enabled"}}"#,
+        file: None,
+        gpu_label: None,
+        image: "",
+        fails_with: Some("k8s_plugins names intel-gpu, which is not a StarlingX device plugin"),
+    },
+    AnsibleCase {
+        overrides: None,
+        extra: r#"{"k8s_plugins": {"intel-gpu-plugin": "intelgpu"}}"#,
+        file: None,
+        gpu_label: None,
+        image: "",
+        fails_with: Some("which is not key=value"),
+    },
+];
+
+/// The release the scratch root's /etc/build.info names.
+const ANSIBLE_RELEASE: &str = "24.09";
+
+/// Runs the role against localhost into a scratch root laid out as a
+/// StarlingX controller at the bootstrap step (kubectl switched off), in
+/// check mode, for real, and again, and checks what it wrote.
 pub(crate) fn check_ansible() -> Result<()> {
     let bin = venv()?;
     let root = project_root();
@@ -163,102 +284,182 @@ pub(crate) fn check_ansible() -> Result<()> {
     } else {
         eprintln!("ansible-lint is not installed: skipped (pip install ansible-lint to run it)");
     }
-    let cases: &[(&str, Option<&str>)] = &[
-        (
-            r#"{"import_plugins": true, "kube_plugins": ["intelgpu", "intelqat"]}"#,
-            Some(
-                r#"{"intel-gpu-plugin": "intelgpu=enabled", "intel-qat-plugin": "intelqat=enabled"}"#,
-            ),
+    let defaults = std::fs::read_to_string(
+        root.join("deploy/ansible/roles/intel_gpu_plugins/defaults/main.yml"),
+    )?;
+    // CI cannot create StarlingX's group; the role's default must name it.
+    if !defaults.contains("\nenabled_kube_plugins_group: sys_protected\n") {
+        bail!("the role's default group for enabled_kube_plugins is not sys_protected");
+    }
+    let group = String::from_utf8(Command::new("id").arg("-gn").output()?.stdout)?;
+    let gid: u32 = String::from_utf8(Command::new("id").arg("-g").output()?.stdout)?
+        .trim()
+        .parse()
+        .context("`id -g` did not print a number")?;
+    for case in ANSIBLE_CASES {
+        check_ansible_case(&bin, &playbook, case, group.trim(), gid).with_context(|| {
+            format!("the Ansible role with {:?} {}", case.overrides, case.extra)
+        })?;
+    }
+    Ok(())
+}
+
+fn check_ansible_case(
+    bin: &Path,
+    playbook: &Path,
+    case: &AnsibleCase,
+    group: &str,
+    gid: u32,
+) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = project_root();
+    let tmp = root.join("target/ansible-root");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let permdir = tmp.join("opt/platform/config").join(ANSIBLE_RELEASE);
+    std::fs::create_dir_all(&permdir)?;
+    std::fs::create_dir_all(tmp.join("etc/kubernetes"))?;
+    std::fs::write(
+        tmp.join("etc/build.info"),
+        format!(
+            "OS=\"debian\"\nSW_VERSION=\"{ANSIBLE_RELEASE}\"\nBUILD_TARGET=\"Host Installer\"\n"
         ),
-        (
-            r#"{"import_plugins": true, "k8s_plugins": {"intel-gpu-plugin": "intelgpu=enabled"}}"#,
-            Some(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#),
-        ),
-        (
-            r#"{"import_plugins": false, "kube_plugins": ["intelgpu"]}"#,
-            None,
-        ),
-    ];
-    for (vars, want) in cases {
-        let tmp = root.join("target/ansible-root");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
-        let extra = format!(
-            r#"{{"ansible_python_interpreter": "{}", "intel_gpu_root": "{}", "intel_gpu_apply": false, {}"#,
-            bin.join("python").display(),
-            tmp.display(),
-            vars.trim_start_matches('{')
-        );
-        let play = |c: &mut Command| {
-            c.args(["-i", "localhost,", "-c", "local", "-e"])
-                .arg(&extra)
-                .arg(&playbook)
-                .env("ANSIBLE_NOCOLOR", "1");
-        };
-        let mut first = Command::new(bin.join("ansible-playbook"));
-        play(&mut first);
-        run(&mut first)?;
-        let file = tmp.join("etc/platform/enabled_kube_plugins");
-        let Some(want) = want else {
-            if file.exists() {
+    )?;
+    let scratch = serde_json::json!({
+        "ansible_python_interpreter": bin.join("python"),
+        "ansible_become": false,
+        "intel_gpu_root": tmp,
+        "intel_gpu_apply": false,
+        "enabled_kube_plugins_group": group,
+    })
+    .to_string();
+    let playbook_run = |check: bool| -> Result<std::process::Output> {
+        let mut c = Command::new(bin.join("ansible-playbook"));
+        c.args(["-i", "localhost,", "-c", "local", "-e"])
+            .arg(&scratch);
+        if let Some(file) = case.overrides {
+            c.arg("-e").arg(format!(
+                "@{}",
+                root.join("deploy/ansible/examples").join(file).display()
+            ));
+        }
+        c.arg("-e").arg(case.extra);
+        if check {
+            c.arg("--check");
+        }
+        c.arg(playbook).env("ANSIBLE_NOCOLOR", "1");
+        Ok(c.output()?)
+    };
+    let output = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let file = permdir.join("enabled_kube_plugins");
+    let manifest = tmp.join("etc/kubernetes/intel-gpu-daemonset.yaml");
+
+    // Check mode: succeeds (or fails the same way) and writes nothing.
+    let checked = playbook_run(true)?;
+    if let Some(text) = case.fails_with {
+        let out = output(&checked);
+        if checked.status.success() || !out.contains(text) {
+            bail!("check mode did not fail with {text:?}:\n{out}");
+        }
+    } else if !checked.status.success() {
+        bail!("check mode failed:\n{}", output(&checked));
+    }
+    if file.exists() || manifest.exists() {
+        bail!("check mode wrote files");
+    }
+
+    let first = playbook_run(false)?;
+    if let Some(text) = case.fails_with {
+        let out = output(&first);
+        if first.status.success() || !out.contains(text) {
+            bail!("the role did not fail with {text:?}:\n{out}");
+        }
+        if file.exists() || manifest.exists() {
+            bail!("the role wrote files although it failed");
+        }
+        return Ok(());
+    }
+    if !first.status.success() {
+        bail!("the role failed:\n{}", output(&first));
+    }
+    match case.file {
+        None if file.exists() => bail!("the role wrote {}", file.display()),
+        None => {}
+        Some(want) => {
+            let written = std::fs::read_to_string(&file)
+                .with_context(|| format!("the role did not write {}", file.display()))?;
+            if written != want {
+                bail!("the role wrote {written:?}, StarlingX writes {want:?}");
+            }
+            let meta = std::fs::metadata(&file)?;
+            if meta.permissions().mode() & 0o777 != 0o640 || meta.gid() != gid {
                 bail!(
-                    "the role wrote {} although import_plugins is false",
-                    file.display()
+                    "{} has mode {:o} and gid {}; expected 640 and {gid}",
+                    file.display(),
+                    meta.permissions().mode() & 0o777,
+                    meta.gid()
                 );
             }
-            continue;
-        };
-        let written = std::fs::read_to_string(&file)
-            .with_context(|| format!("the role did not write {}", file.display()))?;
-        if written != *want {
-            bail!("the role wrote {written:?}, expected {want:?}");
-        }
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
-        if mode != 0o640 {
-            bail!("{} has mode {mode:o}, expected 640", file.display());
-        }
-        // Read back by our own parser, rendered back to the same bytes.
-        let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .current_dir(&root)
-            .args([
-                "run",
-                "-q",
-                "--locked",
-                "-p",
-                "enabled-plugins",
-                "--example",
-                "check",
-                "--",
-            ])
-            .arg(&file)
-            .output()?;
-        if !out.status.success()
-            || String::from_utf8_lossy(&out.stdout).trim_end_matches('\n') != written
-        {
-            bail!(
-                "the enabled-plugins check example does not read back the role's file: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        for manifest in [
-            "etc/kubernetes/intel-gpu-plugin-daemonset.yaml",
-            "etc/kubernetes/enabled-kube-plugins-configmap.yaml",
-        ] {
-            for v in ["1.27.0", "1.34.0"] {
-                run(Command::new(bin.join("kubernetes-validate"))
-                    .args(["--strict", "--quiet", "-k", v])
-                    .arg(tmp.join(manifest)))?;
+            // Our own reader takes StarlingX's bytes and finds the GPU label.
+            let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .current_dir(&root)
+                .args([
+                    "run",
+                    "-q",
+                    "--locked",
+                    "-p",
+                    "enabled-plugins",
+                    "--example",
+                    "check",
+                    "--",
+                ])
+                .arg(&file)
+                .output()?;
+            let said = String::from_utf8_lossy(&out.stderr);
+            let expected = match case.gpu_label {
+                Some(label) => format!("the GPU plugin is enabled with label {label}"),
+                None => "the GPU plugin is not enabled".to_owned(),
+            };
+            if !out.status.success() || !said.contains(&expected) {
+                bail!("the enabled-plugins reader says {said:?}, expected {expected:?}");
             }
         }
-        // Idempotent: a second run changes nothing.
-        let mut again = Command::new(bin.join("ansible-playbook"));
-        play(&mut again);
-        let out = again.output()?;
-        let recap = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() || !recap.contains("changed=0") {
-            bail!("a second run of the role was not a no-op:\n{recap}");
+    }
+    match case.gpu_label {
+        None if manifest.exists() => bail!("the role wrote {}", manifest.display()),
+        None => {}
+        Some(label) => {
+            let text = std::fs::read_to_string(&manifest)
+                .with_context(|| format!("the role did not write {}", manifest.display()))?;
+            let (key, value) = label.split_once('=').unwrap_or((label, ""));
+            for want in [
+                format!("        {key}: \"{value}\"\n"),
+                format!("image: \"{}\"\n", case.image),
+                "- name: \"docker-registry-secret\"\n".to_owned(),
+                "priorityClassName: system-node-critical\n".to_owned(),
+            ] {
+                if !text.contains(&want) {
+                    bail!("{} lacks {want:?}", manifest.display());
+                }
+            }
+            // kubernetes-validate has no schema older than 1.25 (StarlingX 8.0 runs 1.24).
+            for v in ["1.25.0", "1.34.0"] {
+                run(Command::new(bin.join("kubernetes-validate"))
+                    .args(["--strict", "--quiet", "-k", v])
+                    .arg(&manifest))?;
+            }
         }
+    }
+    // Idempotent: a second run changes nothing.
+    let again = playbook_run(false)?;
+    let recap = output(&again);
+    if !again.status.success() || !recap.contains("changed=0") {
+        bail!("a second run of the role was not a no-op:\n{recap}");
     }
     Ok(())
 }
