@@ -13,7 +13,8 @@ use crate::util::{project_root, run, succeeds};
 /// Overlays and the Kubernetes versions each is validated against (1.27:
 /// the oldest StarlingX release we target; the admission policy needs 1.30).
 pub(crate) const OVERLAYS: &[(&str, &[&str])] = &[
-    ("starlingx", &["1.27.0", "1.34.0"]),
+    ("starlingx", &["1.25.0", "1.34.0"]),
+    ("starlingx-app", &["1.28.0", "1.34.0"]),
     ("nfd", &["1.27.0", "1.34.0"]),
     ("monitoring", &["1.27.0", "1.34.0"]),
     ("microk8s", &["1.27.0", "1.34.0"]),
@@ -94,7 +95,64 @@ pub(crate) fn check_manifests() -> Result<()> {
             })?;
         }
     }
-    check_ansible_template()
+    check_ansible_template()?;
+    check_starlingx_migration(&bin)
+}
+
+/// What `kubectl apply` of our manifests does next to the GPU plugins
+/// StarlingX runs (`xtask/scripts/migration.py`): the `starlingx` overlay
+/// replaces the bootstrap's plugin in place; next to the operator
+/// application's plugin only `starlingx-app` is safe. Each unsafe pairing
+/// must be reported, or the check could not fail.
+fn check_starlingx_migration(bin: &Path) -> Result<()> {
+    const BOOTSTRAP: &str = "xtask/fixtures/starlingx-intel-gpu-daemonset.yaml";
+    const APP: &str = "xtask/fixtures/operator-app-gpu-daemonset.yaml";
+    const TWO: &str = "both run the GPU plugin on a node";
+    let root = project_root();
+    for fixture in [BOOTSTRAP, APP] {
+        for v in ["1.25.0", "1.34.0"] {
+            run(Command::new(bin.join("kubernetes-validate"))
+                .args(["--strict", "--quiet", "-k", v])
+                .arg(root.join(fixture)))?;
+        }
+    }
+    let base = root.join("target/manifests/base.yaml");
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root.join("deploy/base"))
+        .output()?;
+    if !out.status.success() {
+        bail!("kubectl kustomize deploy/base failed");
+    }
+    std::fs::write(&base, &out.stdout)?;
+    let cases: [(&str, PathBuf, Option<&str>); 5] = [
+        (BOOTSTRAP, render("starlingx")?, None),
+        (BOOTSTRAP, base.clone(), Some(TWO)),
+        (APP, render("starlingx-app")?, None),
+        (APP, render("starlingx")?, Some(TWO)),
+        (APP, base, Some(TWO)),
+    ];
+    for (old, new, problem) in cases {
+        let out = Command::new(bin.join("python"))
+            .arg(root.join("xtask/scripts/migration.py"))
+            .arg(root.join(old))
+            .arg(&new)
+            .output()?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        let as_expected = match problem {
+            None => out.status.success(),
+            Some(p) => out.status.code() == Some(1) && said.contains(p),
+        };
+        if !as_expected {
+            bail!(
+                "applying {} over {old}: expected {}, the migration check said\n{said}{}",
+                new.display(),
+                problem.unwrap_or("no problem"),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The Ansible role's manifest template: the `starlingx` overlay, with the
