@@ -328,6 +328,66 @@ fn architecture_names_every_crate() {
     );
 }
 
+/// The code spans of `text`, in order.
+fn code_spans(text: &str) -> Vec<&str> {
+    text.split('`').skip(1).step_by(2).collect()
+}
+
+/// Whether `span` is meant as a file or directory of the repository: it
+/// starts with a top-level directory, or is a Rust file name.
+fn names_a_path(span: &str) -> bool {
+    const TOP: &[&str] = &["crates/", "bins/", "xtask/", "deploy/", "docs/", ".ci/"];
+    !span.contains(|c: char| c.is_whitespace() || "*<>{}$".contains(c))
+        && (TOP.iter().any(|t| span.starts_with(t)) || span.ends_with(".rs"))
+}
+
+#[test]
+fn every_path_the_docs_map_names_exists() {
+    let root = root();
+    let mut offenders = Vec::new();
+    for doc in ["ARCHITECTURE.md", "README.md"] {
+        let text = read(&root.join(doc));
+        // A bare `x.rs` belongs to the member the bullet is about.
+        let mut member: Option<String> = None;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("- `") {
+                member = rest
+                    .split('`')
+                    .next()
+                    .filter(|m| m.starts_with("crates/") || m.starts_with("bins/") || *m == "xtask")
+                    .map(str::to_owned);
+            } else if !line.starts_with("  ") {
+                member = None;
+            }
+            for span in code_spans(line) {
+                if !names_a_path(span) {
+                    continue;
+                }
+                let span = span.trim_end_matches('/');
+                let found = root.join(span).exists() || {
+                    // A file name, or a path from inside a member: in the
+                    // member the bullet is about, or else anywhere.
+                    let base = member
+                        .as_deref()
+                        .filter(|_| !span.contains('/'))
+                        .unwrap_or(".");
+                    !files(base, &format!("/{span}")).is_empty()
+                };
+                if !found {
+                    offenders.push(format!(
+                        "{doc}: `{span}` ({})",
+                        member.as_deref().unwrap_or("-")
+                    ));
+                }
+            }
+        }
+    }
+    assert_none(
+        "every path ARCHITECTURE.md and README.md name exists",
+        offenders,
+    );
+}
+
 #[test]
 fn every_fuzz_target_has_a_corpus_replayed_on_stable() {
     let mut offenders = Vec::new();

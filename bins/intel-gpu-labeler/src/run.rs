@@ -745,12 +745,12 @@ fn follow(
     )
 }
 
-/// 1 s, 2 s, 4 s … capped at 60 s, ±20 % jitter.
+/// 1 s, 2 s, 4 s … capped at 60 s, ±20 % jitter: after the `failures`th
+/// failure in a row.
 fn backoff(failures: u32) -> Duration {
-    let base =
-        Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60));
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    base.mul_f64(0.8 + f64::from(nanos % 4001) / 10_000.0)
+    const RETRY: ops_kit::Backoff = ops_kit::Backoff {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(60),
+    };
+    RETRY.delay(failures.saturating_sub(1))
 }

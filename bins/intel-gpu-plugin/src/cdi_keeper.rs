@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use devplugin_api::Backoff;
 use devplugin_api::cdi::{Spec, SpecDir};
+use ops_kit::Chain;
 use tokio::time::Instant;
 
 use crate::plan::{self, ByPath, Plan};
@@ -173,7 +174,7 @@ impl CdiKeeper {
                 .into_iter()
                 .map(|job| match job {
                     Job::Write(name, spec) => {
-                        let r = dir.write(&name, &spec).map_err(|e| chain(&e));
+                        let r = dir.write(&name, &spec).map_err(|e| Chain(&e).to_string());
                         (name, r)
                     }
                     Job::Check(name) => {
@@ -251,7 +252,7 @@ impl CdiKeeper {
                 }
                 for error in &r.failed {
                     self.stats.removal_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %chain(error), "could not remove a CDI spec; retrying later");
+                    tracing::error!(error = %Chain(error), "could not remove a CDI spec; retrying later");
                 }
                 let failed: BTreeSet<String> = r
                     .failed
@@ -268,7 +269,7 @@ impl CdiKeeper {
             }
             Some(Err(error)) => {
                 self.stats.removal_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %chain(&error), "could not clean up CDI specs; retrying later");
+                tracing::error!(error = %Chain(&error), "could not clean up CDI specs; retrying later");
             }
             None => {}
         }
@@ -312,18 +313,6 @@ impl CdiKeeper {
             .map(|(n, e)| (n.clone(), e.state.clone()))
             .collect()
     }
-}
-
-/// An error with its causes, for a log field.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut s = error.to_string();
-    let mut src = error.source();
-    while let Some(e) = src {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        src = e.source();
-    }
-    s
 }
 
 #[cfg(test)]

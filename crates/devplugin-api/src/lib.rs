@@ -74,37 +74,9 @@ pub use types::{
 
 use service::Published;
 
-/// Retry delays: exponential from `initial` to `max`, each with up to 20 %
-/// random jitter either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// The first delay.
-    pub initial: Duration,
-    /// The largest delay.
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// The delay before retry number `attempt` (0-based).
-    #[must_use]
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let base = self
-            .initial
-            .saturating_mul(2u32.saturating_pow(attempt.min(20)))
-            .min(self.max);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        // A cheap mix of the clock: jitter needs spread, not secrecy.
-        let mut x = u64::from(nanos) ^ (u64::from(attempt) << 32) ^ u64::from(std::process::id());
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let factor = 0.8 + (x % 4001) as f64 / 10_000.0; // 0.8 ..= 1.2
-        base.mul_f64(factor).min(self.max.mul_f64(1.2))
-    }
-}
+/// Retry delays (the workspace's one implementation, shared with the
+/// labeller).
+pub use ops_kit::Backoff;
 
 /// Where and how the framework runs.
 #[derive(Debug, Clone)]

@@ -342,7 +342,7 @@ impl<P: Plugin> Runtime<P> {
         let timeout = self.config.register_timeout;
         let channel = uds::connect(kubelet, timeout)
             .await
-            .map_err(|e| RegisterError::Transient(error_chain(&e)))?;
+            .map_err(|e| RegisterError::Transient(ops_kit::Chain(&e).to_string()))?;
         let options = self.plugin.options();
         let request = pb::RegisterRequest {
             version: API_VERSION.to_owned(),
@@ -579,15 +579,4 @@ pub(crate) async fn clean_stale_sockets(dir: &Path, prefix: &str) {
             remove_socket(&path);
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

@@ -4,7 +4,6 @@
 //! content in the normalised StarlingX form and exits 0, or prints the
 //! error (naming the file and the position) and exits 1. Usage errors exit 2.
 
-use std::error::Error;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,14 +24,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            let mut text = error.to_string();
-            let mut source = error.source();
-            while let Some(cause) = source {
-                text.push_str(": ");
-                text.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            eprintln!("error: {text}");
+            eprintln!("error: {}", ops_kit::Chain(&error));
             ExitCode::FAILURE
         }
     }

@@ -278,7 +278,7 @@ impl FileWatcher {
                 },
             ),
             Err(error) => (
-                Seen::Unreadable(error_chain(&error)),
+                Seen::Unreadable(ops_kit::Chain(&error).to_string()),
                 Update::Unreadable(error),
             ),
         };
@@ -288,17 +288,6 @@ impl FileWatcher {
         self.last = Some(seen);
         Some(update)
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Whether an event may concern the file: every event except a plain file

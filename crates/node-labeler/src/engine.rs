@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use enabled_plugins::{EnabledPlugins, ParseError, ReadError, parse, read_file};
 use gpu_discovery::Inventory;
+use ops_kit::Chain;
 
 use crate::cluster::{Cluster, ClusterError};
 use crate::desired::Decision;
@@ -87,7 +88,7 @@ pub async fn decide_with_evidence(
                 Ok(set) => return Ok((decision_of(&set), format!("{source}: {set:?}"))),
                 Err(ReadError::Missing { .. }) => looked.push(format!("{source} is missing")),
                 Err(ReadError::Invalid(e)) => return Err(e),
-                Err(e) => return Ok((Decision::Unknown(chain(&e)), String::new())),
+                Err(e) => return Ok((Decision::Unknown(Chain(&e).to_string()), String::new())),
             },
             Source::ConfigMap { namespace, name } => {
                 let Some(cluster) = cluster else {
@@ -107,7 +108,7 @@ pub async fn decide_with_evidence(
                         return Ok((decision_of(&set), format!("{source}: {set:?}")));
                     }
                     Ok(None) => looked.push(format!("{source} (key {CONFIGMAP_KEY}) is missing")),
-                    Err(e) => return Ok((Decision::Unknown(chain(&e)), String::new())),
+                    Err(e) => return Ok((Decision::Unknown(Chain(&e).to_string()), String::new())),
                 }
             }
         }
@@ -258,7 +259,7 @@ pub async fn reconcile_node(
             // The Node was deleted or replaced since the read (the uid
             // precondition failed), or someone took a field: read again.
             Err(e) if e.code() == Some(409) => {
-                tracing::debug!(error = %chain(&e), "node changed meanwhile; reading it again")
+                tracing::debug!(error = %Chain(&e), "node changed meanwhile; reading it again")
             }
             // Creation forbidden (RBAC without `create`): it is gone.
             Err(e) if e.code() == Some(403) && cluster.read_fresh().await?.is_none() => {
@@ -401,15 +402,4 @@ pub fn reconcile_features_file(
         conflicts,
         note,
     })
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut s = error.to_string();
-    let mut src = error.source();
-    while let Some(e) = src {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        src = e.source();
-    }
-    s
 }
