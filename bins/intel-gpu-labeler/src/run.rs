@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ops_kit::prometheus::{Kind, Text};
+
 use anyhow::{Context as _, bail};
 use enabled_plugins::{FileWatcher, WatchConfig, starlingx_locations};
 use gpu_discovery::{DiscoveryConfig, IdFilter, InventoryWatcher, WatcherConfig, scan};
@@ -365,46 +367,46 @@ impl ops_http::Endpoints for Stats {
         let rows = [
             (
                 "reconciles_total",
-                "counter",
+                Kind::Counter,
                 "Reconciles run.",
                 g(&self.reconciles),
             ),
             (
                 "writes_total",
-                "counter",
+                Kind::Counter,
                 "Reconciles that wrote labels.",
                 g(&self.writes),
             ),
             (
                 "errors_total",
-                "counter",
+                Kind::Counter,
                 "Reconciles that failed.",
                 g(&self.errors),
             ),
             (
                 "label_conflicts",
-                "gauge",
+                Kind::Gauge,
                 "Labels left alone because someone else set another value.",
                 g(&self.conflicts),
             ),
             (
                 "owned_labels",
-                "gauge",
+                Kind::Gauge,
                 "Labels the labeller owns on the node.",
                 g(&self.owned),
             ),
             (
                 "last_success_timestamp_seconds",
-                "gauge",
+                Kind::Gauge,
                 "Unix time of the last successful reconcile.",
                 g(&self.last_success),
             ),
         ];
-        let mut out = String::new();
+        let mut text = Text::new();
         for (name, kind, help, v) in rows {
-            out.push_str(&format!("# HELP intel_gpu_labeler_{name} {help}\n# TYPE intel_gpu_labeler_{name} {kind}\nintel_gpu_labeler_{name} {v}\n"));
+            text.single(&format!("intel_gpu_labeler_{name}"), kind, help, v);
         }
-        out
+        text.finish()
     }
 
     fn ready(&self) -> Result<(), String> {

@@ -13,6 +13,7 @@ use devplugin_api::{
     PluginError, PluginOptions, PreferredRequest, RegistrationStatus, ResourceHandle, ResourceName,
 };
 use gpu_discovery::{DiscoveryConfig, Inventory, InventoryWatcher, WatcherConfig};
+use ops_kit::prometheus::{Kind, Text};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -237,37 +238,41 @@ impl http::Endpoints for Endpoints {
             .values()
             .filter(|c| c.health == devplugin_api::Health::Healthy)
             .count();
-        out.push_str("# HELP intel_gpu_plugin_cards GPUs advertised, by health.\n# TYPE intel_gpu_plugin_cards gauge\n");
-        out.push_str(&format!(
-            "intel_gpu_plugin_cards{{health=\"healthy\"}} {healthy}\n"
-        ));
-        out.push_str(&format!(
-            "intel_gpu_plugin_cards{{health=\"unhealthy\"}} {}\n",
-            plan.cards.len() - healthy
-        ));
+        let mut text = Text::new();
+        text.family(
+            "intel_gpu_plugin_cards",
+            Kind::Gauge,
+            "GPUs advertised, by health.",
+        )
+        .sample("intel_gpu_plugin_cards", &[("health", "healthy")], healthy)
+        .sample(
+            "intel_gpu_plugin_cards",
+            &[("health", "unhealthy")],
+            plan.cards.len() - healthy,
+        );
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         for (name, kind, help, value) in [
             (
                 "cdi_write_failures_total",
-                "counter",
+                Kind::Counter,
                 "CDI spec writes that failed.",
                 load(&self.cdi.write_failures),
             ),
             (
                 "cdi_removal_failures_total",
-                "counter",
+                Kind::Counter,
                 "CDI spec removals that failed.",
                 load(&self.cdi.removal_failures),
             ),
             (
                 "cdi_specs_missing",
-                "gauge",
+                Kind::Gauge,
                 "Advertised cards whose CDI spec is not on disk (their Allocate answers carry no CDI name).",
                 load(&self.cdi.missing),
             ),
             (
                 "longest_blocking_operation_seconds",
-                "gauge",
+                Kind::Gauge,
                 "How long the longest sysfs, hwmon or CDI operation running now has run (a read stuck in D state grows it; /healthz fails past --stall-limit-ms).",
                 self.progress
                     .longest_running()
@@ -276,26 +281,28 @@ impl http::Endpoints for Endpoints {
             ),
             (
                 "ignored_flags",
-                "gauge",
+                Kind::Gauge,
                 "Command-line flags accepted and ignored (the Go plugin's, klog's, unknown Go-style ones).",
                 u64::try_from(self.ignored_flags).unwrap_or(u64::MAX),
             ),
         ] {
-            out.push_str(&format!(
-                "# HELP intel_gpu_plugin_{name} {help}\n# TYPE intel_gpu_plugin_{name} {kind}\nintel_gpu_plugin_{name} {value}\n"
-            ));
+            text.single(&format!("intel_gpu_plugin_{name}"), kind, help, value);
         }
         let readings = self.readings.read().unwrap_or_else(PoisonError::into_inner);
         if !readings.is_empty() {
-            out.push_str("# HELP intel_gpu_plugin_temperature_celsius Hottest hwmon input per card (suspended cards are not read).\n# TYPE intel_gpu_plugin_temperature_celsius gauge\n");
+            const TEMP: &str = "intel_gpu_plugin_temperature_celsius";
+            text.family(
+                TEMP,
+                Kind::Gauge,
+                "Hottest hwmon input per card (suspended cards are not read).",
+            );
             for (card, r) in readings.iter() {
                 if let temps::Reading::Celsius(c) = r {
-                    out.push_str(&format!(
-                        "intel_gpu_plugin_temperature_celsius{{card=\"card{card}\"}} {c}\n"
-                    ));
+                    text.sample(TEMP, &[("card", &format!("card{card}"))], c);
                 }
             }
         }
+        out.push_str(&text.finish());
         out
     }
 

@@ -1,7 +1,7 @@
 //! Counters and gauges of the framework, rendered as Prometheus text by the
 //! binaries that serve them.
 
-use std::fmt::Write as _;
+use ops_kit::prometheus::{Kind, Text};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -78,87 +78,87 @@ impl Metrics {
             .resources
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let mut out = String::new();
         type Get = fn(&ResourceMetrics) -> f64;
         fn load(a: &AtomicU64) -> f64 {
             a.load(Ordering::Relaxed) as f64
         }
-        let rows: [(&str, &str, &str, Get); 11] = [
+        let rows: [(&str, Kind, &str, Get); 11] = [
             (
                 "registrations_total",
-                "counter",
+                Kind::Counter,
                 "Successful registrations with the kubelet.",
                 |m| load(&m.registrations),
             ),
             (
                 "registration_failures_total",
-                "counter",
+                Kind::Counter,
                 "Failed registration attempts.",
                 |m| load(&m.registration_failures),
             ),
             (
                 "kubelet_restarts_total",
-                "counter",
+                Kind::Counter,
                 "Kubelet restarts noticed.",
                 |m| load(&m.kubelet_restarts),
             ),
             (
                 "list_and_watch_streams",
-                "gauge",
+                Kind::Gauge,
                 "ListAndWatch streams open now.",
                 |m| m.streams() as f64,
             ),
             (
                 "device_list_updates_total",
-                "counter",
+                Kind::Counter,
                 "Device lists published.",
                 |m| load(&m.updates),
             ),
             (
                 "last_update_timestamp_seconds",
-                "gauge",
+                Kind::Gauge,
                 "Unix time of the last published device list.",
                 |m| load(&m.last_update_unix_ms) / 1000.0,
             ),
             (
                 "allocations_total",
-                "counter",
+                Kind::Counter,
                 "Allocate calls answered.",
                 |m| load(&m.allocations),
             ),
             (
                 "allocation_failures_total",
-                "counter",
+                Kind::Counter,
                 "Allocate calls refused.",
                 |m| load(&m.allocation_failures),
             ),
             (
                 "preferred_allocations_total",
-                "counter",
+                Kind::Counter,
                 "GetPreferredAllocation calls answered.",
                 |m| load(&m.preferred_allocations),
             ),
             (
                 "stream_losses_total",
-                "counter",
+                Kind::Counter,
                 "ListAndWatch streams the kubelet dropped while it stayed up.",
                 |m| load(&m.stream_losses),
             ),
             (
                 "clamped_devices",
-                "gauge",
+                Kind::Gauge,
                 "Devices left out of the current list to fit the kubelet's message limit.",
                 |m| load(&m.clamped_devices),
             ),
         ];
+        let mut text = Text::new();
         for (name, kind, help, get) in rows {
-            let _ = writeln!(out, "# HELP {prefix}_{name} {help}");
-            let _ = writeln!(out, "# TYPE {prefix}_{name} {kind}");
+            let name = format!("{prefix}_{name}");
+            text.family(&name, kind, help);
             for (resource, m) in all.iter() {
-                let _ = writeln!(out, "{prefix}_{name}{{resource=\"{resource}\"}} {}", get(m));
+                text.sample(&name, &[("resource", resource.as_str())], get(m));
             }
         }
-        out
+        text.finish()
     }
 }
 

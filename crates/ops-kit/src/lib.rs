@@ -126,3 +126,107 @@ mod tests {
         assert_eq!(Chain(&E("alone", None)).to_string(), "alone");
     }
 }
+
+pub mod prometheus {
+    //! The Prometheus text exposition format (version 0.0.4), the one
+    //! renderer behind every `/metrics`: families with `# HELP` and
+    //! `# TYPE`, samples with escaped label values.
+
+    use std::fmt::{Display, Write as _};
+
+    /// A metric family's type.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Kind {
+        /// Only goes up (names end in `_total`).
+        Counter,
+        /// Goes up and down.
+        Gauge,
+    }
+
+    /// Exposition text being written.
+    #[derive(Debug, Default)]
+    pub struct Text {
+        out: String,
+    }
+
+    impl Text {
+        /// Empty text.
+        #[must_use]
+        pub fn new() -> Self {
+            Self::default()
+        }
+
+        /// Starts the family `name`: its help line and type.
+        pub fn family(&mut self, name: &str, kind: Kind, help: &str) -> &mut Self {
+            let kind = match kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+            };
+            let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+            let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            self
+        }
+
+        /// One sample of the family just started.
+        pub fn sample(
+            &mut self,
+            name: &str,
+            labels: &[(&str, &str)],
+            value: impl Display,
+        ) -> &mut Self {
+            self.out.push_str(name);
+            if !labels.is_empty() {
+                self.out.push('{');
+                for (i, (k, v)) in labels.iter().enumerate() {
+                    if i > 0 {
+                        self.out.push(',');
+                    }
+                    let v = v
+                        .replace('\\', "\\\\")
+                        .replace('"', "\\\"")
+                        .replace('\n', "\\n");
+                    let _ = write!(self.out, "{k}=\"{v}\"");
+                }
+                self.out.push('}');
+            }
+            let _ = writeln!(self.out, " {value}");
+            self
+        }
+
+        /// A family with one unlabelled sample.
+        pub fn single(
+            &mut self,
+            name: &str,
+            kind: Kind,
+            help: &str,
+            value: impl Display,
+        ) -> &mut Self {
+            self.family(name, kind, help).sample(name, &[], value)
+        }
+
+        /// The text.
+        #[must_use]
+        pub fn finish(self) -> String {
+            self.out
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn families_samples_and_escapes() {
+            let mut t = Text::new();
+            t.single("a_total", Kind::Counter, "Things\\done.\nTwice", 3);
+            t.family("b", Kind::Gauge, "B.")
+                .sample("b", &[("card", "card0")], 1.5)
+                .sample("b", &[("x", "q\"\\\n"), ("y", "")], 0);
+            assert_eq!(
+                t.finish(),
+                "# HELP a_total Things\\\\done.\\nTwice\n# TYPE a_total counter\na_total 3\n\
+                 # HELP b B.\n# TYPE b gauge\nb{card=\"card0\"} 1.5\nb{x=\"q\\\"\\\\\\n\",y=\"\"} 0\n"
+            );
+        }
+    }
+}
