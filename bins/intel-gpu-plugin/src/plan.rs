@@ -394,20 +394,20 @@ pub fn allocate(
 /// `policy`; deterministic and numeric (`card0-2` before `card0-10`).
 /// The framework has checked that the request can be met.
 #[must_use]
-pub fn prefer(
+pub fn prefer<I: AsRef<str> + Clone + PartialEq>(
     policy: Policy,
-    available: &[String],
-    must_include: &[String],
+    available: &[I],
+    must_include: &[I],
     size: usize,
-) -> Vec<String> {
-    let mut chosen: Vec<String> = Vec::with_capacity(size);
+) -> Vec<I> {
+    let mut chosen: Vec<I> = Vec::with_capacity(size);
     for id in must_include {
         if chosen.len() < size && !chosen.contains(id) {
             chosen.push(id.clone());
         }
     }
-    let rest: Vec<&String> = available.iter().filter(|id| !chosen.contains(id)).collect();
-    let key = |id: &str| parse_id(id).unwrap_or((u32::MAX, u32::MAX));
+    let rest: Vec<&I> = available.iter().filter(|id| !chosen.contains(id)).collect();
+    let key = |id: &I| parse_id(id.as_ref()).unwrap_or((u32::MAX, u32::MAX));
     match policy {
         Policy::None => {
             // First one of each card not yet used, in the kubelet's order;
@@ -446,7 +446,7 @@ pub fn prefer(
             );
         }
         Policy::Balanced => {
-            let mut by_card: BTreeMap<u32, Vec<&String>> = BTreeMap::new();
+            let mut by_card: BTreeMap<u32, Vec<&I>> = BTreeMap::new();
             for id in rest {
                 by_card.entry(key(id).0).or_default().push(id);
             }

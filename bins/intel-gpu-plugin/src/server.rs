@@ -9,8 +9,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use devplugin_api::cdi::SpecDir;
 use devplugin_api::{
-    AllocateRequest, ContainerAllocation, DeviceList, Framework, FrameworkConfig, Metrics, Plugin,
-    PluginError, PluginOptions, PreferredRequest, RegistrationStatus, ResourceHandle, ResourceName,
+    AllocateRequest, ContainerAllocation, DeviceId, DeviceList, Framework, FrameworkConfig,
+    Metrics, Plugin, PluginError, PluginOptions, PreferredRequest, RegistrationStatus,
+    ResourceHandle, ResourceName,
 };
 use gpu_discovery::{DiscoveryConfig, Inventory, InventoryWatcher, WatcherConfig};
 use ops_kit::prometheus::{Kind, Text};
@@ -86,7 +87,7 @@ impl Plugin for GpuPlugin {
         }
     }
 
-    fn preferred_allocation(&self, r: &PreferredRequest) -> Result<Vec<String>, PluginError> {
+    fn preferred_allocation(&self, r: &PreferredRequest) -> Result<Vec<DeviceId>, PluginError> {
         Ok(plan::prefer(
             self.policy,
             &r.available,

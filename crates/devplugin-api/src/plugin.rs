@@ -25,9 +25,9 @@ pub struct AllocateRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreferredRequest {
     /// The candidates, in the kubelet's order.
-    pub available: Vec<String>,
+    pub available: Vec<DeviceId>,
     /// Devices that must be in the answer.
-    pub must_include: Vec<String>,
+    pub must_include: Vec<DeviceId>,
     /// How many devices to choose.
     pub size: usize,
 }
@@ -36,7 +36,7 @@ impl PreferredRequest {
     /// The simplest valid answer: `must_include`, then the first other
     /// available devices in the kubelet's order.
     #[must_use]
-    pub fn first_fit(&self) -> Vec<String> {
+    pub fn first_fit(&self) -> Vec<DeviceId> {
         let mut out = self.must_include.clone();
         for id in &self.available {
             if out.len() >= self.size {
@@ -97,16 +97,20 @@ pub trait Plugin: Send + Sync + 'static {
     ///
     /// # Errors
     /// A [`PluginError`] the kubelet reports on the pod.
-    fn preferred_allocation(&self, request: &PreferredRequest) -> Result<Vec<String>, PluginError> {
+    fn preferred_allocation(
+        &self,
+        request: &PreferredRequest,
+    ) -> Result<Vec<DeviceId>, PluginError> {
         Ok(request.first_fit())
     }
 
     /// Called before a container starts, when
-    /// [`PluginOptions::pre_start_required`] is set (default: nothing).
+    /// [`PluginOptions::pre_start_required`] is set (default: nothing). The
+    /// framework refuses IDs that are not valid device IDs.
     ///
     /// # Errors
     /// A [`PluginError`] that fails the container start.
-    fn pre_start(&self, _device_ids: &[String]) -> Result<(), PluginError> {
+    fn pre_start(&self, _device_ids: &[DeviceId]) -> Result<(), PluginError> {
         Ok(())
     }
 }

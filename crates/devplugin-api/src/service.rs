@@ -151,26 +151,32 @@ fn check_preferred(
         ));
     }
     Ok(PreferredRequest {
-        available: c.available_device_i_ds.clone(),
-        must_include: c.must_include_device_i_ds.clone(),
+        available: device_ids(resource, &c.available_device_i_ds)?,
+        must_include: device_ids(resource, &c.must_include_device_i_ds)?,
         size,
     })
+}
+
+/// The kubelet's IDs as [`DeviceId`]s; one that is not valid is refused.
+fn device_ids(resource: &ResourceName, ids: &[String]) -> Result<Vec<DeviceId>, Status> {
+    ids.iter()
+        .map(|id| {
+            DeviceId::new(id).map_err(|e| Status::invalid_argument(format!("{resource}: {e}")))
+        })
+        .collect()
 }
 
 /// Checks a plugin's preferred answer; a wrong one is a plugin bug.
 fn check_answer(
     resource: &ResourceName,
     req: &PreferredRequest,
-    answer: &[String],
+    answer: &[DeviceId],
 ) -> Result<(), Status> {
-    let chosen: HashSet<&str> = answer.iter().map(String::as_str).collect();
+    let chosen: HashSet<&DeviceId> = answer.iter().collect();
     let ok = answer.len() == req.size
         && chosen.len() == answer.len()
         && answer.iter().all(|id| req.available.contains(id))
-        && req
-            .must_include
-            .iter()
-            .all(|id| chosen.contains(id.as_str()));
+        && req.must_include.iter().all(|id| chosen.contains(id));
     if ok {
         Ok(())
     } else {
@@ -223,7 +229,7 @@ impl<P: Plugin> pb::device_plugin_server::DevicePlugin for Service<P> {
             let answer = self.plugin.preferred_allocation(&req)?;
             check_answer(&self.resource, &req, &answer)?;
             responses.push(pb::ContainerPreferredAllocationResponse {
-                device_i_ds: answer,
+                device_i_ds: answer.iter().map(|id| id.as_str().to_owned()).collect(),
             });
         }
         ResourceMetrics::inc(&self.metrics.preferred_allocations);
@@ -260,7 +266,8 @@ impl<P: Plugin> pb::device_plugin_server::DevicePlugin for Service<P> {
         &self,
         request: Request<pb::PreStartContainerRequest>,
     ) -> Result<Response<pb::PreStartContainerResponse>, Status> {
-        self.plugin.pre_start(&request.get_ref().devices_ids)?;
+        let ids = device_ids(&self.resource, &request.get_ref().devices_ids)?;
+        self.plugin.pre_start(&ids)?;
         Ok(Response::new(pb::PreStartContainerResponse {}))
     }
 }

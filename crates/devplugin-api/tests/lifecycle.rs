@@ -331,6 +331,17 @@ async fn preferred_allocation_is_checked() {
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().ends_with(want), "{}", status.message());
     }
+    // An ID the plugin could never have advertised is refused before the
+    // plugin sees it: the trait only ever carries valid DeviceIds.
+    let err = kubelet
+        .preferred(RES, &["null-0", "bad id"], &[], 1)
+        .await
+        .unwrap_err();
+    let kubelet_emulator::EmulatorError::Rpc(status) = err else {
+        panic!("{err}")
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("bad id"), "{}", status.message());
     handle.stop().await;
 }
 
