@@ -13,6 +13,9 @@ exits 1 naming each problem:
 - objects in OLD that NEW does not name stay (apply without --prune);
 - two DaemonSets whose pods run a GPU plugin and whose node selectors can
   match the same node register the same resource twice on it.
+Not modelled: kubectl's three-way merge of the replaced object's fields,
+node affinity and taints (node selectors that do not contradict are taken to
+share a node, the cautious reading).
 """
 
 import sys
@@ -68,10 +71,23 @@ def main(old_path, new_path):
         for kb, b in plugins[i + 1:]:
             if can_share_a_node(a, b):
                 problems.append(f"{name(ka)} and {name(kb)} both run the GPU plugin on a node")
-        sa = a["spec"]["template"]["spec"].get("serviceAccountName")
-        ns = ka[2]
-        if sa and ("", "ServiceAccount", ns, sa) not in cluster:
-            problems.append(f"{name(ka)}: service account {ns}/{sa} does not exist")
+    # Every DaemonSet, ours and those left as they were, still finds its
+    # service account.
+    for k, o in cluster.items():
+        if o["kind"] != "DaemonSet":
+            continue
+        sa = o["spec"]["template"]["spec"].get("serviceAccountName")
+        if sa and ("", "ServiceAccount", k[2], sa) not in cluster:
+            problems.append(f"{name(k)}: service account {k[2]}/{sa} does not exist")
+    # A shared object we replace must still serve those who share it: a
+    # ServiceAccount that stops mounting tokens breaks pods that need one.
+    for k, o in new.items():
+        if k in old and o["kind"] == "ServiceAccount":
+            users = [name(d) for d, v in cluster.items()
+                     if v["kind"] == "DaemonSet" and d not in new and d[2] == k[2]
+                     and v["spec"]["template"]["spec"].get("serviceAccountName") == k[3]]
+            if users:
+                print(f"shared with what stays: {name(k)} (used by {', '.join(users)})")
     replaced = sorted(name(k) for k in old if k in new)
     left = sorted(name(k) for k in old if k not in new)
     print("replaced in place: " + (", ".join(replaced) or "nothing"))

@@ -105,7 +105,7 @@ pub(crate) fn check_manifests() -> Result<()> {
 /// application's plugin only `starlingx-app` is safe. Each unsafe pairing
 /// must be reported, or the check could not fail.
 fn check_starlingx_migration(bin: &Path) -> Result<()> {
-    const BOOTSTRAP: &str = "xtask/fixtures/starlingx-intel-gpu-daemonset.yaml";
+    const BOOTSTRAP: &str = "xtask/fixtures/starlingx-bootstrap-plugins.yaml";
     const APP: &str = "xtask/fixtures/operator-app-gpu-daemonset.yaml";
     const TWO: &str = "both run the GPU plugin on a node";
     let root = project_root();
@@ -243,7 +243,12 @@ struct AnsibleCase {
     image: &'static str,
     /// A failure the role must report, with this text.
     fails_with: Option<&'static str>,
+    /// The host's /etc/build.info.
+    build_info: &'static str,
 }
+
+/// A StarlingX 10.0 controller's /etc/build.info (the lines that matter).
+const BUILD_INFO: &str = "OS=\"debian\"\nSW_VERSION=\"24.09\"\nBUILD_TARGET=\"Host Installer\"\n";
 
 const ANSIBLE_CASES: &[AnsibleCase] = &[
     AnsibleCase {
@@ -253,6 +258,7 @@ const ANSIBLE_CASES: &[AnsibleCase] = &[
         gpu_label: None,
         image: "",
         fails_with: None,
+        build_info: BUILD_INFO,
     },
     AnsibleCase {
         overrides: Some("k8s-plugins-dict.yml"),
@@ -261,24 +267,30 @@ const ANSIBLE_CASES: &[AnsibleCase] = &[
             r#"{"intel-qat-plugin": "intelqat=enabled", "intel-gpu-plugin": "intelgpu=enabled"}"#,
         ),
         gpu_label: Some("intelgpu=enabled"),
-        image: "registry.local:9001/starlingx/intel-gpu-plugin:0.1.0",
+        image: "registry.local:9001/intel-gpu-k8s-rs/intel-gpu-plugin:0.1.0",
         fails_with: None,
+        build_info: BUILD_INFO,
     },
     AnsibleCase {
         overrides: Some("k8s-plugins-list.yml"),
         extra: "{}",
-        file: Some(r#"["intelgpu"]"#),
+        // Recorded as the released dict form: sysinv reads .values().
+        file: Some(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#),
         gpu_label: Some("intelgpu=enabled"),
-        image: "docker.io/starlingx/intel-gpu-plugin:0.1.0",
+        image: "docker.io/intel-gpu-k8s-rs/intel-gpu-plugin:0.1.0",
         fails_with: None,
+        build_info: BUILD_INFO,
     },
     AnsibleCase {
         overrides: Some("seed-aliases.yml"),
         extra: "{}",
-        file: Some(r#"["intelgpu", "intelqat"]"#),
+        file: Some(
+            r#"{"intel-gpu-plugin": "intelgpu=enabled", "intel-qat-plugin": "intelqat=enabled"}"#,
+        ),
         gpu_label: Some("intelgpu=enabled"),
-        image: "docker.io/starlingx/intel-gpu-plugin:0.1.0",
+        image: "docker.io/intel-gpu-k8s-rs/intel-gpu-plugin:0.1.0",
         fails_with: None,
+        build_info: BUILD_INFO,
     },
     // StarlingX skips the step outside bootstrap (restore, upgrade).
     AnsibleCase {
@@ -288,6 +300,7 @@ const ANSIBLE_CASES: &[AnsibleCase] = &[
         gpu_label: None,
         image: "",
         fails_with: None,
+        build_info: BUILD_INFO,
     },
     AnsibleCase {
         overrides: None,
@@ -296,6 +309,7 @@ const ANSIBLE_CASES: &[AnsibleCase] = &[
         gpu_label: None,
         image: "",
         fails_with: None,
+        build_info: BUILD_INFO,
     },
     AnsibleCase {
         overrides: None,
@@ -304,6 +318,7 @@ const ANSIBLE_CASES: &[AnsibleCase] = &[
         gpu_label: None,
         image: "",
         fails_with: Some("k8s_plugins must be a dict from plugin to node label"),
+        build_info: BUILD_INFO,
     },
     AnsibleCase {
         overrides: None,
@@ -312,6 +327,7 @@ const ANSIBLE_CASES: &[AnsibleCase] = &[
         gpu_label: None,
         image: "",
         fails_with: Some("k8s_plugins names intel-gpu, which is not a StarlingX device plugin"),
+        build_info: BUILD_INFO,
     },
     AnsibleCase {
         overrides: None,
@@ -320,6 +336,35 @@ const ANSIBLE_CASES: &[AnsibleCase] = &[
         gpu_label: None,
         image: "",
         fails_with: Some("which is not key=value"),
+        build_info: BUILD_INFO,
+    },
+    AnsibleCase {
+        overrides: None,
+        extra: r#"{"k8s_plugins": 5}"#,
+        file: None,
+        gpu_label: None,
+        image: "",
+        fails_with: Some("k8s_plugins must be a dict from plugin to node label"),
+        build_info: BUILD_INFO,
+    },
+    AnsibleCase {
+        overrides: Some("k8s-plugins-dict.yml"),
+        extra: "{}",
+        file: None,
+        gpu_label: None,
+        image: "",
+        fails_with: Some("has no SW_VERSION"),
+        build_info: "OS=\"debian\"\nSW_VERSION=\"\"\n",
+    },
+    // CRLF and spaces around `=`: still the release.
+    AnsibleCase {
+        overrides: Some("k8s-plugins-list.yml"),
+        extra: "{}",
+        file: Some(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#),
+        gpu_label: Some("intelgpu=enabled"),
+        image: "docker.io/intel-gpu-k8s-rs/intel-gpu-plugin:0.1.0",
+        fails_with: None,
+        build_info: "OS=\"debian\"\r\nSW_VERSION = \"24.09\"\r\n",
     },
 ];
 
@@ -376,12 +421,7 @@ fn check_ansible_case(
     let permdir = tmp.join("opt/platform/config").join(ANSIBLE_RELEASE);
     std::fs::create_dir_all(&permdir)?;
     std::fs::create_dir_all(tmp.join("etc/kubernetes"))?;
-    std::fs::write(
-        tmp.join("etc/build.info"),
-        format!(
-            "OS=\"debian\"\nSW_VERSION=\"{ANSIBLE_RELEASE}\"\nBUILD_TARGET=\"Host Installer\"\n"
-        ),
-    )?;
+    std::fs::write(tmp.join("etc/build.info"), case.build_info)?;
     let scratch = serde_json::json!({
         "ansible_python_interpreter": bin.join("python"),
         "ansible_become": false,
@@ -437,7 +477,13 @@ fn check_ansible_case(
         if first.status.success() || !out.contains(text) {
             bail!("the role did not fail with {text:?}:\n{out}");
         }
-        if file.exists() || manifest.exists() {
+        // Nowhere: not under a release directory named "" either.
+        if file.exists()
+            || manifest.exists()
+            || tmp
+                .join("opt/platform/config/enabled_kube_plugins")
+                .exists()
+        {
             bail!("the role wrote files although it failed");
         }
         return Ok(());
@@ -453,6 +499,13 @@ fn check_ansible_case(
                 .with_context(|| format!("the role did not write {}", file.display()))?;
             if written != want {
                 bail!("the role wrote {written:?}, StarlingX writes {want:?}");
+            }
+            // What sysinv (json.loads, .values()) and restore (include_vars)
+            // need: an object of strings.
+            let parsed: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&written).context("the file is not a JSON object")?;
+            if !parsed.values().all(serde_json::Value::is_string) {
+                bail!("the file's values are not all strings: {written}");
             }
             let meta = std::fs::metadata(&file)?;
             if meta.permissions().mode() & 0o777 != 0o640 || meta.gid() != gid {
@@ -505,6 +558,12 @@ fn check_ansible_case(
                     bail!("{} lacks {want:?}", manifest.display());
                 }
             }
+            // Replaces the plugin StarlingX's own step deployed, in place.
+            run(Command::new(bin.join("python"))
+                .arg(root.join("xtask/scripts/migration.py"))
+                .arg(root.join("xtask/fixtures/starlingx-bootstrap-plugins.yaml"))
+                .arg(&manifest))
+            .context("the role's manifest does not replace StarlingX's plugin in place")?;
             // kubernetes-validate has no schema older than 1.25 (StarlingX 8.0 runs 1.24).
             for v in ["1.25.0", "1.34.0"] {
                 run(Command::new(bin.join("kubernetes-validate"))
