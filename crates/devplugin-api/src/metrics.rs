@@ -7,33 +7,33 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::types::ResourceName;
 
-/// The figures of one resource.
+/// The figures of one resource: read-only outside the framework.
 #[derive(Debug, Default)]
 pub struct ResourceMetrics {
     /// Successful registrations with the kubelet.
-    pub registrations: AtomicU64,
+    pub(crate) registrations: AtomicU64,
     /// Failed registration attempts.
-    pub registration_failures: AtomicU64,
+    pub(crate) registration_failures: AtomicU64,
     /// Kubelet restarts noticed.
-    pub kubelet_restarts: AtomicU64,
+    pub(crate) kubelet_restarts: AtomicU64,
     /// ListAndWatch streams open now.
-    pub active_streams: AtomicI64,
+    pub(crate) active_streams: AtomicI64,
     /// Device lists published.
-    pub updates: AtomicU64,
+    pub(crate) updates: AtomicU64,
     /// Unix time (milliseconds) of the last published list.
-    pub last_update_unix_ms: AtomicU64,
+    pub(crate) last_update_unix_ms: AtomicU64,
     /// Allocate calls answered.
-    pub allocations: AtomicU64,
+    pub(crate) allocations: AtomicU64,
     /// Allocate calls refused.
-    pub allocation_failures: AtomicU64,
+    pub(crate) allocation_failures: AtomicU64,
     /// GetPreferredAllocation calls answered.
-    pub preferred_allocations: AtomicU64,
+    pub(crate) preferred_allocations: AtomicU64,
     /// ListAndWatch streams the kubelet dropped while it stayed up (each
     /// followed by a new registration).
-    pub stream_losses: AtomicU64,
+    pub(crate) stream_losses: AtomicU64,
     /// Devices left out of the current list to fit the kubelet's message
     /// limit.
-    pub clamped_devices: AtomicU64,
+    pub(crate) clamped_devices: AtomicU64,
 }
 
 impl ResourceMetrics {
@@ -46,6 +46,46 @@ impl ResourceMetrics {
     pub fn streams(&self) -> i64 {
         self.active_streams.load(Ordering::Relaxed)
     }
+}
+
+/// Read accessors, one per counter or gauge, named as the field.
+macro_rules! getters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty,)*) => {
+        impl ResourceMetrics {
+            $(
+                $(#[$doc])*
+                #[must_use]
+                pub fn $name(&self) -> $ty {
+                    self.$name.load(Ordering::Relaxed)
+                }
+            )*
+        }
+    };
+}
+
+getters! {
+    /// Successful registrations with the kubelet.
+    registrations: u64,
+    /// Failed registration attempts.
+    registration_failures: u64,
+    /// Kubelet restarts noticed.
+    kubelet_restarts: u64,
+    /// Device lists published.
+    updates: u64,
+    /// Unix time (milliseconds) of the last published list.
+    last_update_unix_ms: u64,
+    /// Allocate calls answered.
+    allocations: u64,
+    /// Allocate calls refused.
+    allocation_failures: u64,
+    /// GetPreferredAllocation calls answered.
+    preferred_allocations: u64,
+    /// ListAndWatch streams the kubelet dropped while it stayed up (each
+    /// followed by a new registration).
+    stream_losses: u64,
+    /// Devices left out of the current list to fit the kubelet's message
+    /// limit.
+    clamped_devices: u64,
 }
 
 /// Every resource's figures.

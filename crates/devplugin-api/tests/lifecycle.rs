@@ -158,10 +158,7 @@ async fn fifty_kubelet_restarts_in_a_row() {
     }
     // Exactly one stream per registration is alive: none leaked.
     assert_eq!(handle.metrics().streams(), 1);
-    assert_eq!(
-        handle.metrics().kubelet_restarts.load(Ordering::Relaxed),
-        50
-    );
+    assert_eq!(handle.metrics().kubelet_restarts(), 50);
     assert!(dir.path().join(kubelet_emulator::CHECKPOINT).exists());
     // Only the current socket of ours exists.
     let ours: Vec<_> = std::fs::read_dir(dir.path())
@@ -276,10 +273,7 @@ async fn allocate_checks_ids_and_runs_concurrently() {
         c.await.unwrap().unwrap();
     }
     assert_eq!(plugin.calls.load(Ordering::SeqCst), 17);
-    assert_eq!(
-        handle.metrics().allocation_failures.load(Ordering::Relaxed),
-        1
-    );
+    assert_eq!(handle.metrics().allocation_failures(), 1);
     handle.stop().await;
 }
 
@@ -372,7 +366,7 @@ async fn invalid_names_are_refused_and_oversized_lists_clamped() {
         .await
         .unwrap();
     let got = view.devices(RES).unwrap().devices();
-    let dropped = handle.metrics().clamped_devices.load(Ordering::Relaxed);
+    let dropped = handle.metrics().clamped_devices();
     assert!(dropped > 0);
     assert_eq!(got.len() + usize::try_from(dropped).unwrap(), 70_000);
     assert_eq!(got, &big.devices()[..got.len()]);
@@ -388,7 +382,7 @@ async fn invalid_names_are_refused_and_oversized_lists_clamped() {
         .wait_until(LIMIT, |v| count(v, RES) == Some(2))
         .await
         .unwrap();
-    assert_eq!(handle.metrics().clamped_devices.load(Ordering::Relaxed), 0);
+    assert_eq!(handle.metrics().clamped_devices(), 0);
     handle.stop().await;
 }
 
@@ -418,13 +412,7 @@ async fn a_rejected_registration_is_visible_and_retried_after_a_kubelet_restart(
     );
     // A refusal is not retried in a loop: only a new kubelet is asked again.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        handle
-            .metrics()
-            .registration_failures
-            .load(Ordering::Relaxed),
-        1
-    );
+    assert_eq!(handle.metrics().registration_failures(), 1);
     kubelet.refuse_registrations(None);
     kubelet.restart().await.unwrap();
     kubelet
@@ -558,7 +546,7 @@ async fn a_stream_dropped_while_the_kubelet_stays_up_is_followed_by_a_new_regist
             let c = kubelet.capacity(RES).unwrap();
             assert_eq!((c.capacity, c.allocatable), (2, 2), "{version:?}");
         }
-        assert_eq!(handle.metrics().stream_losses.load(Ordering::Relaxed), 3);
+        assert_eq!(handle.metrics().stream_losses(), 3);
         handle.stop().await;
     }
 }
@@ -599,7 +587,7 @@ async fn a_late_old_stream_that_disconnects_the_new_instance_is_recovered() {
         .await
         .unwrap();
     assert_eq!(v.resources[RES].endpoint, new_endpoint);
-    assert_eq!(new.metrics().stream_losses.load(Ordering::Relaxed), 1);
+    assert_eq!(new.metrics().stream_losses(), 1);
     new.stop().await;
 }
 
@@ -680,10 +668,7 @@ async fn registration_backoff_is_not_cut_short_by_other_plugins_sockets() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        handle
-            .metrics()
-            .registration_failures
-            .load(Ordering::Relaxed),
+        handle.metrics().registration_failures(),
         1,
         "the backoff was cut short"
     );
