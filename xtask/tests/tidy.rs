@@ -446,3 +446,19 @@ fn unix_socket_grpc_servers_accept_any_authority() {
         offenders,
     );
 }
+
+#[test]
+fn pure_modules_do_not_depend_on_the_command_line() {
+    // The plugin's plan and the labeller's decision logic are pure: flags
+    // are mapped onto them at the edge (cli.rs), not derived on them.
+    let offenders: Vec<String> = [
+        "bins/intel-gpu-plugin/src/plan.rs",
+        "crates/node-labeler/src/desired.rs",
+        "crates/node-labeler/src/reconcile.rs",
+    ]
+    .iter()
+    .filter(|p| read(&root().join(p)).contains("clap"))
+    .map(|p| (*p).to_owned())
+    .collect();
+    assert_none("pure modules do not mention clap", offenders);
+}

@@ -7,6 +7,26 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::plan::{ByPath, MonitoringMode, Policy};
 
+/// The plan's choices as flag values: the plan itself stays free of clap.
+macro_rules! flag_values {
+    ($ty:ty { $($variant:ident => $name:literal,)* }) => {
+        impl ValueEnum for $ty {
+            fn value_variants<'a>() -> &'a [Self] {
+                &[$(<$ty>::$variant),*]
+            }
+            fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+                Some(clap::builder::PossibleValue::new(match self {
+                    $(<$ty>::$variant => $name,)*
+                }))
+            }
+        }
+    };
+}
+
+flag_values!(ByPath { Single => "single", All => "all", None => "none", });
+flag_values!(MonitoringMode { Single => "single", Split => "split", });
+flag_values!(Policy { None => "none", Balanced => "balanced", Packed => "packed", });
+
 /// Kubernetes device plugin for Intel GPUs: advertises `gpu.intel.com/i915`
 /// and `gpu.intel.com/xe` to the kubelet.
 #[derive(Debug, Parser)]

@@ -22,7 +22,7 @@ pub const DOMAIN: &str = "gpu.intel.com";
 pub const MONITORING_ID: &str = "all";
 
 /// How by-path links are mounted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ByPath {
     /// Each allocated card's own `pci-<address>-*` links.
     Single,
@@ -33,7 +33,7 @@ pub enum ByPath {
 }
 
 /// How the monitoring resource is offered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MonitoringMode {
     /// One resource, `gpu.intel.com/monitoring`.
     Single,
@@ -42,7 +42,7 @@ pub enum MonitoringMode {
 }
 
 /// The policy for GetPreferredAllocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
     /// The kubelet's order, spreading over cards first.
     None,
@@ -491,7 +491,7 @@ pub fn cdi_spec(card: &Card, bypath: ByPath) -> cdi::Spec {
         mounts: if bypath == ByPath::Single {
             card.by_path
                 .iter()
-                .map(|p| cdi::Mount {
+                .map(|p| cdi::SpecMount {
                     host_path: path(p),
                     container_path: path(p),
                     options: vec!["ro".into(), "bind".into()],
@@ -504,7 +504,7 @@ pub fn cdi_spec(card: &Card, bypath: ByPath) -> cdi::Spec {
     };
     cdi::Spec {
         kind: CDI_KIND.to_owned(),
-        devices: vec![cdi::Device {
+        devices: vec![cdi::SpecDevice {
             name: card.name.clone(),
             annotations: BTreeMap::new(),
             container_edits: edits,

@@ -18,6 +18,56 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 /// Edits applied to a container.
+/// A fully qualified CDI device name, `vendor.com/class=name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CdiName(String);
+
+impl CdiName {
+    /// Builds `kind=name` where kind is `vendor/class`.
+    ///
+    /// # Errors
+    /// When the kind is not `vendor/class` or the name is empty or holds
+    /// characters CDI does not allow.
+    pub fn new(kind: &str, name: &str) -> Result<Self, crate::InvalidName> {
+        let full = format!("{kind}={name}");
+        let bad = |reason| crate::InvalidName::Cdi {
+            name: full.clone(),
+            reason,
+        };
+        let (vendor, class) = kind
+            .split_once('/')
+            .ok_or_else(|| bad("the kind must be vendor/class"))?;
+        let ok = |s: &str, extra: &[u8]| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+        };
+        if !ok(vendor, b"-_.") || !ok(class, b"-_") {
+            return Err(bad(
+                "vendor and class must be letters, digits, '-', '_' (and '.' in the vendor)",
+            ));
+        }
+        if !ok(name, b"-_.:") {
+            return Err(bad(
+                "the device name must be letters, digits, '-', '_', '.', ':'",
+            ));
+        }
+        Ok(Self(full))
+    }
+
+    /// The full name.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CdiName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerEdits {
@@ -29,7 +79,7 @@ pub struct ContainerEdits {
     pub device_nodes: Vec<DeviceNode>,
     /// Mounts.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub mounts: Vec<Mount>,
+    pub mounts: Vec<SpecMount>,
 }
 
 impl ContainerEdits {
@@ -55,7 +105,7 @@ pub struct DeviceNode {
 /// A mount in the container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Mount {
+pub struct SpecMount {
     /// Path on the host.
     pub host_path: String,
     /// Path in the container.
@@ -71,7 +121,7 @@ pub struct Mount {
 /// One device of a spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Device {
+pub struct SpecDevice {
     /// The name after `kind=`.
     pub name: String,
     /// Annotations (need CDI 0.6.0).
@@ -87,7 +137,7 @@ pub struct Spec {
     /// `vendor/class`, e.g. `intel.cdi.k8s.io/gpu`.
     pub kind: String,
     /// The devices.
-    pub devices: Vec<Device>,
+    pub devices: Vec<SpecDevice>,
     /// Edits for every container that gets any device of the spec.
     pub container_edits: ContainerEdits,
     /// Spec annotations (need CDI 0.6.0).
@@ -101,7 +151,7 @@ struct Wire<'a> {
     kind: &'a str,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     annotations: &'a BTreeMap<String, String>,
-    devices: &'a [Device],
+    devices: &'a [SpecDevice],
     #[serde(skip_serializing_if = "ContainerEdits::is_empty")]
     container_edits: &'a ContainerEdits,
 }
@@ -305,7 +355,7 @@ mod tests {
     fn spec(name: &str) -> Spec {
         Spec {
             kind: "intel.cdi.k8s.io/gpu".into(),
-            devices: vec![Device {
+            devices: vec![SpecDevice {
                 name: name.into(),
                 annotations: BTreeMap::new(),
                 container_edits: ContainerEdits {
@@ -326,7 +376,7 @@ mod tests {
     fn minimum_versions_follow_the_features_used() {
         let mut s = spec("card1");
         assert_eq!(s.min_version(), "0.3.0");
-        s.devices[0].container_edits.mounts.push(Mount {
+        s.devices[0].container_edits.mounts.push(SpecMount {
             host_path: "/a".into(),
             container_path: "/a".into(),
             options: vec!["ro".into()],

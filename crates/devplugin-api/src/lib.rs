@@ -64,12 +64,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prost::Message as _;
 use tokio::sync::watch;
 
+pub use cdi::CdiName;
 pub use lifecycle::{KUBELET_SOCKET, MAX_SOCKET_PATH};
 pub use metrics::{Metrics, ResourceMetrics};
 pub use plugin::{AllocateRequest, Plugin, PluginError, PluginOptions, PreferredRequest};
 pub use types::{
-    API_VERSION, CdiName, ContainerAllocation, Device, DeviceId, DeviceList, DeviceSpec, Health,
-    InvalidName, MAX_DEVICE_ID_LEN, MAX_MESSAGE_BYTES, Mount, Permissions, ResourceName,
+    API_VERSION, ContainerAllocation, Device, DeviceId, DeviceList, DeviceSpec, DuplicateId,
+    Health, InvalidName, MAX_DEVICE_ID_LEN, MAX_MESSAGE_BYTES, Mount, Permissions, ResourceName,
 };
 
 use service::Published;

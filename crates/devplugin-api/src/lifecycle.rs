@@ -78,7 +78,7 @@ enum Wake {
 
 enum Registered {
     /// Registered with the kubelet whose socket had this identity.
-    Yes(Option<(u64, u64)>),
+    Yes(Option<SocketIdentity>),
     /// Our socket vanished while registering: serve a new one.
     SocketGone,
     Stop,
@@ -379,7 +379,7 @@ impl<P: Plugin> Runtime<P> {
         &mut self,
         path: &Path,
         name: &str,
-        kubelet_inode: Option<(u64, u64)>,
+        kubelet_inode: Option<SocketIdentity>,
         watch: &mut Option<DirWatch>,
         streams: &mut watch::Receiver<usize>,
     ) -> Held {
@@ -527,8 +527,19 @@ fn open_watch(dir: &Path) -> Option<DirWatch> {
     }
 }
 
-fn inode(path: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+/// Which file a socket path names now: a kubelet that restarts creates a
+/// new `kubelet.sock`, with a new identity at the same path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SocketIdentity {
+    dev: u64,
+    ino: u64,
+}
+
+fn inode(path: &Path) -> Option<SocketIdentity> {
+    std::fs::metadata(path).ok().map(|m| SocketIdentity {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
 }
 
 fn remove_socket(path: &Path) {

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+
+use crate::cdi::CdiName;
 use std::path::PathBuf;
 
 use crate::pb;
@@ -32,12 +34,6 @@ pub enum InvalidName {
         id: String,
         /// The rule it breaks.
         reason: &'static str,
-    },
-    /// The same device ID twice in one list.
-    #[error("device ID {id:?} appears more than once in the list")]
-    DuplicateId {
-        /// The repeated ID.
-        id: String,
     },
     /// A CDI device name that is not `vendor.com/class=name`.
     #[error("invalid CDI device name {name:?}: {reason}")]
@@ -244,6 +240,25 @@ impl Device {
     }
 }
 
+/// A device list on the wire that is not a valid [`DeviceList`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireListError {
+    /// An ID that is not a valid device ID.
+    #[error(transparent)]
+    Invalid(#[from] InvalidName),
+    /// An ID listed twice.
+    #[error(transparent)]
+    Duplicate(#[from] DuplicateId),
+}
+
+/// The same device ID twice in one list: a list error, not a bad name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("device ID {id} appears more than once in the list")]
+pub struct DuplicateId {
+    /// The repeated ID.
+    pub id: DeviceId,
+}
+
 /// A complete device list for one resource: unique IDs, in the order given.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceList {
@@ -270,12 +285,12 @@ impl DeviceList {
     /// Checks that IDs are unique.
     ///
     /// # Errors
-    /// [`InvalidName::DuplicateId`] naming the first repeated ID.
-    pub fn new(devices: Vec<Device>) -> Result<Self, InvalidName> {
+    /// [`DuplicateId`] naming the first repeated ID.
+    pub fn new(devices: Vec<Device>) -> Result<Self, DuplicateId> {
         let mut index = std::collections::HashMap::with_capacity(devices.len());
         for (i, d) in devices.iter().enumerate() {
             if index.insert(d.id.0.clone(), i).is_some() {
-                return Err(InvalidName::DuplicateId { id: d.id.0.clone() });
+                return Err(DuplicateId { id: d.id.clone() });
             }
         }
         Ok(Self { devices, index })
@@ -305,7 +320,7 @@ impl DeviceList {
     ///
     /// # Errors
     /// When an ID is invalid or repeated.
-    pub fn from_pb(msg: &pb::ListAndWatchResponse) -> Result<Self, InvalidName> {
+    pub fn from_pb(msg: &pb::ListAndWatchResponse) -> Result<Self, WireListError> {
         let devices = msg
             .devices
             .iter()
@@ -321,7 +336,7 @@ impl DeviceList {
                 })
             })
             .collect::<Result<Vec<_>, InvalidName>>()?;
-        Self::new(devices)
+        Ok(Self::new(devices)?)
     }
 }
 
@@ -381,56 +396,6 @@ pub struct Mount {
     pub read_only: bool,
 }
 
-/// A fully qualified CDI device name, `vendor.com/class=name`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct CdiName(String);
-
-impl CdiName {
-    /// Builds `kind=name` where kind is `vendor/class`.
-    ///
-    /// # Errors
-    /// When the kind is not `vendor/class` or the name is empty or holds
-    /// characters CDI does not allow.
-    pub fn new(kind: &str, name: &str) -> Result<Self, InvalidName> {
-        let full = format!("{kind}={name}");
-        let bad = |reason| InvalidName::Cdi {
-            name: full.clone(),
-            reason,
-        };
-        let (vendor, class) = kind
-            .split_once('/')
-            .ok_or_else(|| bad("the kind must be vendor/class"))?;
-        let ok = |s: &str, extra: &[u8]| {
-            !s.is_empty()
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
-        };
-        if !ok(vendor, b"-_.") || !ok(class, b"-_") {
-            return Err(bad(
-                "vendor and class must be letters, digits, '-', '_' (and '.' in the vendor)",
-            ));
-        }
-        if !ok(name, b"-_.:") {
-            return Err(bad(
-                "the device name must be letters, digits, '-', '_', '.', ':'",
-            ));
-        }
-        Ok(Self(full))
-    }
-
-    /// The full name.
-    #[must_use]
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for CdiName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 /// What one container gets for its devices.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ContainerAllocation {
@@ -475,7 +440,9 @@ impl ContainerAllocation {
             cdi_devices: self
                 .cdi_devices
                 .iter()
-                .map(|c| pb::CdiDevice { name: c.0.clone() })
+                .map(|c| pb::CdiDevice {
+                    name: c.as_str().to_owned(),
+                })
                 .collect(),
         }
     }
@@ -531,7 +498,7 @@ mod tests {
         assert!(DeviceId::new(&"x".repeat(64)).is_err());
         let d = |id: &str| Device::healthy(DeviceId::new(id).unwrap());
         let err = DeviceList::new(vec![d("a"), d("b"), d("a")]).unwrap_err();
-        assert_eq!(err, InvalidName::DuplicateId { id: "a".into() });
+        assert_eq!(err.id.as_str(), "a");
         let list = DeviceList::new(vec![
             d("a"),
             Device {
