@@ -97,11 +97,23 @@ enum Held {
     },
 }
 
+/// Why one registration did not happen. Only `Rejected` waits for a new
+/// kubelet; everything else is retried with backoff.
+#[derive(Debug, thiserror::Error)]
 enum RegisterError {
-    /// The kubelet answered and refused.
-    Rejected(String),
-    /// Anything else: try again.
-    Transient(String),
+    /// The kubelet answered and refused (see [`is_rejection`]).
+    #[error("the kubelet refused: {}", .0.message())]
+    Rejected(tonic::Status),
+    /// The kubelet's socket could not be dialled.
+    #[error(transparent)]
+    Dial(#[from] crate::uds::DialError),
+    /// `Register` did not answer in time.
+    #[error("Register did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The call failed otherwise: a transport failure, or a kubelet error
+    /// that a later attempt may not repeat (its dial-back failing).
+    #[error("Register failed: {:?}: {}", .0.code(), .0.message())]
+    Failed(tonic::Status),
 }
 
 impl<P: Plugin> Runtime<P> {
@@ -297,13 +309,15 @@ impl<P: Plugin> Runtime<P> {
                     });
                     return Registered::Yes(identity);
                 }
-                Err(RegisterError::Rejected(reason)) => {
+                Err(RegisterError::Rejected(status)) => {
+                    let reason = status.message().to_owned();
                     ResourceMetrics::inc(&self.metrics.registration_failures);
                     tracing::error!(resource = %self.resource, %reason, "the kubelet refused the registration; retrying when it restarts");
                     self.set(RegistrationStatus::Rejected { reason });
                     None
                 }
-                Err(RegisterError::Transient(error)) => {
+                Err(failure) => {
+                    let error = ops_kit::Chain(&failure).to_string();
                     ResourceMetrics::inc(&self.metrics.registration_failures);
                     tracing::warn!(resource = %self.resource, %error, attempt = *attempt, "registration failed; retrying");
                     self.set(RegistrationStatus::Retrying {
@@ -340,9 +354,7 @@ impl<P: Plugin> Runtime<P> {
 
     async fn register(&self, kubelet: &Path, name: &str) -> Result<(), RegisterError> {
         let timeout = self.config.register_timeout;
-        let channel = uds::connect(kubelet, timeout)
-            .await
-            .map_err(|e| RegisterError::Transient(ops_kit::Chain(&e).to_string()))?;
+        let channel = uds::connect(kubelet, timeout).await?;
         let options = self.plugin.options();
         let request = pb::RegisterRequest {
             version: API_VERSION.to_owned(),
@@ -355,20 +367,12 @@ impl<P: Plugin> Runtime<P> {
         };
         let mut client = pb::registration_client::RegistrationClient::new(channel);
         match tokio::time::timeout(timeout, client.register(request)).await {
-            Err(_) => Err(RegisterError::Transient(format!(
-                "Register did not answer within {timeout:?}"
-            ))),
+            Err(_) => Err(RegisterError::Timeout(timeout)),
             Ok(Ok(_)) => Ok(()),
             // The kubelet answered: its validation refused us. Transport
             // failures surface as Unavailable or Unknown without a reply.
-            Ok(Err(status)) if is_rejection(&status) => {
-                Err(RegisterError::Rejected(status.message().to_owned()))
-            }
-            Ok(Err(status)) => Err(RegisterError::Transient(format!(
-                "{:?}: {}",
-                status.code(),
-                status.message()
-            ))),
+            Ok(Err(status)) if is_rejection(&status) => Err(RegisterError::Rejected(status)),
+            Ok(Err(status)) => Err(RegisterError::Failed(status)),
         }
     }
 
@@ -496,8 +500,17 @@ fn kubelet_recreated(e: &dir_watch::Event) -> bool {
 }
 
 /// A reply from the kubelet's handler (rather than a transport failure).
+/// Whether the kubelet itself refused. A status tonic made from a transport
+/// failure carries that failure as its source: the kubelet said nothing.
+/// The kubelet's own refusals (unsupported version, invalid resource name)
+/// are plain Go errors, code `Unknown` (kubelet `plugin/v1beta1/server.go`
+/// `Register`), and so is its failure to dial back, which is transient: for
+/// `Unknown` the message is the only thing that tells them apart.
 fn is_rejection(status: &tonic::Status) -> bool {
     use tonic::Code;
+    if std::error::Error::source(status).is_some() {
+        return false;
+    }
     match status.code() {
         Code::InvalidArgument
         | Code::FailedPrecondition
