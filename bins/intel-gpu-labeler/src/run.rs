@@ -1,17 +1,12 @@
 //! Wiring: flags → sources, discovery, the cluster; dry run, oneshot,
 //! cleanup and the daemon loop.
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use ops_kit::prometheus::{Kind, Text};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use enabled_plugins::{FileWatcher, WatchConfig, starlingx_locations};
-use gpu_discovery::{DiscoveryConfig, IdFilter, InventoryWatcher, WatcherConfig, scan};
+use enabled_plugins::starlingx_locations;
+use gpu_discovery::{DiscoveryConfig, IdFilter, scan};
 use node_labeler::cluster::Cluster;
 use node_labeler::desired::Decision;
 use node_labeler::engine::{
@@ -19,19 +14,19 @@ use node_labeler::engine::{
     reconcile_node,
 };
 use node_labeler::reconcile::{Intent, NodeView, OPT_OUT_ANNOTATION, Policy, reconcile};
-use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
 
+use crate::daemon::daemon;
+use crate::publish::publish;
 use crate::{Cli, Command, LogFormat, Output};
 
 /// Exit code for unusable flags.
 const USAGE: u8 = 2;
 
-struct Setup {
-    sources: Vec<Source>,
-    discovery: DiscoveryConfig,
-    policy: Policy,
-    http: Option<std::net::SocketAddr>,
+pub(crate) struct Setup {
+    pub(crate) sources: Vec<Source>,
+    pub(crate) discovery: DiscoveryConfig,
+    pub(crate) policy: Policy,
+    pub(crate) http: Option<std::net::SocketAddr>,
 }
 
 fn usage(message: impl std::fmt::Display) -> ExitCode {
@@ -39,7 +34,7 @@ fn usage(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(USAGE)
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -170,7 +165,9 @@ async fn node_name(cli: &Cli, client: &kube::Client) -> anyhow::Result<String> {
 /// and token files a kubeconfig names, with their modification times (the
 /// kubelet rotates `kubelet-client-current.pem` by replacing the file a
 /// symlink points to). `None` without such files.
-fn credential_files(cli: &Cli) -> Option<Vec<(std::path::PathBuf, std::time::SystemTime)>> {
+pub(crate) fn credential_files(
+    cli: &Cli,
+) -> Option<Vec<(std::path::PathBuf, std::time::SystemTime)>> {
     let path = cli.kubeconfig.as_ref()?;
     let kc = kube::config::Kubeconfig::read_from(path).ok()?;
     let base = path.parent().unwrap_or(std::path::Path::new("/"));
@@ -191,7 +188,7 @@ fn credential_files(cli: &Cli) -> Option<Vec<(std::path::PathBuf, std::time::Sys
     Some(out)
 }
 
-async fn client(cli: &Cli) -> anyhow::Result<kube::Client> {
+pub(crate) async fn client(cli: &Cli) -> anyhow::Result<kube::Client> {
     let config = match &cli.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -278,7 +275,7 @@ async fn dispatch(cli: Cli, setup: Setup) -> anyhow::Result<()> {
     daemon(cli, setup, cluster).await
 }
 
-async fn once(
+pub(crate) async fn once(
     cli: &Cli,
     setup: &Setup,
     cluster: Option<&Cluster>,
@@ -327,7 +324,7 @@ async fn once(
     }
 }
 
-fn summary(out: &Outcome) -> String {
+pub(crate) fn summary(out: &Outcome) -> String {
     match out {
         Outcome::NodeMissing => "node does not exist; nothing written".into(),
         Outcome::OptedOut => {
@@ -350,247 +347,11 @@ fn summary(out: &Outcome) -> String {
     }
 }
 
-#[derive(Default)]
-struct Stats {
-    reconciles: AtomicU64,
-    writes: AtomicU64,
-    errors: AtomicU64,
-    conflicts: AtomicU64,
-    owned: AtomicU64,
-    last_success: AtomicU64,
-    ready: AtomicBool,
-}
-
-impl ops_http::Endpoints for Stats {
-    fn metrics(&self) -> String {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows = [
-            (
-                "reconciles_total",
-                Kind::Counter,
-                "Reconciles run.",
-                g(&self.reconciles),
-            ),
-            (
-                "writes_total",
-                Kind::Counter,
-                "Reconciles that wrote labels.",
-                g(&self.writes),
-            ),
-            (
-                "errors_total",
-                Kind::Counter,
-                "Reconciles that failed.",
-                g(&self.errors),
-            ),
-            (
-                "label_conflicts",
-                Kind::Gauge,
-                "Labels left alone because someone else set another value.",
-                g(&self.conflicts),
-            ),
-            (
-                "owned_labels",
-                Kind::Gauge,
-                "Labels the labeller owns on the node.",
-                g(&self.owned),
-            ),
-            (
-                "last_success_timestamp_seconds",
-                Kind::Gauge,
-                "Unix time of the last successful reconcile.",
-                g(&self.last_success),
-            ),
-        ];
-        let mut text = Text::new();
-        for (name, kind, help, v) in rows {
-            text.single(&format!("intel_gpu_labeler_{name}"), kind, help, v);
-        }
-        text.finish()
-    }
-
-    fn ready(&self) -> Result<(), String> {
-        if self.ready.load(Ordering::Relaxed) {
-            Ok(())
-        } else {
-            Err("the last reconcile did not succeed".into())
-        }
-    }
-}
-
-async fn daemon(cli: Cli, setup: Setup, mut cluster: Option<Cluster>) -> anyhow::Result<()> {
-    // Host mode: the kubelet rotates its client certificate; a client
-    // built from the old one would fail once it expires.
-    let mut creds = credential_files(&cli);
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let stats = Arc::new(Stats::default());
-    if let Some(addr) = setup.http {
-        let listener = ops_http::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        tokio::spawn(ops_http::serve(
-            listener,
-            Arc::clone(&stats) as Arc<dyn ops_http::Endpoints>,
-        ));
-    }
-    let watcher = InventoryWatcher::spawn(WatcherConfig::new(setup.discovery.clone()))
-        .context("cannot read the GPU inventory")?;
-    let mut inventory = watcher.subscribe();
-    let (trigger_tx, mut triggers) = mpsc::channel::<()>(8);
-    for source in &setup.sources {
-        if let Source::File(path) = source {
-            let mut fw = FileWatcher::new(WatchConfig::new(path).resync(cli.resync));
-            let tx = trigger_tx.clone();
-            tokio::spawn(async move {
-                loop {
-                    let _ = fw.next().await;
-                    if tx.send(()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    }
-    let mut last_good: Option<Decision> = None;
-    // What was last said about the decision: logged once per change, not
-    // on every resync.
-    let mut said = String::new();
-    let mut failures: u32 = 0;
-    let mut settle = Settle::new(cli.settle);
-    let mut node_missing = false;
-    // Watches on the Node and the ConfigMap (API mode): they fill the
-    // cache reads come from and wake the loop on every change.
-    let mut followers = follow(&cli, cluster.as_ref(), &trigger_tx);
-    loop {
-        let now_creds = credential_files(&cli);
-        if now_creds != creds
-            && let Some(current) = &cluster
-        {
-            match client(&cli).await {
-                Ok(c) => {
-                    tracing::info!("the client credentials changed on disk; using the new ones");
-                    cluster = Some(
-                        Cluster::new(c, current.node()).with_field_manager(current.field_manager()),
-                    );
-                    creds = now_creds;
-                    for f in followers.drain(..) {
-                        f.abort();
-                    }
-                    followers = follow(&cli, cluster.as_ref(), &trigger_tx);
-                }
-                Err(error) => {
-                    tracing::warn!(error = %format!("{error:#}"), "the client credentials changed but cannot be used yet; keeping the old ones");
-                }
-            }
-        }
-        stats.reconciles.fetch_add(1, Ordering::Relaxed);
-        let mut recheck = None;
-        let (decision, note) = match decide_with_evidence(&setup.sources, cluster.as_ref()).await {
-            Ok((read, evidence)) => {
-                let (d, again) = settle.filter(read, &evidence, tokio::time::Instant::now());
-                recheck = again;
-                if recheck.is_none() {
-                    last_good = Some(d.clone());
-                }
-                let note = format!("{d:?}");
-                (d, note)
-            }
-            Err(e) => {
-                let note = format!(
-                    "invalid enabled-plugins content ({e}); keeping the last good decision"
-                );
-                (
-                    last_good
-                        .clone()
-                        .unwrap_or_else(|| Decision::Unknown(format!("invalid content: {e}"))),
-                    note,
-                )
-            }
-        };
-        if note != said {
-            match &decision {
-                _ if note.starts_with("invalid") => tracing::error!("{note}"),
-                Decision::Unknown(why) => {
-                    tracing::warn!(%why, "enabled-plugins decision unknown: the plugin label is neither added nor removed")
-                }
-                Decision::Enabled(label) => tracing::info!(%label, "the GPU plugin is enabled"),
-                Decision::Disabled => tracing::info!("the GPU plugin is not enabled"),
-            }
-            said = note;
-        }
-        let current = std::sync::Arc::clone(&inventory.borrow_and_update());
-        let wait = match once(&cli, &setup, cluster.as_ref(), &current, &decision).await {
-            Ok(out) => {
-                failures = 0;
-                // A missing Node: said once, and not ready until it is back.
-                let missing = out == Outcome::NodeMissing;
-                if missing && !node_missing {
-                    tracing::warn!(
-                        node = cluster.as_ref().map_or("", |c| c.node()),
-                        "the Node does not exist; waiting for it (it is never created by the labeller)"
-                    );
-                } else if !missing && node_missing {
-                    tracing::info!("the Node exists again");
-                }
-                node_missing = missing;
-                stats.ready.store(!missing, Ordering::Relaxed);
-                stats.last_success.store(now(), Ordering::Relaxed);
-                let (labels, conflicts): (Option<&BTreeMap<String, String>>, usize) = match &out {
-                    Outcome::Applied {
-                        labels, conflicts, ..
-                    } => {
-                        stats.writes.fetch_add(1, Ordering::Relaxed);
-                        (Some(labels), conflicts.len())
-                    }
-                    Outcome::Unchanged { labels, conflicts } => (Some(labels), conflicts.len()),
-                    _ => (None, 0),
-                };
-                stats
-                    .owned
-                    .store(labels.map_or(0, |l| l.len() as u64), Ordering::Relaxed);
-                stats.conflicts.store(conflicts as u64, Ordering::Relaxed);
-                tracing::debug!(outcome = %summary(&out), "reconciled");
-                // Without watches, a missing node is polled until it
-                // (re)appears; with them, its return wakes the loop.
-                if missing && followers.is_empty() {
-                    Duration::from_secs(5).min(cli.resync)
-                } else {
-                    cli.resync
-                }
-            }
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                stats.ready.store(false, Ordering::Relaxed);
-                let delay = backoff(failures);
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "reconcile failed");
-                delay
-            }
-        };
-        // A "not enabled" reading is read again once it may be confirmed.
-        let wait = recheck.map_or(wait, |at| {
-            wait.min(at.saturating_duration_since(tokio::time::Instant::now()))
-        });
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            changed = inventory.changed() => if changed.is_err() { break },
-            Some(()) = triggers.recv() => {}
-            () = tokio::time::sleep(wait) => {}
-        }
-    }
-    for f in followers {
-        f.abort();
-    }
-    // Labels are never removed on shutdown or rollout.
-    tracing::info!("stopping; labels stay as they are");
-    Ok(())
-}
-
 /// The first enabled-plugins file that exists, with its bytes (at most
 /// 64 KiB + 1 are read).
-fn first_file(sources: &[Source]) -> anyhow::Result<Option<(std::path::PathBuf, Vec<u8>)>> {
+pub(crate) fn first_file(
+    sources: &[Source],
+) -> anyhow::Result<Option<(std::path::PathBuf, Vec<u8>)>> {
     use std::io::Read as _;
     for source in sources {
         let Source::File(path) = source else { continue };
@@ -607,152 +368,4 @@ fn first_file(sources: &[Source]) -> anyhow::Result<Option<(std::path::PathBuf, 
         }
     }
     Ok(None)
-}
-
-/// `intel-gpu-labeler publish`: the enabled-plugins file's exact bytes
-/// become the cluster's ConfigMap. Nothing is published from a file caught
-/// mid-write: it must be non-blank, valid, and read the same twice
-/// `--settle` apart; the same bytes are published once (two controllers
-/// publishing the same bytes change nothing).
-async fn publish(cli: &Cli, setup: &Setup, target: &str) -> anyhow::Result<()> {
-    let Some((namespace, name)) = target
-        .split_once('/')
-        .filter(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains('/'))
-    else {
-        bail!("--configmap {target:?} is not NAMESPACE/NAME");
-    };
-    let client = client(cli).await?;
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let (tx, mut triggers) = mpsc::channel::<()>(8);
-    for source in &setup.sources {
-        if let Source::File(path) = source {
-            let mut fw = FileWatcher::new(WatchConfig::new(path).resync(cli.resync));
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                loop {
-                    let _ = fw.next().await;
-                    if tx.send(()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    }
-    let mut published: Option<Vec<u8>> = None;
-    let mut pending: Option<(Vec<u8>, tokio::time::Instant)> = None;
-    let mut said = String::new();
-    let mut rounds = 0;
-    loop {
-        rounds += 1;
-        let mut recheck = None;
-        let note = match first_file(&setup.sources) {
-            Ok(None) => "no enabled-plugins file here: nothing to publish".to_owned(),
-            Ok(Some((path, bytes))) if enabled_plugins::is_blank(&bytes) => {
-                pending = None;
-                format!(
-                    "{} is blank (being written?): not published",
-                    path.display()
-                )
-            }
-            Ok(Some((path, bytes))) => {
-                match enabled_plugins::parse(&path.display().to_string(), &bytes) {
-                    Err(e) => {
-                        pending = None;
-                        format!("not published: {e}")
-                    }
-                    Ok(_) if published.as_ref() == Some(&bytes) => {
-                        format!("{} published", path.display())
-                    }
-                    Ok(_) => {
-                        let now = tokio::time::Instant::now();
-                        match &pending {
-                            Some((seen, since)) if *seen == bytes && now >= *since + cli.settle => {
-                                let text = String::from_utf8_lossy(&bytes).into_owned();
-                                node_labeler::cluster::publish_configmap(
-                                    &client,
-                                    namespace,
-                                    name,
-                                    node_labeler::engine::CONFIGMAP_KEY,
-                                    &text,
-                                )
-                                .await?;
-                                tracing::info!(file = %path.display(), configmap = %target, "enabled-plugins content published");
-                                published = Some(bytes);
-                                pending = None;
-                                format!("{} published", path.display())
-                            }
-                            Some((seen, since)) if *seen == bytes => {
-                                recheck = Some(*since + cli.settle);
-                                "confirming".to_owned()
-                            }
-                            _ => {
-                                pending = Some((bytes, now));
-                                recheck = Some(now + cli.settle);
-                                "confirming".to_owned()
-                            }
-                        }
-                    }
-                }
-            }
-            Err(e) => format!("{e:#}"),
-        };
-        if note != said && note != "confirming" {
-            tracing::info!("{note}");
-            said.clone_from(&note);
-        }
-        if cli.oneshot && recheck.is_none() {
-            if published.is_none() {
-                bail!("{note}");
-            }
-            println!("published {target}");
-            return Ok(());
-        }
-        if cli.oneshot && rounds > 8 {
-            bail!("the enabled-plugins file kept changing; nothing published");
-        }
-        let wait = recheck.map_or(cli.resync, |at| {
-            at.saturating_duration_since(tokio::time::Instant::now())
-        });
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            Some(()) = triggers.recv() => {}
-            () = tokio::time::sleep(wait) => {}
-        }
-    }
-}
-
-/// Starts the watches of API mode; their changes become triggers.
-fn follow(
-    cli: &Cli,
-    cluster: Option<&Cluster>,
-    triggers: &mpsc::Sender<()>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let Some(cluster) = cluster.filter(|_| cli.output == Output::Api) else {
-        return Vec::new();
-    };
-    let configmap = cli
-        .enabled_plugins_configmap
-        .as_deref()
-        .and_then(|c| c.split_once('/'))
-        .map(|(ns, name)| (ns.to_owned(), name.to_owned()));
-    let tx = triggers.clone();
-    cluster.follow(
-        configmap,
-        Arc::new(move || {
-            // A full queue already holds a wake-up.
-            let _ = tx.try_send(());
-        }),
-    )
-}
-
-/// 1 s, 2 s, 4 s … capped at 60 s, ±20 % jitter: after the `failures`th
-/// failure in a row.
-fn backoff(failures: u32) -> Duration {
-    const RETRY: ops_kit::Backoff = ops_kit::Backoff {
-        initial: Duration::from_secs(1),
-        max: Duration::from_secs(60),
-    };
-    RETRY.delay(failures.saturating_sub(1))
 }

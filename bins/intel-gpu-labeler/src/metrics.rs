@@ -1,0 +1,73 @@
+//! The labeller's figures, served on /metrics, /healthz and /readyz.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use ops_kit::prometheus::{Kind, Text};
+
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub(crate) reconciles: AtomicU64,
+    pub(crate) writes: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) conflicts: AtomicU64,
+    pub(crate) owned: AtomicU64,
+    pub(crate) last_success: AtomicU64,
+    pub(crate) ready: AtomicBool,
+}
+
+impl ops_http::Endpoints for Stats {
+    fn metrics(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let rows = [
+            (
+                "reconciles_total",
+                Kind::Counter,
+                "Reconciles run.",
+                g(&self.reconciles),
+            ),
+            (
+                "writes_total",
+                Kind::Counter,
+                "Reconciles that wrote labels.",
+                g(&self.writes),
+            ),
+            (
+                "errors_total",
+                Kind::Counter,
+                "Reconciles that failed.",
+                g(&self.errors),
+            ),
+            (
+                "label_conflicts",
+                Kind::Gauge,
+                "Labels left alone because someone else set another value.",
+                g(&self.conflicts),
+            ),
+            (
+                "owned_labels",
+                Kind::Gauge,
+                "Labels the labeller owns on the node.",
+                g(&self.owned),
+            ),
+            (
+                "last_success_timestamp_seconds",
+                Kind::Gauge,
+                "Unix time of the last successful reconcile.",
+                g(&self.last_success),
+            ),
+        ];
+        let mut text = Text::new();
+        for (name, kind, help, v) in rows {
+            text.single(&format!("intel_gpu_labeler_{name}"), kind, help, v);
+        }
+        text.finish()
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.ready.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("the last reconcile did not succeed".into())
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! `publish`: a controller publishes the replicated enabled-plugins file as
+//! the cluster's ConfigMap.
+
+use anyhow::{Context as _, bail};
+use enabled_plugins::{FileWatcher, WatchConfig};
+use node_labeler::engine::Source;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::Cli;
+
+use crate::run::{Setup, client, first_file};
+
+/// `intel-gpu-labeler publish`: the enabled-plugins file's exact bytes
+/// become the cluster's ConfigMap. Nothing is published from a file caught
+/// mid-write: it must be non-blank, valid, and read the same twice
+/// `--settle` apart; the same bytes are published once (two controllers
+/// publishing the same bytes change nothing).
+pub(crate) async fn publish(cli: &Cli, setup: &Setup, target: &str) -> anyhow::Result<()> {
+    let Some((namespace, name)) = target
+        .split_once('/')
+        .filter(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains('/'))
+    else {
+        bail!("--configmap {target:?} is not NAMESPACE/NAME");
+    };
+    let client = client(cli).await?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let (tx, mut triggers) = mpsc::channel::<()>(8);
+    for source in &setup.sources {
+        if let Source::File(path) = source {
+            let mut fw = FileWatcher::new(WatchConfig::new(path).resync(cli.resync));
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let _ = fw.next().await;
+                    if tx.send(()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    let mut published: Option<Vec<u8>> = None;
+    let mut pending: Option<(Vec<u8>, tokio::time::Instant)> = None;
+    let mut said = String::new();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        let mut recheck = None;
+        let note = match first_file(&setup.sources) {
+            Ok(None) => "no enabled-plugins file here: nothing to publish".to_owned(),
+            Ok(Some((path, bytes))) if enabled_plugins::is_blank(&bytes) => {
+                pending = None;
+                format!(
+                    "{} is blank (being written?): not published",
+                    path.display()
+                )
+            }
+            Ok(Some((path, bytes))) => {
+                match enabled_plugins::parse(&path.display().to_string(), &bytes) {
+                    Err(e) => {
+                        pending = None;
+                        format!("not published: {e}")
+                    }
+                    Ok(_) if published.as_ref() == Some(&bytes) => {
+                        format!("{} published", path.display())
+                    }
+                    Ok(_) => {
+                        let now = tokio::time::Instant::now();
+                        match &pending {
+                            Some((seen, since)) if *seen == bytes && now >= *since + cli.settle => {
+                                let text = String::from_utf8_lossy(&bytes).into_owned();
+                                node_labeler::cluster::publish_configmap(
+                                    &client,
+                                    namespace,
+                                    name,
+                                    node_labeler::engine::CONFIGMAP_KEY,
+                                    &text,
+                                )
+                                .await?;
+                                tracing::info!(file = %path.display(), configmap = %target, "enabled-plugins content published");
+                                published = Some(bytes);
+                                pending = None;
+                                format!("{} published", path.display())
+                            }
+                            Some((seen, since)) if *seen == bytes => {
+                                recheck = Some(*since + cli.settle);
+                                "confirming".to_owned()
+                            }
+                            _ => {
+                                pending = Some((bytes, now));
+                                recheck = Some(now + cli.settle);
+                                "confirming".to_owned()
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        if note != said && note != "confirming" {
+            tracing::info!("{note}");
+            said.clone_from(&note);
+        }
+        if cli.oneshot && recheck.is_none() {
+            if published.is_none() {
+                bail!("{note}");
+            }
+            println!("published {target}");
+            return Ok(());
+        }
+        if cli.oneshot && rounds > 8 {
+            bail!("the enabled-plugins file kept changing; nothing published");
+        }
+        let wait = recheck.map_or(cli.resync, |at| {
+            at.saturating_duration_since(tokio::time::Instant::now())
+        });
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            Some(()) = triggers.recv() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
