@@ -18,12 +18,7 @@ const PROTOS: &[(&str, &str, &str)] = &[(
     "crates/devplugin-api/src/pb/v1beta1.rs",
 )];
 
-pub(crate) fn task(args: &[String]) -> Result<()> {
-    let check = match args {
-        [] => false,
-        [a] if a == "--check" => true,
-        _ => bail!("usage: cargo xtask codegen [--check]"),
-    };
+pub(crate) fn task(check: bool) -> Result<()> {
     let root = project_root();
     let mut stale = Vec::new();
     for (dir, proto, out) in PROTOS {

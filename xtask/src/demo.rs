@@ -31,12 +31,7 @@ const BUILD_ARGS: &[&str] = &[
 ];
 
 /// Builds what the demo runs and returns the command that runs it.
-pub(crate) fn command(args: &[String]) -> Result<Command> {
-    for a in args {
-        if a != "--keep" {
-            bail!("unknown demo argument `{a}` (only --keep)");
-        }
-    }
+pub(crate) fn command(keep: bool) -> Result<Command> {
     // A cold build takes minutes: say so, and let cargo show its progress.
     eprintln!(
         "demo: building the plugin, the labeller and the demo driver (a first build takes about 2 minutes on 2 cores; cargo's progress follows)"
@@ -48,12 +43,14 @@ pub(crate) fn command(args: &[String]) -> Result<Command> {
         .arg(bin.join("intel-gpu-plugin"))
         .arg("--labeler")
         .arg(bin.join("intel-gpu-labeler"));
-    cmd.args(args);
+    if keep {
+        cmd.arg("--keep");
+    }
     Ok(cmd)
 }
 
-pub(crate) fn task(args: &[String]) -> Result<()> {
-    let status = command(args)?
+pub(crate) fn task(keep: bool) -> Result<()> {
+    let status = command(keep)?
         .status()
         .context("could not start the demo")?;
     if !status.success() {
@@ -64,7 +61,9 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
 
 /// The CI check: the demo exits 0 and prints every step's summary line.
 pub(crate) fn check() -> Result<()> {
-    let out = command(&[])?.output().context("could not start the demo")?;
+    let out = command(false)?
+        .output()
+        .context("could not start the demo")?;
     let text = String::from_utf8_lossy(&out.stdout);
     print!("{text}");
     eprint!("{}", String::from_utf8_lossy(&out.stderr));

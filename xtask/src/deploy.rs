@@ -201,21 +201,16 @@ pub(crate) fn ansible_template() -> Result<String> {
 
 /// `cargo xtask manifests [--write]`: renders the overlays; with `--write`
 /// regenerates the Ansible template.
-pub(crate) fn task(args: &[String]) -> Result<()> {
-    match args {
-        [] => {
-            for (overlay, _) in OVERLAYS {
-                println!("{}", render(overlay)?.display());
-            }
-            Ok(())
-        }
-        [w] if w == "--write" => {
-            std::fs::write(project_root().join(ANSIBLE_TEMPLATE), ansible_template()?)?;
-            println!("wrote {ANSIBLE_TEMPLATE}");
-            Ok(())
-        }
-        _ => bail!("usage: cargo xtask manifests [--write]"),
+pub(crate) fn task(write: bool) -> Result<()> {
+    if write {
+        std::fs::write(project_root().join(ANSIBLE_TEMPLATE), ansible_template()?)?;
+        println!("wrote {ANSIBLE_TEMPLATE}");
+        return Ok(());
     }
+    for (overlay, _) in OVERLAYS {
+        println!("{}", render(overlay)?.display());
+    }
+    Ok(())
 }
 
 fn check_ansible_template() -> Result<()> {

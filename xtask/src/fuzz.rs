@@ -45,22 +45,7 @@ pub(crate) fn targets() -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-pub(crate) fn task(args: &[String]) -> Result<()> {
-    let mut seconds: u64 = 60;
-    let mut target: Option<&str> = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--seconds" => {
-                let v = it.next().context("--seconds needs a number")?;
-                seconds = v
-                    .parse()
-                    .with_context(|| format!("--seconds: `{v}` is not a whole number"))?;
-            }
-            other if target.is_none() && !other.starts_with('-') => target = Some(other),
-            other => bail!("unexpected argument `{other}`"),
-        }
-    }
+pub(crate) fn task(target: Option<&str>, seconds: u64) -> Result<()> {
     let all = targets()?;
     let Some(target) = target else {
         println!("fuzz targets (run one with `cargo xtask fuzz CRATE/TARGET [--seconds N]`):");

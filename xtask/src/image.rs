@@ -321,15 +321,7 @@ fn compressed_size(archive: &[u8]) -> Result<u64> {
     Ok(total)
 }
 
-pub(crate) fn task(args: &[String]) -> Result<()> {
-    let check = args.iter().any(|a| a == "--check");
-    let reproducible = args.iter().any(|a| a == "--verify-reproducible");
-    if let Some(bad) = args
-        .iter()
-        .find(|a| *a != "--check" && *a != "--verify-reproducible")
-    {
-        bail!("unknown image argument `{bad}` (--check, --verify-reproducible)");
-    }
+pub(crate) fn task(check: bool, reproducible: bool) -> Result<()> {
     let root = project_root();
     let out = root.join("target/images");
     let digests = build_images(&root, &root.join("target/image-build"), &out)?;

@@ -1,11 +1,7 @@
 //! Project automation, run as `cargo xtask <task>`.
 //!
-//! Tasks:
-//! - `ci [STEP…]`: everything CI checks (see [`ci::STEPS`]), each step timed.
-//! - `bench`: every benchmark target, merged into `target/bench/report.json`.
-//! - `demo [--keep]`: the whole system on a simulated node.
-//! - `codegen [--check]`: the device plugin API's generated code.
-//! - `fuzz [CRATE/TARGET]`: a `cargo fuzz` target on nightly (opt-in).
+//! `cargo xtask --help` lists the tasks (parsed with clap, so the list is
+//! always the one the code accepts).
 
 mod bench;
 mod ci;
@@ -18,48 +14,99 @@ mod util;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "\
-usage: cargo xtask <task> [args]
+use clap::{Parser, Subcommand};
 
-tasks:
-  demo [--keep]  run the whole system on a simulated StarlingX node
-  ci [STEP...]   run what CI runs (steps: fmt clippy test tidy deny); all steps by default
-  bench          run every benchmark and write target/bench/report.json
-  image [--check] [--verify-reproducible]
-                 OCI image archives in target/images (static release binaries)
-  manifests [--write]
-                 render deploy/overlays (--write: regenerate the Ansible template)
-  codegen [--check]
-                 regenerate (or check) the gRPC code from the .proto files
-  fuzz [CRATE/TARGET] [--seconds N]
-                 run a cargo-fuzz target on nightly (lists the targets without one)
-  help           this text
-";
+/// Project automation: `cargo xtask <task>`.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Run the whole system on a simulated StarlingX node.
+    Demo {
+        /// Keep the simulated node's directory afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run what CI runs, each step timed; every step by default.
+    Ci {
+        /// The steps to run.
+        #[arg(value_parser = ci_steps())]
+        steps: Vec<String>,
+    },
+    /// Run every benchmark and write target/bench/report.json (arguments go
+    /// to `cargo bench`, e.g. `-p devplugin-api`).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_args: Vec<String>,
+    },
+    /// OCI image archives in target/images (static release binaries).
+    Image {
+        /// Inspect them with skopeo, umoci and runc where installed.
+        #[arg(long)]
+        check: bool,
+        /// Build everything a second time elsewhere and compare digests.
+        #[arg(long)]
+        verify_reproducible: bool,
+    },
+    /// Render deploy/overlays.
+    Manifests {
+        /// Regenerate the Ansible role's manifest template.
+        #[arg(long)]
+        write: bool,
+    },
+    /// Regenerate (or check) the gRPC code from the .proto files.
+    Codegen {
+        /// Only check that the generated code is fresh.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run a cargo-fuzz target on nightly (lists the targets without one).
+    Fuzz {
+        /// CRATE/TARGET.
+        target: Option<String>,
+        /// How long to run it.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+}
+
+/// The CI steps, with what each checks, as clap's possible values.
+fn ci_steps() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        ci::STEPS
+            .iter()
+            .map(|(name, help)| clap::builder::PossibleValue::new(*name).help(*help)),
+    )
+}
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let task = args.next();
-    let rest: Vec<String> = args.collect();
-    let result = match task.as_deref() {
-        Some("ci") => ci::task(&rest),
-        Some("demo") => demo::task(&rest),
-        Some("manifests") => deploy::task(&rest),
-        Some("image") => image::task(&rest),
-        Some("bench") => bench::task(&rest),
-        Some("fuzz") => fuzz::task(&rest),
-        Some("codegen") => codegen::task(&rest),
-        Some("help" | "--help" | "-h") => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
-        Some(other) => {
-            eprint!("xtask: unknown task `{other}`\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-        None => {
-            eprint!("{USAGE}");
-            return ExitCode::from(2);
-        }
+    };
+    let result = match cli.task {
+        Task::Ci { steps } => ci::task(&steps),
+        Task::Demo { keep } => demo::task(keep),
+        Task::Manifests { write } => deploy::task(write),
+        Task::Image {
+            check,
+            verify_reproducible,
+        } => image::task(check, verify_reproducible),
+        Task::Bench { cargo_args } => bench::task(&cargo_args),
+        Task::Fuzz { target, seconds } => fuzz::task(target.as_deref(), seconds),
+        Task::Codegen { check } => codegen::task(check),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
