@@ -245,122 +245,116 @@ struct AnsibleCase {
 /// A StarlingX 10.0 controller's /etc/build.info (the lines that matter).
 const BUILD_INFO: &str = "OS=\"debian\"\nSW_VERSION=\"24.09\"\nBUILD_TARGET=\"Host Installer\"\n";
 
+impl AnsibleCase {
+    /// The role writes `file` and, with a GPU label, the manifest naming
+    /// `image`.
+    const fn writes(
+        overrides: Option<&'static str>,
+        extra: &'static str,
+        file: &'static str,
+        gpu_label: Option<&'static str>,
+        image: &'static str,
+    ) -> Self {
+        Self {
+            file: Some(file),
+            gpu_label,
+            image,
+            ..Self::skips(overrides, extra)
+        }
+    }
+
+    /// The step does nothing and succeeds.
+    const fn skips(overrides: Option<&'static str>, extra: &'static str) -> Self {
+        Self {
+            overrides,
+            extra,
+            file: None,
+            gpu_label: None,
+            image: "",
+            fails_with: None,
+            build_info: BUILD_INFO,
+        }
+    }
+
+    /// The role fails with `text` and writes nothing.
+    const fn fails(
+        overrides: Option<&'static str>,
+        extra: &'static str,
+        text: &'static str,
+    ) -> Self {
+        Self {
+            fails_with: Some(text),
+            ..Self::skips(overrides, extra)
+        }
+    }
+
+    /// On a host whose /etc/build.info is `build_info`.
+    const fn on(self, build_info: &'static str) -> Self {
+        Self { build_info, ..self }
+    }
+}
+
+const GPU: Option<&str> = Some("intelgpu=enabled");
+const GPU_ONLY: &str = r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#;
+const DOCKER_IO_IMAGE: &str = "docker.io/intel-gpu-k8s-rs/intel-gpu-plugin:0.1.0";
+const NOT_A_DICT: &str = "k8s_plugins must be a dict from plugin to node label";
+
 const ANSIBLE_CASES: &[AnsibleCase] = &[
-    AnsibleCase {
-        overrides: Some("k8s-plugins-default.yml"),
-        extra: "{}",
-        file: None,
-        gpu_label: None,
-        image: "",
-        fails_with: None,
-        build_info: BUILD_INFO,
-    },
-    AnsibleCase {
-        overrides: Some("k8s-plugins-dict.yml"),
-        extra: r#"{"docker_registry": {"url": "registry.local:9001"}}"#,
-        file: Some(
-            r#"{"intel-qat-plugin": "intelqat=enabled", "intel-gpu-plugin": "intelgpu=enabled"}"#,
-        ),
-        gpu_label: Some("intelgpu=enabled"),
-        image: "registry.local:9001/intel-gpu-k8s-rs/intel-gpu-plugin:0.1.0",
-        fails_with: None,
-        build_info: BUILD_INFO,
-    },
-    AnsibleCase {
-        overrides: Some("k8s-plugins-list.yml"),
-        extra: "{}",
-        // Recorded as the released dict form: sysinv reads .values().
-        file: Some(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#),
-        gpu_label: Some("intelgpu=enabled"),
-        image: "docker.io/intel-gpu-k8s-rs/intel-gpu-plugin:0.1.0",
-        fails_with: None,
-        build_info: BUILD_INFO,
-    },
-    AnsibleCase {
-        overrides: Some("seed-aliases.yml"),
-        extra: "{}",
-        file: Some(
-            r#"{"intel-gpu-plugin": "intelgpu=enabled", "intel-qat-plugin": "intelqat=enabled"}"#,
-        ),
-        gpu_label: Some("intelgpu=enabled"),
-        image: "docker.io/intel-gpu-k8s-rs/intel-gpu-plugin:0.1.0",
-        fails_with: None,
-        build_info: BUILD_INFO,
-    },
+    AnsibleCase::skips(Some("k8s-plugins-default.yml"), "{}"),
+    AnsibleCase::writes(
+        Some("k8s-plugins-dict.yml"),
+        r#"{"docker_registry": {"url": "registry.local:9001"}}"#,
+        r#"{"intel-qat-plugin": "intelqat=enabled", "intel-gpu-plugin": "intelgpu=enabled"}"#,
+        GPU,
+        "registry.local:9001/intel-gpu-k8s-rs/intel-gpu-plugin:0.1.0",
+    ),
+    // Recorded as the released dict form: sysinv reads .values().
+    AnsibleCase::writes(
+        Some("k8s-plugins-list.yml"),
+        "{}",
+        GPU_ONLY,
+        GPU,
+        DOCKER_IO_IMAGE,
+    ),
+    AnsibleCase::writes(
+        Some("seed-aliases.yml"),
+        "{}",
+        r#"{"intel-gpu-plugin": "intelgpu=enabled", "intel-qat-plugin": "intelqat=enabled"}"#,
+        GPU,
+        DOCKER_IO_IMAGE,
+    ),
     // StarlingX skips the step outside bootstrap (restore, upgrade).
-    AnsibleCase {
-        overrides: Some("k8s-plugins-dict.yml"),
-        extra: r#"{"mode": "restore"}"#,
-        file: None,
-        gpu_label: None,
-        image: "",
-        fails_with: None,
-        build_info: BUILD_INFO,
-    },
-    AnsibleCase {
-        overrides: None,
-        extra: r#"{"k8s_plugins": {"intel-qat-plugin": "intelqat=enabled"}}"#,
-        file: Some(r#"{"intel-qat-plugin": "intelqat=enabled"}"#),
-        gpu_label: None,
-        image: "",
-        fails_with: None,
-        build_info: BUILD_INFO,
-    },
-    AnsibleCase {
-        overrides: None,
-        extra: r#"{"k8s_plugins": "intelgpu"}"#,
-        file: None,
-        gpu_label: None,
-        image: "",
-        fails_with: Some("k8s_plugins must be a dict from plugin to node label"),
-        build_info: BUILD_INFO,
-    },
-    AnsibleCase {
-        overrides: None,
-        extra: r#"{"k8s_plugins": {"intel-gpu": "intelgpu=enabled"}}"#,
-        file: None,
-        gpu_label: None,
-        image: "",
-        fails_with: Some("k8s_plugins names intel-gpu, which is not a StarlingX device plugin"),
-        build_info: BUILD_INFO,
-    },
-    AnsibleCase {
-        overrides: None,
-        extra: r#"{"k8s_plugins": {"intel-gpu-plugin": "intelgpu"}}"#,
-        file: None,
-        gpu_label: None,
-        image: "",
-        fails_with: Some("which is not key=value"),
-        build_info: BUILD_INFO,
-    },
-    AnsibleCase {
-        overrides: None,
-        extra: r#"{"k8s_plugins": 5}"#,
-        file: None,
-        gpu_label: None,
-        image: "",
-        fails_with: Some("k8s_plugins must be a dict from plugin to node label"),
-        build_info: BUILD_INFO,
-    },
-    AnsibleCase {
-        overrides: Some("k8s-plugins-dict.yml"),
-        extra: "{}",
-        file: None,
-        gpu_label: None,
-        image: "",
-        fails_with: Some("has no SW_VERSION"),
-        build_info: "OS=\"debian\"\nSW_VERSION=\"\"\n",
-    },
+    AnsibleCase::skips(Some("k8s-plugins-dict.yml"), r#"{"mode": "restore"}"#),
+    AnsibleCase::writes(
+        None,
+        r#"{"k8s_plugins": {"intel-qat-plugin": "intelqat=enabled"}}"#,
+        r#"{"intel-qat-plugin": "intelqat=enabled"}"#,
+        None,
+        "",
+    ),
+    AnsibleCase::fails(None, r#"{"k8s_plugins": "intelgpu"}"#, NOT_A_DICT),
+    AnsibleCase::fails(None, r#"{"k8s_plugins": 5}"#, NOT_A_DICT),
+    AnsibleCase::fails(
+        None,
+        r#"{"k8s_plugins": {"intel-gpu": "intelgpu=enabled"}}"#,
+        "k8s_plugins names intel-gpu, which is not a StarlingX device plugin",
+    ),
+    AnsibleCase::fails(
+        None,
+        r#"{"k8s_plugins": {"intel-gpu-plugin": "intelgpu"}}"#,
+        "which is not key=value",
+    ),
+    AnsibleCase::fails(Some("k8s-plugins-dict.yml"), "{}", "has no SW_VERSION")
+        .on("OS=\"debian\"\nSW_VERSION=\"\"\n"),
     // CRLF and spaces around `=`: still the release.
-    AnsibleCase {
-        overrides: Some("k8s-plugins-list.yml"),
-        extra: "{}",
-        file: Some(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#),
-        gpu_label: Some("intelgpu=enabled"),
-        image: "docker.io/intel-gpu-k8s-rs/intel-gpu-plugin:0.1.0",
-        fails_with: None,
-        build_info: "OS=\"debian\"\r\nSW_VERSION = \"24.09\"\r\n",
-    },
+    AnsibleCase::writes(
+        Some("k8s-plugins-list.yml"),
+        "{}",
+        GPU_ONLY,
+        GPU,
+        DOCKER_IO_IMAGE,
+    )
+    .on("OS=\"debian\"\r\nSW_VERSION = \"24.09\"\r\n"),
 ];
 
 /// The release the scratch root's /etc/build.info names.
