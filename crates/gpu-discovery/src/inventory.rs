@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Serialize, Serializer};
 
+use crate::sysfs::AttrError;
+
 /// The version of the JSON shape.
 pub const SCHEMA: u32 = 1;
 
@@ -55,8 +57,47 @@ pub enum CardState {
 pub struct Skipped {
     /// The entry name (`card3`).
     pub entry: String,
-    /// Why it was not used.
-    pub reason: String,
+    /// Why it was not used (shown as text in the inventory JSON).
+    #[serde(serialize_with = "display")]
+    pub reason: SkipReason,
+}
+
+/// Why an entry of `class/drm` is not one of our GPUs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SkipReason {
+    /// Its `device` link cannot be resolved.
+    #[error("cannot resolve {}: {error}", link.display())]
+    Unresolvable {
+        /// The `device` link.
+        link: PathBuf,
+        /// The OS error's text.
+        error: String,
+    },
+    /// Its device is not a PCI function.
+    #[error("not a PCI device: {} resolves to {}", link.display(), target.display())]
+    NotPci {
+        /// The `device` link.
+        link: PathBuf,
+        /// Where it leads.
+        target: PathBuf,
+    },
+    /// An attribute of the device could not be read or parsed.
+    #[error(transparent)]
+    Attribute(#[from] AttrError),
+    /// Another vendor's device.
+    #[error("vendor {0:#06x} is not Intel (0x8086)")]
+    NotIntel(u32),
+    /// Not a display-class function.
+    #[error("class {0:#08x} is not a display class (0x0300xx VGA or 0x0380xx display controller)")]
+    NotDisplay(u32),
+    /// Bound to a driver that is neither `i915` nor `xe`.
+    #[error("bound to driver {0}, not i915 or xe")]
+    OtherDriver(String),
+}
+
+fn display<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 /// The SR-IOV role of a PCI function.

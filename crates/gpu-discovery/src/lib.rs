@@ -34,7 +34,8 @@ mod watch;
 pub use config::{DEFAULT_HOST_DEV, DiscoveryConfig, Driver};
 pub use filter::{FilterError, IdFilter, ParsedFilter};
 pub use inventory::{
-    CardState, DeviceNode, Gpu, Inventory, NodeKind, SCHEMA, Skipped, Sriov, SriovRole,
+    CardState, DeviceNode, Gpu, Inventory, NodeKind, SCHEMA, SkipReason, Skipped, Sriov, SriovRole,
 };
 pub use scan::{DiscoveryError, INTEL_VENDOR, not_advertised_reason, scan};
+pub use sysfs::AttrError;
 pub use watch::{InventoryWatcher, Source, WatcherConfig};

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{DiscoveryConfig, Driver};
 use crate::inventory::{
-    CardState, DeviceNode, Gpu, Inventory, NodeKind, SCHEMA, Skipped, Sriov, SriovRole,
+    CardState, DeviceNode, Gpu, Inventory, NodeKind, SCHEMA, SkipReason, Skipped, Sriov, SriovRole,
 };
 use crate::sysfs::{
     AttrError, is_pci_address, link_basename, list_dir, numbered, numbered_among, numbered_entries,
@@ -167,44 +167,42 @@ fn read_card(
     class_dir: &Path,
     index: u32,
     name: &str,
-) -> Result<Gpu, String> {
+) -> Result<Gpu, SkipReason> {
     let card_dir = class_dir.join(name);
     let link = card_dir.join("device");
-    let dev = std::fs::canonicalize(&link)
-        .map_err(|e| format!("cannot resolve {}: {e}", link.display()))?;
+    let dev = std::fs::canonicalize(&link).map_err(|e| SkipReason::Unresolvable {
+        link: link.clone(),
+        error: e.to_string(),
+    })?;
     let bdf = dev
         .file_name()
         .and_then(|n| n.to_str())
         .filter(|n| is_pci_address(n))
         .map(str::to_owned)
-        .ok_or_else(|| {
-            format!(
-                "not a PCI device: {} resolves to {}",
-                link.display(),
-                dev.display()
-            )
+        .ok_or_else(|| SkipReason::NotPci {
+            link: link.clone(),
+            target: dev.clone(),
         })?;
 
-    let vendor = read_hex(&dev.join("vendor"), 0xffff).map_err(|e| e.to_string())?;
+    let vendor = read_hex(&dev.join("vendor"), 0xffff)?;
     if vendor != u32::from(INTEL_VENDOR) {
-        return Err(format!(
-            "vendor {vendor:#06x} is not Intel ({INTEL_VENDOR:#06x})"
-        ));
+        return Err(SkipReason::NotIntel(vendor));
     }
-    let class = read_hex(&dev.join("class"), 0xff_ffff).map_err(|e| e.to_string())?;
+    let class = read_hex(&dev.join("class"), 0xff_ffff)?;
     if !matches!(class >> 8, 0x0300 | 0x0380) {
-        return Err(format!(
-            "class {class:#08x} is not a display class (0x0300xx VGA or 0x0380xx display controller)"
-        ));
+        return Err(SkipReason::NotDisplay(class));
     }
-    let device_id = read_hex(&dev.join("device"), 0xffff).map_err(|e| e.to_string())?;
-    let device_id = u16::try_from(device_id).map_err(|e| e.to_string())?;
+    let device_path = dev.join("device");
+    let device_id = read_hex(&device_path, 0xffff)?;
+    let device_id = u16::try_from(device_id).map_err(|_| {
+        AttrError::Garbage(device_path, format!("{device_id:#x}"), "a 16-bit device ID")
+    })?;
 
     let driver = link_basename(&dev.join("driver"));
     if let Some(d) = &driver
         && Driver::from_name(d).is_none()
     {
-        return Err(format!("bound to driver {d}, not i915 or xe"));
+        return Err(SkipReason::OtherDriver(d.clone()));
     }
 
     let mut warnings = Vec::new();

@@ -7,17 +7,24 @@ use std::path::{Path, PathBuf};
 /// The most bytes read from one attribute file.
 pub(crate) const MAX_ATTR: u64 = 4096;
 
-/// Why an attribute could not be used.
+/// Why a sysfs attribute could not be used; each names the file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum AttrError {
+#[non_exhaustive]
+pub enum AttrError {
+    /// The file does not exist.
     #[error("{} is missing", .0.display())]
     Missing(PathBuf),
+    /// Reading it failed (the OS error's text).
     #[error("{path} could not be read: {1}", path = .0.display())]
     Unreadable(PathBuf, String),
+    /// It is larger than any attribute we read.
     #[error("{} is larger than {MAX_ATTR} bytes", .0.display())]
     TooLarge(PathBuf),
+    /// It is not UTF-8.
     #[error("{} is not UTF-8", .0.display())]
     NotUtf8(PathBuf),
+    /// It holds something other than what it should (clipped text, and
+    /// what was expected).
     #[error("{path} holds {1:?}, not {2}", path = .0.display())]
     Garbage(PathBuf, String, &'static str),
 }

@@ -171,11 +171,22 @@ fn foreign_and_unsupported_devices_are_skipped_with_reasons() {
     let vfio = GpuSpec::new(3).driver(Some("vfio-pci"));
     let inv = inventory(vec![GpuSpec::new(0), nvidia, accel, vfio]);
     assert_eq!(summary(&inv).0, pairs(&[("card0", true)]));
-    let reasons: Vec<(&str, &str)> = inv
+    // Typed, so a caller can act on the reason ...
+    assert!(matches!(
+        inv.skipped.iter().map(|s| &s.reason).collect::<Vec<_>>()[..],
+        [
+            gpu_discovery::SkipReason::NotIntel(0x10de),
+            gpu_discovery::SkipReason::NotDisplay(0x12_0000),
+            gpu_discovery::SkipReason::OtherDriver(_),
+        ]
+    ));
+    // ... and worded for the operator.
+    let reasons: Vec<(&str, String)> = inv
         .skipped
         .iter()
-        .map(|s| (s.entry.as_str(), s.reason.as_str()))
+        .map(|s| (s.entry.as_str(), s.reason.to_string()))
         .collect();
+    let reasons: Vec<(&str, &str)> = reasons.iter().map(|(e, r)| (*e, r.as_str())).collect();
     assert_eq!(
         reasons,
         [
@@ -258,7 +269,7 @@ fn broken_variants_never_hide_the_other_cards() {
         assert_eq!(inv.skipped.len(), 1, "{how:?}");
         assert_eq!(inv.skipped[0].entry, "card1");
         assert!(
-            inv.skipped[0].reason.contains(want),
+            inv.skipped[0].reason.to_string().contains(want),
             "{how:?}: {}",
             inv.skipped[0].reason
         );

@@ -94,7 +94,7 @@ proptest! {
         prop_assert_eq!(seen_set, on_disk);
 
         for s in &inv.skipped {
-            prop_assert!(!s.reason.is_empty());
+            prop_assert!(!s.reason.to_string().is_empty());
         }
         for g in &inv.gpus {
             prop_assert_eq!(g.advertised, g.reason.is_none());
