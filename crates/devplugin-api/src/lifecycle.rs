@@ -97,6 +97,15 @@ enum Held {
     },
 }
 
+/// Our socket could not be created.
+#[derive(Debug, thiserror::Error)]
+#[error("could not listen on {}", path.display())]
+struct ListenError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
 /// Why one registration did not happen. Only `Rejected` waits for a new
 /// kubelet; everything else is retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +171,8 @@ impl<P: Plugin> Runtime<P> {
             let (shutdown_tx, shutdown_rx) = watch::channel(false);
             let (server, mut streams) = match self.serve(&path, shutdown_rx) {
                 Ok(served) => served,
-                Err(error) => {
+                Err(failure) => {
+                    let error = ops_kit::Chain(&failure).to_string();
                     ResourceMetrics::inc(&self.metrics.registration_failures);
                     self.set(RegistrationStatus::Retrying {
                         attempt,
@@ -242,10 +252,12 @@ impl<P: Plugin> Runtime<P> {
         &self,
         path: &Path,
         shutdown: watch::Receiver<bool>,
-    ) -> Result<(tokio::task::JoinHandle<()>, watch::Receiver<usize>), String> {
+    ) -> Result<(tokio::task::JoinHandle<()>, watch::Receiver<usize>), ListenError> {
         remove_socket(path);
-        let listener = UnixListener::bind(path)
-            .map_err(|e| format!("could not listen on {}: {e}", path.display()))?;
+        let listener = UnixListener::bind(path).map_err(|source| ListenError {
+            path: path.to_owned(),
+            source,
+        })?;
         let (streams_tx, streams_rx) = watch::channel(0);
         let service = Service {
             resource: self.resource.clone(),
