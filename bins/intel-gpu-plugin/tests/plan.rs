@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
+use expect_test::expect;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -330,17 +331,47 @@ fn cdi_spec_of_a_card() {
     assert_eq!(cdi_file_name(card), "intel.cdi.k8s.io-gpu-card2.yaml");
     let json: serde_json::Value =
         serde_json::from_str(&cdi_spec(card, ByPath::Single).to_json()).unwrap();
-    assert_eq!(json["kind"], "intel.cdi.k8s.io/gpu");
-    assert_eq!(json["cdiVersion"], "0.3.0");
-    assert_eq!(json["devices"][0]["name"], "card2");
-    assert_eq!(
-        json["devices"][0]["containerEdits"]["deviceNodes"][1]["path"],
-        "/dev/dri/renderD130"
-    );
-    assert_eq!(
-        json["devices"][0]["containerEdits"]["mounts"][0]["options"][0],
-        "ro"
-    );
+    expect![[r#"
+        {
+          "cdiVersion": "0.3.0",
+          "devices": [
+            {
+              "containerEdits": {
+                "deviceNodes": [
+                  {
+                    "path": "/dev/dri/card2",
+                    "permissions": "rw"
+                  },
+                  {
+                    "path": "/dev/dri/renderD130",
+                    "permissions": "rw"
+                  }
+                ],
+                "mounts": [
+                  {
+                    "containerPath": "/dev/dri/by-path/pci-0000:4d:00.1-card",
+                    "hostPath": "/dev/dri/by-path/pci-0000:4d:00.1-card",
+                    "options": [
+                      "ro",
+                      "bind"
+                    ]
+                  },
+                  {
+                    "containerPath": "/dev/dri/by-path/pci-0000:4d:00.1-render",
+                    "hostPath": "/dev/dri/by-path/pci-0000:4d:00.1-render",
+                    "options": [
+                      "ro",
+                      "bind"
+                    ]
+                  }
+                ]
+              },
+              "name": "card2"
+            }
+          ],
+          "kind": "intel.cdi.k8s.io/gpu"
+        }"#]]
+    .assert_eq(&serde_json::to_string_pretty(&json).unwrap());
 }
 
 #[test]

@@ -67,23 +67,40 @@ fn owned(view: &mut NodeView, labels: &[(&str, &str)]) {
 #[test]
 fn discovery_labels_of_the_starlingx_edge_server() {
     let labels = discovery_labels(&inventory(&NodeSpec::starlingx_edge()));
-    let want = map(&[
-        ("intel.feature.node.kubernetes.io/gpu", "true"),
-        ("gpu.intel.com/device-id.0300-4680.present", "true"),
-        ("gpu.intel.com/device-id.0300-4680.count", "1"),
-        ("gpu.intel.com/device-id.0380-56c0.present", "true"),
-        ("gpu.intel.com/device-id.0380-56c0.count", "4"),
-        ("gpu.intel.com/product", "Flex_170"),
-        ("gpu.intel.com/family", "Flex_Series"),
-        ("gpu.intel.com/gpu-numbers", "0.2.3.4.5"),
-        ("gpu.intel.com/numa-gpu-map", "0-0.2.3.4.5"),
-        ("gpu.intel.com/tiles", "5"),
-        ("gpu.intel.com/millicores", "5000"),
-    ]);
-    assert_eq!(labels, want);
     let xe = discovery_labels(&inventory(&NodeSpec::battlemage_workstation()));
-    assert_eq!(xe["gpu.intel.com/memory.max"], "12884901888");
-    assert_eq!(xe["gpu.intel.com/product"], "B580");
+    let show = |m: &std::collections::BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect::<String>()
+    };
+    expect_test::expect![[r#"
+        gpu.intel.com/device-id.0300-4680.count=1
+        gpu.intel.com/device-id.0300-4680.present=true
+        gpu.intel.com/device-id.0380-56c0.count=4
+        gpu.intel.com/device-id.0380-56c0.present=true
+        gpu.intel.com/family=Flex_Series
+        gpu.intel.com/gpu-numbers=0.2.3.4.5
+        gpu.intel.com/millicores=5000
+        gpu.intel.com/numa-gpu-map=0-0.2.3.4.5
+        gpu.intel.com/product=Flex_170
+        gpu.intel.com/tiles=5
+        intel.feature.node.kubernetes.io/gpu=true
+    "#]]
+    .assert_eq(&show(&labels));
+    expect_test::expect![[r#"
+        gpu.intel.com/device-id.0300-64a0.count=1
+        gpu.intel.com/device-id.0300-64a0.present=true
+        gpu.intel.com/device-id.0300-e20b.count=1
+        gpu.intel.com/device-id.0300-e20b.present=true
+        gpu.intel.com/family=B_Series
+        gpu.intel.com/gpu-numbers=0.1
+        gpu.intel.com/memory.max=12884901888
+        gpu.intel.com/millicores=2000
+        gpu.intel.com/product=B580
+        gpu.intel.com/tiles=2
+        intel.feature.node.kubernetes.io/gpu=true
+    "#]]
+    .assert_eq(&show(&xe));
     assert!(discovery_labels(&empty()).is_empty());
     for (k, v) in labels.iter().chain(&xe) {
         assert!(Label::new(k, v).is_ok(), "{k}={v}");
