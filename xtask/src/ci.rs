@@ -108,7 +108,10 @@ fn run_step(step: &str) -> Result<()> {
         "demo" => crate::demo::check(),
         "manifests" => crate::deploy::check_manifests(),
         "ansible" => crate::deploy::check_ansible(),
-        "image" => crate::image::check_assembly(),
+        "image" => run(cargo().args([
+            "test", "--locked", "-p", "xtask", "--bin", "xtask", "image::",
+        ]))
+        .map(drop),
         "libudev" => {
             ensure_libudev()?;
             let feature = ["-p", "gpu-discovery", "--features", "libudev"];

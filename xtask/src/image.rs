@@ -107,7 +107,7 @@ pub(crate) fn assemble(
     let diff_id = sha256_hex(&layer);
     let layer_gz = gzip(&layer)?;
     let layer_digest = sha256_hex(&layer_gz);
-    let created = rfc3339(epoch);
+    let created = rfc3339(epoch)?;
     let entrypoint = format!("/usr/local/bin/{name}");
     let annotations = json!({
         "org.opencontainers.image.title": name,
@@ -193,25 +193,12 @@ pub(crate) fn assemble(
 }
 
 /// UTC RFC 3339 from Unix seconds (civil-from-days).
-fn rfc3339(secs: u64) -> String {
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+/// `secs` after the Unix epoch as RFC 3339 UTC (`2023-11-14T22:13:20Z`).
+fn rfc3339(secs: u64) -> Result<String> {
+    let secs = i64::try_from(secs).context("SOURCE_DATE_EPOCH is too large")?;
+    Ok(jiff::Timestamp::from_second(secs)
+        .context("SOURCE_DATE_EPOCH is out of range")?
+        .to_string())
 }
 
 fn epoch() -> u64 {
@@ -415,10 +402,15 @@ fn check_images(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The CI check of the assembly: deterministic and well-formed, on a small
-/// stand-in binary (the release build is opt-in).
-pub(crate) fn check_assembly() -> Result<()> {
-    let entries = || {
+// The CI `image` step: the assembly is deterministic and well formed, on a
+// small stand-in binary (the release build is opt-in).
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests may panic
+
+    use super::*;
+
+    fn entries() -> Vec<Entry> {
         vec![
             Entry {
                 path: "/usr/local/bin/intel-gpu-plugin".into(),
@@ -431,53 +423,42 @@ pub(crate) fn check_assembly() -> Result<()> {
                 data: b"127.0.0.1 localhost\n".to_vec(),
             },
         ]
-    };
-    let (a, da) = assemble(
-        "intel-gpu-plugin",
-        "0.1.0",
-        "abc",
-        &entries(),
-        1_700_000_000,
-    )?;
-    let (b, db) = assemble(
-        "intel-gpu-plugin",
-        "0.1.0",
-        "abc",
-        &entries(),
-        1_700_000_000,
-    )?;
-    if a != b || da != db {
-        bail!("image assembly is not deterministic");
     }
-    let (_, dc) = assemble(
-        "intel-gpu-plugin",
-        "0.1.0",
-        "abc",
-        &entries(),
-        1_700_000_001,
-    )?;
-    if dc == da {
-        bail!("SOURCE_DATE_EPOCH does not reach the image");
+
+    fn build(epoch: u64) -> (Vec<u8>, String) {
+        assemble("intel-gpu-plugin", "0.1.0", "abc", &entries(), epoch).unwrap()
     }
-    let mut names = Vec::new();
-    for e in tar::Archive::new(a.as_slice()).entries()? {
-        let e = e?;
-        names.push(e.path()?.to_string_lossy().into_owned());
-        if e.header().mtime()? != 1_700_000_000 || e.header().uid()? != 0 {
-            bail!(
-                "non-deterministic header in {}",
-                names.last().map_or("", |s| s.as_str())
-            );
+
+    #[test]
+    fn the_same_inputs_give_the_same_bytes_and_digest() {
+        assert_eq!(build(1_700_000_000), build(1_700_000_000));
+    }
+
+    #[test]
+    fn source_date_epoch_reaches_the_image() {
+        assert_ne!(build(1_700_000_000).1, build(1_700_000_001).1);
+    }
+
+    #[test]
+    fn headers_are_fixed_and_the_layout_is_complete() {
+        let (archive, _) = build(1_700_000_000);
+        let mut names = Vec::new();
+        for e in tar::Archive::new(archive.as_slice()).entries().unwrap() {
+            let e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            assert_eq!(e.header().mtime().unwrap(), 1_700_000_000, "{name}");
+            assert_eq!(e.header().uid().unwrap(), 0, "{name}");
+            names.push(name);
+        }
+        for want in ["oci-layout", "index.json", "manifest.json"] {
+            assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
         }
     }
-    for want in ["oci-layout", "index.json", "manifest.json"] {
-        if !names.iter().any(|n| n == want) {
-            bail!("the archive lacks {want}");
-        }
+
+    #[test]
+    fn dates_are_rfc3339_utc() {
+        assert_eq!(rfc3339(1_700_000_000).unwrap(), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(0).unwrap(), "1970-01-01T00:00:00Z");
+        assert!(rfc3339(u64::MAX).is_err());
     }
-    if rfc3339(1_700_000_000) != "2023-11-14T22:13:20Z" || rfc3339(0) != "1970-01-01T00:00:00Z" {
-        bail!("rfc3339 is wrong");
-    }
-    println!("image assembly is deterministic: {da}");
-    Ok(())
 }
