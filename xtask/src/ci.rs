@@ -24,7 +24,10 @@ pub(crate) const STEPS: &[(&str, &str)] = &[
         "manifests",
         "deploy/ renders, validates (each overlay from its oldest Kubernetes to 1.34), lints, and replaces StarlingX's plugin in place",
     ),
-    ("image", "image assembly is deterministic and well-formed"),
+    (
+        "image",
+        "image assembly is deterministic, typed (oci-spec) and read back by skopeo",
+    ),
     (
         "ansible",
         "the StarlingX role writes, renders and re-runs as a no-op",
@@ -135,8 +138,9 @@ fn run_step(step: &str) -> Result<()> {
 }
 
 /// Installs Debian's `libudev-dev` when pkg-config cannot find libudev.
-fn ensure_libudev() -> Result<()> {
-    let found = || succeeds(std::process::Command::new("pkg-config").args(["--exists", "libudev"]));
+/// Installs Debian `packages` with apt-get when `found` says they are
+/// missing and we run as root; otherwise says exactly what to install.
+fn ensure_debian(packages: &[&str], why: &str, found: &dyn Fn() -> bool) -> Result<()> {
     if found() {
         return Ok(());
     }
@@ -144,20 +148,28 @@ fn ensure_libudev() -> Result<()> {
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let list = packages.join(" ");
     if !root {
-        bail!(
-            "libudev-dev is missing (needed to build the `libudev` feature): run `sudo apt-get install libudev-dev pkg-config`"
-        );
+        bail!("{list} missing ({why}): run `sudo apt-get install {list}`");
     }
-    eprintln!("libudev-dev is missing: installing it with apt-get");
+    eprintln!("{list} missing ({why}): installing with apt-get");
     run(std::process::Command::new("apt-get").args(["update", "-qq"]))?;
     run(std::process::Command::new("apt-get")
-        .args(["install", "-y", "-qq", "libudev-dev", "pkg-config"])
+        .args(["install", "-y", "-qq"])
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     if !found() {
-        bail!("libudev-dev was installed but pkg-config still cannot find libudev");
+        bail!("{list} was installed but is still not found");
     }
     Ok(())
+}
+
+fn ensure_libudev() -> Result<()> {
+    ensure_debian(
+        &["libudev-dev", "pkg-config"],
+        "needed to build the `libudev` feature",
+        &|| succeeds(std::process::Command::new("pkg-config").args(["--exists", "libudev"])),
+    )
 }
 
 /// Installs `cargo-deny` from crates.io when `cargo deny` does not run.

@@ -12,11 +12,18 @@
 //! `docker load`, `podman load`, `skopeo copy oci-archive:…` and
 //! `ctr import` all take it.
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::str::FromStr as _;
 
 use anyhow::{Context, Result, bail};
+use oci_spec::image::{
+    Arch, ConfigBuilder, Descriptor, Digest as OciDigest, HistoryBuilder,
+    ImageConfigurationBuilder, ImageIndexBuilder, ImageManifestBuilder, MediaType, Os,
+    RootFsBuilder,
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -109,47 +116,81 @@ pub(crate) fn assemble(
     let layer_digest = sha256_hex(&layer_gz);
     let created = rfc3339(epoch)?;
     let entrypoint = format!("/usr/local/bin/{name}");
-    let annotations = json!({
-        "org.opencontainers.image.title": name,
-        "org.opencontainers.image.version": version,
-        "org.opencontainers.image.revision": revision,
-        "org.opencontainers.image.licenses": "Apache-2.0",
-        "org.opencontainers.image.created": created,
-    });
-    let config = json!({
-        "created": created,
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Entrypoint": [entrypoint],
-            "User": "0:0",
-            "Labels": annotations,
-        },
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{diff_id}")]},
-        "history": [{"created": created, "created_by": "cargo xtask image"}],
-    });
-    let config_bytes = serde_json::to_vec(&config)?;
+    let annotations: HashMap<String, String> = [
+        ("org.opencontainers.image.title", name),
+        ("org.opencontainers.image.version", version),
+        ("org.opencontainers.image.revision", revision),
+        ("org.opencontainers.image.licenses", "Apache-2.0"),
+        ("org.opencontainers.image.created", created.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let config = ImageConfigurationBuilder::default()
+        .created(created.clone())
+        .architecture(Arch::Amd64)
+        .os(Os::Linux)
+        .config(
+            ConfigBuilder::default()
+                .entrypoint(vec![entrypoint])
+                .user("0:0".to_owned())
+                .labels(annotations.clone())
+                .build()?,
+        )
+        .rootfs(
+            RootFsBuilder::default()
+                .typ("layers".to_owned())
+                .diff_ids(vec![format!("sha256:{diff_id}")])
+                .build()?,
+        )
+        .history(vec![
+            HistoryBuilder::default()
+                .created(created.clone())
+                .created_by("cargo xtask image".to_owned())
+                .build()?,
+        ])
+        .build()?;
+    let config_bytes = canonical(&config)?;
     let config_digest = sha256_hex(&config_bytes);
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{config_digest}"), "size": config_bytes.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": format!("sha256:{layer_digest}"), "size": layer_gz.len()}],
-        "annotations": annotations,
-    });
-    let manifest_bytes = serde_json::to_vec(&manifest)?;
+    let manifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageManifest)
+        .config(descriptor(
+            MediaType::ImageConfig,
+            &config_bytes,
+            &config_digest,
+        )?)
+        .layers(vec![descriptor(
+            MediaType::ImageLayerGzip,
+            &layer_gz,
+            &layer_digest,
+        )?])
+        .annotations(annotations)
+        .build()?;
+    let manifest_bytes = canonical(&manifest)?;
     let manifest_digest = sha256_hex(&manifest_bytes);
     let reference = format!("{name}:{version}");
-    let index = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": format!("sha256:{manifest_digest}"),
-            "size": manifest_bytes.len(),
-            "annotations": {"org.opencontainers.image.ref.name": version, "io.containerd.image.name": format!("docker.io/library/{reference}")},
-        }],
-    });
+    let mut entry = descriptor(MediaType::ImageManifest, &manifest_bytes, &manifest_digest)?;
+    entry.set_annotations(Some(
+        [
+            (
+                "org.opencontainers.image.ref.name".to_owned(),
+                version.to_owned(),
+            ),
+            (
+                "io.containerd.image.name".to_owned(),
+                format!("docker.io/library/{reference}"),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    ));
+    let index = ImageIndexBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageIndex)
+        .manifests(vec![entry])
+        .build()?;
+    // Docker's `manifest.json` (for `docker load`) has no OCI type.
     let docker = json!([{
         "Config": format!("blobs/sha256/{config_digest}"),
         "RepoTags": [reference],
@@ -160,7 +201,7 @@ pub(crate) fn assemble(
         (format!("blobs/sha256/{config_digest}"), config_bytes),
         (format!("blobs/sha256/{layer_digest}"), layer_gz),
         (format!("blobs/sha256/{manifest_digest}"), manifest_bytes),
-        ("index.json".into(), serde_json::to_vec(&index)?),
+        ("index.json".into(), canonical(&index)?),
         ("manifest.json".into(), serde_json::to_vec(&docker)?),
         (
             "oci-layout".into(),
@@ -192,7 +233,18 @@ pub(crate) fn assemble(
     Ok((archive.into_inner()?, format!("sha256:{manifest_digest}")))
 }
 
-/// UTC RFC 3339 from Unix seconds (civil-from-days).
+/// A descriptor of `bytes`, whose SHA-256 is `hex`.
+fn descriptor(media_type: MediaType, bytes: &[u8], hex: &str) -> Result<Descriptor> {
+    let digest = OciDigest::from_str(&format!("sha256:{hex}"))?;
+    Ok(Descriptor::new(media_type, bytes.len() as u64, digest))
+}
+
+/// JSON with its object keys sorted: oci-spec keeps annotations and labels
+/// in `HashMap`s, whose order changes from run to run; the digests must not.
+fn canonical<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+    Ok(serde_json::to_vec(&serde_json::to_value(value)?)?)
+}
+
 /// `secs` after the Unix epoch as RFC 3339 UTC (`2023-11-14T22:13:20Z`).
 fn rfc3339(secs: u64) -> Result<String> {
     let secs = i64::try_from(secs).context("SOURCE_DATE_EPOCH is too large")?;
@@ -453,6 +505,51 @@ mod tests {
         for want in ["oci-layout", "index.json", "manifest.json"] {
             assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
         }
+    }
+
+    #[test]
+    fn the_blobs_read_back_as_oci_types_and_skopeo_accepts_the_archive() {
+        let (archive, digest) = build(1_700_000_000);
+        let mut files = HashMap::new();
+        for e in tar::Archive::new(archive.as_slice()).entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            files.insert(name, data);
+        }
+        let index =
+            oci_spec::image::ImageIndex::from_reader(files["index.json"].as_slice()).unwrap();
+        assert_eq!(index.manifests()[0].digest().to_string(), digest);
+        let blob = |d: &str| {
+            files[&format!("blobs/sha256/{}", d.trim_start_matches("sha256:"))].as_slice()
+        };
+        let manifest = oci_spec::image::ImageManifest::from_reader(blob(&digest)).unwrap();
+        let config = oci_spec::image::ImageConfiguration::from_reader(blob(
+            manifest.config().digest().as_ref(),
+        ))
+        .unwrap();
+        assert_eq!(config.created().as_deref(), Some("2023-11-14T22:13:20Z"));
+        if !succeeds(Command::new("skopeo").arg("--version")) {
+            eprintln!("skopeo is not installed: the archive was not inspected by it (skipped)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.oci.tar");
+        std::fs::write(&path, &archive).unwrap();
+        let out = Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("oci-archive:{}", path.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(seen["Digest"], digest.as_str());
+        assert_eq!(seen["Architecture"], "amd64");
     }
 
     #[test]
