@@ -111,10 +111,18 @@ fn run_step(step: &str) -> Result<()> {
         "demo" => crate::demo::check(),
         "manifests" => crate::deploy::check_manifests(),
         "ansible" => crate::deploy::check_ansible(),
-        "image" => run(cargo().args([
-            "test", "--locked", "-p", "xtask", "--bin", "xtask", "image::",
-        ]))
-        .map(drop),
+        "image" => {
+            // skopeo, an independent OCI implementation, reads the archive.
+            ensure_debian(
+                &["skopeo"],
+                "the image tests inspect the archive with it",
+                &|| succeeds(std::process::Command::new("skopeo").arg("--version")),
+            )?;
+            run(cargo().args([
+                "test", "--locked", "-p", "xtask", "--bin", "xtask", "image::",
+            ]))
+            .map(drop)
+        }
         "libudev" => {
             ensure_libudev()?;
             let feature = ["-p", "gpu-discovery", "--features", "libudev"];
