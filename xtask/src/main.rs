@@ -85,6 +85,12 @@ fn ci_steps() -> clap::builder::PossibleValuesParser {
 }
 
 fn main() -> ExitCode {
+    // `bench` hands everything after it to `cargo bench` unchanged (a
+    // leading `--`, `--help` included), which clap would not.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "bench") {
+        return finish(bench::task(&args[2..]));
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -108,6 +114,10 @@ fn main() -> ExitCode {
         Task::Fuzz { target, seconds } => fuzz::task(target.as_deref(), seconds),
         Task::Codegen { check } => codegen::task(check),
     };
+    finish(result)
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -9,23 +9,34 @@ use crate::plan::{ByPath, MonitoringMode, Policy};
 
 /// The plan's choices as flag values: the plan itself stays free of clap.
 macro_rules! flag_values {
-    ($ty:ty { $($variant:ident => $name:literal,)* }) => {
+    ($ty:ty { $($variant:ident => $name:literal: $help:literal,)* }) => {
         impl ValueEnum for $ty {
             fn value_variants<'a>() -> &'a [Self] {
                 &[$(<$ty>::$variant),*]
             }
             fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-                Some(clap::builder::PossibleValue::new(match self {
-                    $(<$ty>::$variant => $name,)*
-                }))
+                Some(match self {
+                    $(<$ty>::$variant => clap::builder::PossibleValue::new($name).help($help),)*
+                })
             }
         }
     };
 }
 
-flag_values!(ByPath { Single => "single", All => "all", None => "none", });
-flag_values!(MonitoringMode { Single => "single", Split => "split", });
-flag_values!(Policy { None => "none", Balanced => "balanced", Packed => "packed", });
+flag_values!(ByPath {
+    Single => "single": "Each allocated card's own pci-<address>-* links",
+    All => "all": "The whole by-path directory",
+    None => "none": "No by-path mounts",
+});
+flag_values!(MonitoringMode {
+    Single => "single": "One resource, gpu.intel.com/monitoring",
+    Split => "split": "One per driver: gpu.intel.com/i915_monitoring, .../xe_monitoring",
+});
+flag_values!(Policy {
+    None => "none": "The kubelet's order, spreading over cards first",
+    Balanced => "balanced": "Take from the card with the most free shares",
+    Packed => "packed": "Fill card after card",
+});
 
 /// Kubernetes device plugin for Intel GPUs: advertises `gpu.intel.com/i915`
 /// and `gpu.intel.com/xe` to the kubelet.

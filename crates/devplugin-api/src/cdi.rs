@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-/// Edits applied to a container.
 /// A fully qualified CDI device name, `vendor.com/class=name`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CdiName(String);
@@ -68,6 +67,7 @@ impl std::fmt::Display for CdiName {
     }
 }
 
+/// Edits applied to a container.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerEdits {

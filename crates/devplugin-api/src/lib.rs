@@ -71,6 +71,7 @@ pub use plugin::{AllocateRequest, Plugin, PluginError, PluginOptions, PreferredR
 pub use types::{
     API_VERSION, ContainerAllocation, Device, DeviceId, DeviceList, DeviceSpec, DuplicateId,
     Health, InvalidName, MAX_DEVICE_ID_LEN, MAX_MESSAGE_BYTES, Mount, Permissions, ResourceName,
+    WireListError,
 };
 
 use service::Published;

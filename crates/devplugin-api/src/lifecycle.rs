@@ -121,7 +121,7 @@ enum RegisterError {
     Timeout(Duration),
     /// The call failed otherwise: a transport failure, or a kubelet error
     /// that a later attempt may not repeat (its dial-back failing).
-    #[error("Register failed: {:?}: {}", .0.code(), .0.message())]
+    #[error("{:?}: {}", .0.code(), .0.message())]
     Failed(tonic::Status),
 }
 
@@ -614,5 +614,33 @@ pub(crate) async fn clean_stale_sockets(dir: &Path, prefix: &str) {
             tracing::info!(path = %path.display(), "removing stale socket");
             remove_socket(&path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_rejection;
+    use tonic::{Code, Status};
+
+    #[test]
+    fn only_what_the_kubelet_said_is_a_refusal() {
+        // The kubelet's own refusals: a plain Go error (Unknown) naming the
+        // problem, or a status code that refuses.
+        let version = Status::new(
+            Code::Unknown,
+            "requested API version \"v1alpha\" is not supported by kubelet. Supported version is [\"v1beta1\"]",
+        );
+        assert!(is_rejection(&version));
+        assert!(is_rejection(&Status::invalid_argument("bad")));
+        // Its transient dial-back failure, and anything tonic made from a
+        // transport failure (it carries the failure as its source), are not.
+        assert!(!is_rejection(&Status::new(
+            Code::Unknown,
+            "failed to dial device plugin: context deadline exceeded"
+        )));
+        let mut transport = Status::invalid_argument("h2 protocol error");
+        transport.set_source(std::sync::Arc::new(std::io::Error::other("reset")));
+        assert!(!is_rejection(&transport));
+        assert!(!is_rejection(&Status::unavailable("connection refused")));
     }
 }

@@ -253,7 +253,7 @@ pub enum WireListError {
 
 /// The same device ID twice in one list: a list error, not a bad name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("device ID {id} appears more than once in the list")]
+#[error("device ID {:?} appears more than once in the list", .id.as_str())]
 pub struct DuplicateId {
     /// The repeated ID.
     pub id: DeviceId,
