@@ -5,15 +5,14 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Null, config, list, plugin_socket, res};
+use common::serve_null;
 use devplugin_api::authority::AuthorityRule;
 use devplugin_api::pb::device_plugin_client::DevicePluginClient;
 use devplugin_api::pb::registration_client::RegistrationClient;
 use devplugin_api::pb::registration_server::{Registration, RegistrationServer};
-use devplugin_api::{Framework, pb, uds};
+use devplugin_api::{pb, uds};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
 use tonic::{Request, Response, Status};
@@ -109,12 +108,7 @@ async fn every_rpc(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_answers_whatever_authority_the_client_sends() {
-    let dir = tempfile::tempdir().unwrap();
-    let fw = Framework::new(config(dir.path()));
-    let handle = fw
-        .serve(res("example.com/null"), Arc::new(Null::default()), list(3))
-        .unwrap();
-    let socket = plugin_socket(dir.path(), &handle).await;
+    let (_dir, handle, socket) = serve_null().await;
     for (what, rule) in authorities(&socket) {
         let channel = uds::connect_with_authority(&socket, LIMIT, rule)
             .await
@@ -202,12 +196,7 @@ async fn closed_by_server(conn: &mut UnixStream) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_connections_close_and_the_others_keep_being_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let fw = Framework::new(config(dir.path()));
-    let handle = fw
-        .serve(res("example.com/null"), Arc::new(Null::default()), list(3))
-        .unwrap();
-    let socket = plugin_socket(dir.path(), &handle).await;
+    let (_dir, handle, socket) = serve_null().await;
     // A well-behaved client, connected before and used after each attack.
     let good = DevicePluginClient::new(uds::connect(&socket, LIMIT).await.unwrap());
     // A connection that stops mid-frame and holds: it must stall nobody.

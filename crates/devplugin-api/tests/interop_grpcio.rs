@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Null, config, list, plugin_socket, res};
+use common::{Null, config, list, res, serve_null};
 use devplugin_api::Framework;
 use serde_json::Value;
 
@@ -116,12 +116,7 @@ async fn grpcio_default_authority_is_one_plain_h2_refuses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcio_calls_every_rpc_with_every_authority() {
     let Some(py) = python() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let fw = Framework::new(config(dir.path()));
-    let handle = fw
-        .serve(res("example.com/null"), Arc::new(Null::default()), list(3))
-        .unwrap();
-    let socket = plugin_socket(dir.path(), &handle).await;
+    let (_dir, handle, socket) = serve_null().await;
     for mode in MODES {
         let mut cmd = Command::new(&py);
         cmd.arg(peer_script())

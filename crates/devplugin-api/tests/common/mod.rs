@@ -78,3 +78,20 @@ pub async fn plugin_socket(dir: &Path, handle: &ResourceHandle) -> PathBuf {
         .unwrap_or_else(|| panic!("no socket for {} in {}", handle.resource(), dir.display()))
         .path()
 }
+
+/// A framework in a fresh temporary kubelet directory serving
+/// `example.com/null` with three devices, and that resource's socket once
+/// it is served. Keep the directory and the handle alive for the test.
+pub async fn serve_null() -> (tempfile::TempDir, ResourceHandle, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let fw = Framework::new(config(dir.path()));
+    let handle = fw
+        .serve(
+            res("example.com/null"),
+            std::sync::Arc::new(Null::default()),
+            list(3),
+        )
+        .unwrap();
+    let socket = plugin_socket(dir.path(), &handle).await;
+    (dir, handle, socket)
+}
