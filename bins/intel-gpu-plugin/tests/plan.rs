@@ -234,35 +234,6 @@ fn unbound_cards_stay_under_their_last_resource_as_unhealthy() {
 }
 
 #[test]
-fn temperature_limit_with_hysteresis() {
-    let inv = inventory(&NodeSpec {
-        name: "t".into(),
-        gpus: vec![GpuSpec::new(0)],
-    });
-    let opts = Options {
-        temp_limit: Some(90.0),
-        ..options(1)
-    };
-    let mut memory = Memory::default();
-    let health = |t: f64, memory: &mut Memory| {
-        plan(&inv, &opts, memory, &BTreeMap::from([(0, t)])).cards[&0].health
-    };
-    assert_eq!(health(80.0, &mut memory), Health::Healthy);
-    assert_eq!(health(91.0, &mut memory), Health::Unhealthy);
-    assert_eq!(
-        health(88.0, &mut memory),
-        Health::Unhealthy,
-        "within the hysteresis"
-    );
-    assert_eq!(health(84.0, &mut memory), Health::Healthy);
-    assert_eq!(
-        health(88.0, &mut memory),
-        Health::Healthy,
-        "rising again below the limit"
-    );
-}
-
-#[test]
 fn preferred_policies_numeric_deterministic_and_must_include() {
     // Three cards with 12 shares each; the kubelet lists them shuffled.
     let mut available: Vec<String> = Vec::new();
@@ -401,6 +372,11 @@ fn temperature_health_has_hysteresis_and_survives_a_missing_reading() {
     assert_eq!(h, Health::Unhealthy);
     assert!(why.unwrap().contains("cannot be read"));
     assert_eq!(health(Some(84.0)).0, Health::Healthy);
+    assert_eq!(
+        health(Some(88.0)).0,
+        Health::Healthy,
+        "rising again below the limit"
+    );
     assert_eq!(health(None).0, Health::Healthy);
 }
 
