@@ -7,18 +7,17 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use enabled_plugins::{FileWatcher, WatchConfig};
 use gpu_discovery::{InventoryWatcher, WatcherConfig};
 use node_labeler::cluster::Cluster;
 use node_labeler::desired::Decision;
-use node_labeler::engine::{Outcome, Settle, Source, decide_with_evidence};
+use node_labeler::engine::{Outcome, Settle, decide_with_evidence};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::{Cli, Output};
 
 use crate::metrics::Stats;
-use crate::run::{Setup, client, credential_files, now, once, summary};
+use crate::run::{Setup, client, credential_files, now, once, summary, watch_files};
 
 pub(crate) async fn daemon(
     cli: Cli,
@@ -44,20 +43,7 @@ pub(crate) async fn daemon(
         .context("cannot read the GPU inventory")?;
     let mut inventory = watcher.subscribe();
     let (trigger_tx, mut triggers) = mpsc::channel::<()>(8);
-    for source in &setup.sources {
-        if let Source::File(path) = source {
-            let mut fw = FileWatcher::new(WatchConfig::new(path).resync(cli.resync));
-            let tx = trigger_tx.clone();
-            tokio::spawn(async move {
-                loop {
-                    let _ = fw.next().await;
-                    if tx.send(()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    }
+    watch_files(&setup.sources, cli.resync, &trigger_tx);
     let mut last_good: Option<Decision> = None;
     // What was last said about the decision: logged once per change, not
     // on every resync.

@@ -2,14 +2,12 @@
 //! the cluster's ConfigMap.
 
 use anyhow::{Context as _, bail};
-use enabled_plugins::{FileWatcher, WatchConfig};
-use node_labeler::engine::Source;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::Cli;
 
-use crate::run::{Setup, client, first_file};
+use crate::run::{Setup, client, first_file, watch_files};
 
 /// `intel-gpu-labeler publish`: the enabled-plugins file's exact bytes
 /// become the cluster's ConfigMap. Nothing is published from a file caught
@@ -27,20 +25,7 @@ pub(crate) async fn publish(cli: &Cli, setup: &Setup, target: &str) -> anyhow::R
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let (tx, mut triggers) = mpsc::channel::<()>(8);
-    for source in &setup.sources {
-        if let Source::File(path) = source {
-            let mut fw = FileWatcher::new(WatchConfig::new(path).resync(cli.resync));
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                loop {
-                    let _ = fw.next().await;
-                    if tx.send(()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    }
+    watch_files(&setup.sources, cli.resync, &tx);
     let mut published: Option<Vec<u8>> = None;
     let mut pending: Option<(Vec<u8>, tokio::time::Instant)> = None;
     let mut said = String::new();

@@ -347,6 +347,32 @@ pub(crate) fn summary(out: &Outcome) -> String {
     }
 }
 
+/// Follows every enabled-plugins file among `sources` (inotify, and a
+/// re-read every `resync`); each change sends one trigger on `tx`. The
+/// tasks end when the receiver goes.
+pub(crate) fn watch_files(
+    sources: &[Source],
+    resync: std::time::Duration,
+    tx: &tokio::sync::mpsc::Sender<()>,
+) {
+    for source in sources {
+        if let Source::File(path) = source {
+            let mut fw = enabled_plugins::FileWatcher::new(
+                enabled_plugins::WatchConfig::new(path).resync(resync),
+            );
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let _ = fw.next().await;
+                    if tx.send(()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+}
+
 /// The first enabled-plugins file that exists, with its bytes (at most
 /// 64 KiB + 1 are read).
 pub(crate) fn first_file(

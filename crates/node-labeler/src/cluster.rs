@@ -79,6 +79,26 @@ enum Seen<T> {
     Present(T),
 }
 
+/// What one watcher event says about the single object a watch follows:
+/// `None` while a (re)list is under way (the object is known once the list
+/// is done: present if it was listed, missing if not).
+fn fold<K>(listing: &mut Option<K>, event: kube::runtime::watcher::Event<K>) -> Option<Seen<K>> {
+    use kube::runtime::watcher;
+    match event {
+        watcher::Event::Init => {
+            *listing = None;
+            None
+        }
+        watcher::Event::InitApply(k) => {
+            *listing = Some(k);
+            None
+        }
+        watcher::Event::InitDone => Some(listing.take().map_or(Seen::Missing, Seen::Present)),
+        watcher::Event::Apply(k) => Some(Seen::Present(k)),
+        watcher::Event::Delete(_) => Some(Seen::Missing),
+    }
+}
+
 /// ConfigMap data by (namespace, name), as watched.
 type WatchedConfigMaps = BTreeMap<(String, String), Seen<BTreeMap<String, String>>>;
 
@@ -234,20 +254,8 @@ impl Cluster {
             let mut listing: Option<Node> = None;
             let mut complained = false;
             while let Some(event) = stream.next().await {
-                let seen = match event {
-                    Ok(watcher::Event::Init) => {
-                        listing = None;
-                        continue;
-                    }
-                    Ok(watcher::Event::InitApply(n)) => {
-                        listing = Some(n);
-                        continue;
-                    }
-                    Ok(watcher::Event::InitDone) => {
-                        listing.take().map_or(Seen::Missing, Seen::Present)
-                    }
-                    Ok(watcher::Event::Apply(n)) => Seen::Present(n),
-                    Ok(watcher::Event::Delete(_)) => Seen::Missing,
+                let event = match event {
+                    Ok(e) => e,
                     Err(error) => {
                         if !complained {
                             tracing::warn!(%error, node = %name, "watching the Node failed; retrying");
@@ -255,6 +263,9 @@ impl Cluster {
                         }
                         continue;
                     }
+                };
+                let Some(seen) = fold(&mut listing, event) else {
+                    continue;
                 };
                 complained = false;
                 *cache.node.write().unwrap_or_else(std::sync::PoisonError::into_inner) = seen;
@@ -270,24 +281,15 @@ impl Cluster {
                 let key = (namespace.clone(), cm.clone());
                 let mut listing = None;
                 while let Some(event) = stream.next().await {
-                    let seen = match event {
-                        Ok(watcher::Event::Init) => {
-                            listing = None;
-                            continue;
-                        }
-                        Ok(watcher::Event::InitApply(c)) => {
-                            listing = Some(c);
-                            continue;
-                        }
-                        Ok(watcher::Event::InitDone) => {
-                            listing.take().map_or(Seen::Missing, Seen::Present)
-                        }
-                        Ok(watcher::Event::Apply(c)) => Seen::Present(c),
-                        Ok(watcher::Event::Delete(_)) => Seen::Missing,
+                    let event = match event {
+                        Ok(e) => e,
                         Err(error) => {
                             tracing::debug!(%error, configmap = %cm, "watching the ConfigMap failed; retrying");
                             continue;
                         }
+                    };
+                    let Some(seen) = fold(&mut listing, event) else {
+                        continue;
                     };
                     let data = match seen {
                         Seen::Present(c) => Seen::Present(c.data.unwrap_or_default()),
