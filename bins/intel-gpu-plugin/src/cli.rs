@@ -213,7 +213,7 @@ const GO_IGNORED: &[(&str, bool, &str)] = &[
     (
         "resource-manager",
         false,
-        "fractional resources moved to DRA (see docs/dra.md)",
+        "fractional resources are not supported (Dynamic Resource Allocation is the planned way)",
     ),
     ("logtostderr", false, "logs always go to standard error"),
     ("alsologtostderr", false, "logs always go to standard error"),
