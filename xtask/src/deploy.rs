@@ -56,21 +56,26 @@ pub(crate) fn venv() -> Result<PathBuf> {
 
 /// Renders an overlay with `kubectl kustomize` into `target/manifests/`.
 pub(crate) fn render(overlay: &str) -> Result<PathBuf> {
+    render_dir(&format!("overlays/{overlay}"), overlay)
+}
+
+/// Renders `deploy/<dir>` into `target/manifests/<name>.yaml`.
+fn render_dir(dir: &str, name: &str) -> Result<PathBuf> {
     let root = project_root();
     let out_dir = root.join("target/manifests");
     std::fs::create_dir_all(&out_dir)?;
     let out = Command::new("kubectl")
         .args(["kustomize"])
-        .arg(root.join("deploy/overlays").join(overlay))
+        .arg(root.join("deploy").join(dir))
         .output()
         .context("`kubectl` is needed to render the manifests (kubectl kustomize works offline)")?;
     if !out.status.success() {
         bail!(
-            "kubectl kustomize deploy/overlays/{overlay} failed: {}",
+            "kubectl kustomize deploy/{dir} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let path = out_dir.join(format!("{overlay}.yaml"));
+    let path = out_dir.join(format!("{name}.yaml"));
     std::fs::write(&path, &out.stdout)?;
     Ok(path)
 }
@@ -84,8 +89,10 @@ pub(crate) fn check_manifests() -> Result<()> {
         .arg("-c")
         .arg(project_root().join(".yamllint"))
         .arg(project_root().join("deploy")))?;
+    let mut rendered = std::collections::BTreeMap::new();
     for (overlay, versions) in OVERLAYS {
         let path = render(overlay)?;
+        rendered.insert(*overlay, path.clone());
         for v in *versions {
             run(Command::new(bin.join("kubernetes-validate"))
                 .args(["--strict", "--quiet", "-k", v])
@@ -95,8 +102,14 @@ pub(crate) fn check_manifests() -> Result<()> {
             })?;
         }
     }
-    check_ansible_template()?;
-    check_starlingx_migration(&bin)
+    let starlingx = rendered
+        .get("starlingx")
+        .context("the starlingx overlay is not among those rendered")?;
+    check_ansible_template(starlingx)?;
+    let app = rendered
+        .get("starlingx-app")
+        .context("the starlingx-app overlay is not among those rendered")?;
+    check_starlingx_migration(&bin, starlingx, app)
 }
 
 /// What `kubectl apply` of our manifests does next to the GPU plugins
@@ -104,7 +117,7 @@ pub(crate) fn check_manifests() -> Result<()> {
 /// replaces the bootstrap's plugin in place; next to the operator
 /// application's plugin only `starlingx-app` is safe. Each unsafe pairing
 /// must be reported, or the check could not fail.
-fn check_starlingx_migration(bin: &Path) -> Result<()> {
+fn check_starlingx_migration(bin: &Path, starlingx: &Path, app: &Path) -> Result<()> {
     const BOOTSTRAP: &str = "xtask/fixtures/starlingx-bootstrap-plugins.yaml";
     const APP: &str = "xtask/fixtures/operator-app-gpu-daemonset.yaml";
     const TWO: &str = "both run the GPU plugin on a node";
@@ -116,27 +129,19 @@ fn check_starlingx_migration(bin: &Path) -> Result<()> {
                 .arg(root.join(fixture)))?;
         }
     }
-    let base = root.join("target/manifests/base.yaml");
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(root.join("deploy/base"))
-        .output()?;
-    if !out.status.success() {
-        bail!("kubectl kustomize deploy/base failed");
-    }
-    std::fs::write(&base, &out.stdout)?;
-    let cases: [(&str, PathBuf, Option<&str>); 5] = [
-        (BOOTSTRAP, render("starlingx")?, None),
-        (BOOTSTRAP, base.clone(), Some(TWO)),
-        (APP, render("starlingx-app")?, None),
-        (APP, render("starlingx")?, Some(TWO)),
-        (APP, base, Some(TWO)),
+    let base = render_dir("base", "base")?;
+    let cases: [(&str, &Path, Option<&str>); 5] = [
+        (BOOTSTRAP, starlingx, None),
+        (BOOTSTRAP, &base, Some(TWO)),
+        (APP, app, None),
+        (APP, starlingx, Some(TWO)),
+        (APP, &base, Some(TWO)),
     ];
     for (old, new, problem) in cases {
         let out = Command::new(bin.join("python"))
             .arg(root.join("xtask/scripts/migration.py"))
             .arg(root.join(old))
-            .arg(&new)
+            .arg(new)
             .output()?;
         let said = String::from_utf8_lossy(&out.stdout);
         let as_expected = match problem {
@@ -161,8 +166,8 @@ fn check_starlingx_migration(bin: &Path) -> Result<()> {
 const ANSIBLE_TEMPLATE: &str =
     "deploy/ansible/roles/intel_gpu_plugins/templates/intel-gpu-plugin.yaml.j2";
 
-pub(crate) fn ansible_template() -> Result<String> {
-    let rendered = std::fs::read_to_string(render("starlingx")?)?;
+pub(crate) fn ansible_template(starlingx: &Path) -> Result<String> {
+    let rendered = std::fs::read_to_string(starlingx)?;
     if rendered.contains("{{") || rendered.contains("{%") {
         bail!("the starlingx overlay contains Jinja delimiters");
     }
@@ -203,7 +208,8 @@ pub(crate) fn ansible_template() -> Result<String> {
 /// regenerates the Ansible template.
 pub(crate) fn task(write: bool) -> Result<()> {
     if write {
-        std::fs::write(project_root().join(ANSIBLE_TEMPLATE), ansible_template()?)?;
+        let template = ansible_template(&render("starlingx")?)?;
+        std::fs::write(project_root().join(ANSIBLE_TEMPLATE), template)?;
         println!("wrote {ANSIBLE_TEMPLATE}");
         return Ok(());
     }
@@ -213,10 +219,10 @@ pub(crate) fn task(write: bool) -> Result<()> {
     Ok(())
 }
 
-fn check_ansible_template() -> Result<()> {
+fn check_ansible_template(starlingx: &Path) -> Result<()> {
     let current =
         std::fs::read_to_string(project_root().join(ANSIBLE_TEMPLATE)).unwrap_or_default();
-    if current != ansible_template()? {
+    if current != ansible_template(starlingx)? {
         bail!("{ANSIBLE_TEMPLATE} is stale: run `cargo xtask manifests --write`");
     }
     Ok(())
