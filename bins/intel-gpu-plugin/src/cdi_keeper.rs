@@ -76,6 +76,8 @@ pub struct CdiKeeper {
     grace: Duration,
     entries: BTreeMap<String, Entry>,
     stats: Arc<CdiStats>,
+    /// Whether specs left by an earlier run have been swept once.
+    swept: bool,
 }
 
 enum Job {
@@ -93,6 +95,7 @@ impl CdiKeeper {
             grace,
             entries: BTreeMap::new(),
             stats: Arc::new(CdiStats::default()),
+            swept: false,
         }
     }
 
@@ -148,13 +151,14 @@ impl CdiKeeper {
                 SpecState::Pending { .. } => None,
             })
             .collect();
-        // Removals: absent past the grace.
+        // Removals: absent past the grace (and past the wait after a
+        // failed removal).
         let expired: BTreeSet<String> = self
             .entries
             .iter()
             .filter(|(_, e)| {
                 e.absent_since
-                    .is_some_and(|t| now.duration_since(t) >= self.grace)
+                    .is_some_and(|t| now.duration_since(t) >= self.grace && now >= e.next_try)
             })
             .map(|(n, _)| n.clone())
             .collect();
@@ -165,7 +169,8 @@ impl CdiKeeper {
             .cloned()
             .collect();
         let dir = self.dir.clone();
-        let cleanup = !expired.is_empty() || self.entries.is_empty();
+        // Also once at the start: specs an earlier run left behind go.
+        let cleanup = !expired.is_empty() || self.entries.is_empty() || !self.swept;
         // The guard goes with the work: stuck I/O stays counted.
         let guard = progress.begin("CDI spec writes");
         let work = move || {
@@ -266,14 +271,27 @@ impl CdiKeeper {
                     .collect();
                 self.entries
                     .retain(|n, _| !expired.contains(n) || failed.contains(n));
+                self.retry_later(&failed, now);
+                self.swept = true;
             }
             Some(Err(error)) => {
                 self.stats.removal_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %Chain(&error), "could not clean up CDI specs; retrying later");
+                self.retry_later(&expired, now);
             }
             None => {}
         }
         self.mark(plan);
+    }
+
+    /// A removal that failed is tried again after the longest retry delay,
+    /// not at once: the deadline would otherwise stay in the past.
+    fn retry_later(&mut self, names: &BTreeSet<String>, now: Instant) {
+        for name in names {
+            if let Some(e) = self.entries.get_mut(name) {
+                e.next_try = now + RETRY.max;
+            }
+        }
     }
 
     fn mark(&self, plan: &mut Plan) {
@@ -298,7 +316,7 @@ impl CdiKeeper {
         self.entries
             .values()
             .filter_map(|e| match (e.absent_since, &e.state) {
-                (Some(t), _) => Some(t + self.grace),
+                (Some(t), _) => Some((t + self.grace).max(e.next_try)),
                 (None, SpecState::Pending { .. }) => Some(e.next_try),
                 (None, SpecState::Written) => None,
             })
@@ -368,9 +386,10 @@ mod tests {
         assert!(card1.exists(), "kept during the grace");
         let due = keeper.next_deadline().unwrap();
         assert!(due > Instant::now());
-        // Back within the grace: nothing happened.
+        // Back within the grace: nothing happened, nothing is due.
         keeper.sync(&mut full, ByPath::Single, &progress).await;
         assert!(card1.exists());
+        assert_eq!(keeper.next_deadline(), None);
         // Gone for good: removed once the grace is over.
         keeper.sync(&mut partial, ByPath::Single, &progress).await;
         tokio::time::sleep_until(keeper.next_deadline().unwrap()).await;
@@ -378,5 +397,68 @@ mod tests {
         assert!(!card1.exists(), "removed after the grace");
         assert!(cdi.join("intel.cdi.k8s.io-gpu-card0.yaml").exists());
         assert_eq!(keeper.states().len(), 1);
+    }
+
+    fn two_card_node(dir: &std::path::Path) -> FakeNode {
+        FakeNode::build(
+            &dir.join("node"),
+            &NodeSpec {
+                name: "t".into(),
+                gpus: vec![GpuSpec::new(0), GpuSpec::new(1)],
+            },
+        )
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn specs_an_earlier_run_left_are_swept_on_the_first_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = two_card_node(dir.path());
+        let cdi = dir.path().join("cdi");
+        std::fs::create_dir_all(&cdi).unwrap();
+        let left = cdi.join("intel.cdi.k8s.io-gpu-card7.yaml");
+        std::fs::write(&left, "{}").unwrap();
+        let foreign = cdi.join("vendor.example-thing.yaml");
+        std::fs::write(&foreign, "{}").unwrap();
+        let mut keeper = CdiKeeper::new(
+            SpecDir::new(&cdi, plan::CDI_PREFIX),
+            Duration::from_secs(60),
+        );
+        keeper
+            .sync(&mut plan_of(&node), ByPath::Single, &Progress::shared())
+            .await;
+        assert!(!left.exists(), "an earlier run's spec for a gone card");
+        assert!(foreign.exists(), "someone else's spec");
+        assert!(cdi.join("intel.cdi.k8s.io-gpu-card0.yaml").exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_removal_waits_before_it_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = two_card_node(dir.path());
+        let cdi = dir.path().join("cdi");
+        let progress = Progress::shared();
+        let mut keeper = CdiKeeper::new(
+            SpecDir::new(&cdi, plan::CDI_PREFIX),
+            Duration::from_millis(50),
+        );
+        let mut full = plan_of(&node);
+        keeper.sync(&mut full, ByPath::Single, &progress).await;
+        // card1 goes, and its spec becomes something remove_file refuses
+        // (a directory), even as root.
+        let card1 = cdi.join("intel.cdi.k8s.io-gpu-card1.yaml");
+        std::fs::remove_file(&card1).unwrap();
+        std::fs::create_dir(&card1).unwrap();
+        std::fs::write(card1.join("x"), "").unwrap();
+        let mut partial = full.clone();
+        partial.cards.remove(&1);
+        keeper.sync(&mut partial, ByPath::Single, &progress).await;
+        tokio::time::sleep_until(keeper.next_deadline().unwrap()).await;
+        keeper.sync(&mut partial, ByPath::Single, &progress).await;
+        assert!(card1.exists());
+        assert!(keeper.stats().removal_failures.load(Ordering::Relaxed) >= 1);
+        // Not due again at once (which would spin the plugin's loop).
+        let due = keeper.next_deadline().unwrap();
+        assert!(due > Instant::now() + Duration::from_secs(10), "{due:?}");
     }
 }
