@@ -206,7 +206,7 @@ fn follow(
 
 /// 1 s, 2 s, 4 s … capped at 60 s, ±20 % jitter: after the `failures`th
 /// failure in a row.
-fn backoff(failures: u32) -> Duration {
+pub(crate) fn backoff(failures: u32) -> Duration {
     const RETRY: ops_kit::Backoff = ops_kit::Backoff {
         initial: Duration::from_secs(1),
         max: Duration::from_secs(60),

@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 
 use crate::Cli;
 
+use crate::daemon::backoff;
 use crate::run::{Setup, client, first_file, watch_files};
 
 /// `intel-gpu-labeler publish`: the enabled-plugins file's exact bytes
@@ -27,6 +28,7 @@ pub(crate) async fn publish(cli: &Cli, setup: &Setup, target: &str) -> anyhow::R
     let (tx, mut triggers) = mpsc::channel::<()>(8);
     watch_files(&setup.sources, cli.resync, &tx);
     let mut published: Option<Vec<u8>> = None;
+    let mut failures: u32 = 0;
     let mut pending: Option<(Vec<u8>, tokio::time::Instant)> = None;
     let mut said = String::new();
     let mut rounds = 0;
@@ -56,18 +58,31 @@ pub(crate) async fn publish(cli: &Cli, setup: &Setup, target: &str) -> anyhow::R
                         match &pending {
                             Some((seen, since)) if *seen == bytes && now >= *since + cli.settle => {
                                 let text = String::from_utf8_lossy(&bytes).into_owned();
-                                node_labeler::cluster::publish_configmap(
+                                let sent = node_labeler::cluster::publish_configmap(
                                     &client,
                                     namespace,
                                     name,
                                     node_labeler::engine::CONFIGMAP_KEY,
                                     &text,
                                 )
-                                .await?;
-                                tracing::info!(file = %path.display(), configmap = %target, "enabled-plugins content published");
-                                published = Some(bytes);
-                                pending = None;
-                                format!("{} published", path.display())
+                                .await;
+                                match sent {
+                                    Ok(()) => {
+                                        tracing::info!(file = %path.display(), configmap = %target, "enabled-plugins content published");
+                                        published = Some(bytes);
+                                        pending = None;
+                                        failures = 0;
+                                        format!("{} published", path.display())
+                                    }
+                                    Err(e) if cli.oneshot => return Err(e.into()),
+                                    // A passing API error: the same bytes
+                                    // are published on the next attempt.
+                                    Err(e) => {
+                                        failures = failures.saturating_add(1);
+                                        recheck = Some(now + backoff(failures));
+                                        format!("publishing {target} failed: {e:#}; retrying")
+                                    }
+                                }
                             }
                             Some((seen, since)) if *seen == bytes => {
                                 recheck = Some(*since + cli.settle);

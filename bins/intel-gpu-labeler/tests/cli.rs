@@ -892,3 +892,58 @@ async fn controllers_publish_the_replicated_file_for_every_node() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(api.node(NODE).unwrap().labels["intelgpu"], "enabled");
 }
+
+/// A passing API error does not end the publisher: it retries with backoff
+/// and publishes the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_outlives_api_errors() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let api = ApiServer::start().await.unwrap();
+    let kc = env.kubeconfig(&api);
+    let host = env.dir.path().join("controller");
+    std::fs::create_dir_all(host.join("etc")).unwrap();
+    std::fs::write(host.join("etc/build.info"), "SW_VERSION=\"24.09\"\n").unwrap();
+    let replicated = host.join("opt/platform/config/24.09/enabled_kube_plugins");
+    std::fs::create_dir_all(replicated.parent().unwrap()).unwrap();
+    let bytes = r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#;
+    std::fs::write(&replicated, bytes).unwrap();
+    api.inject(&[
+        apiserver_emulator::Fault::Unavailable,
+        apiserver_emulator::Fault::Internal,
+    ]);
+    let mut child = Command::new(BIN)
+        .args([
+            "publish",
+            "--configmap",
+            "intel-gpu/enabled-kube-plugins",
+            "--settle",
+            "100ms",
+            "--http-address",
+            "",
+        ])
+        .arg("--host-root")
+        .arg(&host)
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while api.configmap("intel-gpu", "enabled-kube-plugins").is_none() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the publisher exited on an API error"
+        );
+        assert!(std::time::Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (data, _) = api.configmap("intel-gpu", "enabled-kube-plugins").unwrap();
+    assert_eq!(data["enabled_kube_plugins"], bytes);
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("retrying"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
