@@ -40,8 +40,10 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// The pause after an accept error: from 10 ms, doubling, up to 1 s.
-const FIRST_PAUSE: Duration = Duration::from_millis(10);
-const LONGEST_PAUSE: Duration = Duration::from_secs(1);
+const PAUSE: ops_kit::Backoff = ops_kit::Backoff {
+    initial: Duration::from_millis(10),
+    max: Duration::from_secs(1),
+};
 /// How long one connection may take.
 const CONNECTION_LIMIT: Duration = Duration::from_secs(10);
 
@@ -59,28 +61,25 @@ where
     A: FnMut() -> F,
     F: Future<Output = std::io::Result<TcpStream>>,
 {
-    let mut pause = FIRST_PAUSE;
-    let mut failing = false;
+    let mut failures: u32 = 0;
     loop {
         match accept().await {
             Ok(stream) => {
-                if failing {
+                if failures > 0 {
                     tracing::info!("the HTTP endpoint accepts connections again");
                 }
-                failing = false;
-                pause = FIRST_PAUSE;
+                failures = 0;
                 let e = Arc::clone(&endpoints);
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(CONNECTION_LIMIT, connection(stream, e)).await;
                 });
             }
             Err(error) => {
-                if !failing {
+                if failures == 0 {
                     tracing::warn!(%error, "the HTTP endpoint cannot accept connections; backing off");
                 }
-                failing = true;
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(LONGEST_PAUSE);
+                tokio::time::sleep(PAUSE.delay(failures)).await;
+                failures = failures.saturating_add(1);
             }
         }
     }
