@@ -511,7 +511,6 @@ fn kubelet_recreated(e: &dir_watch::Event) -> bool {
         && e.mask.intersects(Mask::IN_CREATE | Mask::IN_MOVED_TO)
 }
 
-/// A reply from the kubelet's handler (rather than a transport failure).
 /// Whether the kubelet itself refused. A status tonic made from a transport
 /// failure carries that failure as its source: the kubelet said nothing.
 /// The kubelet's own refusals (unsupported version, invalid resource name)
