@@ -272,15 +272,6 @@ impl http::Endpoints for Endpoints {
                 load(&self.cdi.missing),
             ),
             (
-                "longest_blocking_operation_seconds",
-                Kind::Gauge,
-                "How long the longest sysfs, hwmon or CDI operation running now has run (a read stuck in D state grows it; /healthz fails past --stall-limit-ms).",
-                self.progress
-                    .longest_running()
-                    .max(self.watcher.scan_running_for().unwrap_or_default())
-                    .as_secs(),
-            ),
-            (
                 "ignored_flags",
                 Kind::Gauge,
                 "Command-line flags accepted and ignored (the Go plugin's, klog's, unknown Go-style ones).",
@@ -289,6 +280,15 @@ impl http::Endpoints for Endpoints {
         ] {
             text.single(&format!("intel_gpu_plugin_{name}"), kind, help, value);
         }
+        text.single(
+            "intel_gpu_plugin_longest_blocking_operation_seconds",
+            Kind::Gauge,
+            "How long the longest sysfs, hwmon or CDI operation running now has run (a read stuck in D state grows it; /healthz fails past --stall-limit-ms).",
+            self.progress
+                .longest_running()
+                .max(self.watcher.scan_running_for().unwrap_or_default())
+                .as_secs_f64(),
+        );
         let readings = self.readings.read().unwrap_or_else(PoisonError::into_inner);
         if !readings.is_empty() {
             const TEMP: &str = "intel_gpu_plugin_temperature_celsius";

@@ -543,7 +543,10 @@ async fn a_stream_dropped_while_the_kubelet_stays_up_is_followed_by_a_new_regist
                 .unwrap();
             let at = v.resources[RES].registered_at.unwrap();
             let took = at.saturating_duration_since(ended);
-            assert!(took < Duration::from_secs(1), "{took:?} after the stream ended");
+            assert!(
+                took < Duration::from_secs(1),
+                "{took:?} after the stream ended"
+            );
             registered(&handle).await;
             let c = kubelet.capacity(RES).unwrap();
             assert_eq!((c.capacity, c.allocatable), (2, 2), "{version:?}");
