@@ -184,6 +184,8 @@ async fn uevent_child() {
         (&[("WEDGED", "rebind,bus-reset")][..], true),
         (&[("WEDGED", "none")][..], false),
         (&[("ERROR", "1")][..], true),
+        (&[("ERROR", "0")][..], false),
+        // A reset on its own (healthy before it) makes the card sick too.
         (&[("RESET", "1")][..], true),
         (&[("ERROR", "0")][..], false),
     ] {
