@@ -187,8 +187,9 @@ impl FakeNode {
         let dri = self.root.join("dev/dri");
         for f in &functions {
             let mut minors = list(&f.join("drm"));
-            // Unregistered in the reverse of registration: render, then card.
-            minors.sort_by_key(|m| m.starts_with("card"));
+            // `drm_dev_unregister` (drivers/gpu/drm/drm_drv.c) unregisters
+            // the primary minor before the render minor: card, then render.
+            minors.sort_by_key(|m| !m.starts_with("card"));
             for m in &minors {
                 remove(&dri.join(m))?;
             }
@@ -233,8 +234,9 @@ impl FakeNode {
     fn minor_events(&self, action: &'static str, spec: &GpuSpec) -> Vec<KernelEvent> {
         let drm = self.pci_dir(spec).join("drm");
         let mut minors = list(&drm);
-        // The kernel registers the primary node before the render node.
-        minors.sort_by_key(|m| !m.starts_with("card"));
+        // `drm_dev_register` (drivers/gpu/drm/drm_drv.c) registers the
+        // render minor before the primary one: render, then card.
+        minors.sort_by_key(|m| m.starts_with("card"));
         minors
             .iter()
             .map(|m| KernelEvent::minor(action, &self.devpath(&drm.join(m)), m))
@@ -766,14 +768,16 @@ mod tests {
         assert!(root.join("dev/dri/by-path/pci-0000:09:00.0-card").exists());
         assert_eq!(
             seen,
+            // The kernel's order (drm_drv.c `drm_dev_register`): render
+            // first, so the card's uevent finds both nodes.
             [
                 (
                     "add",
-                    "/devices/pci0000:00/0000:09:00.0/drm/card1".to_owned()
+                    "/devices/pci0000:00/0000:09:00.0/drm/renderD129".to_owned()
                 ),
                 (
                     "add",
-                    "/devices/pci0000:00/0000:09:00.0/drm/renderD129".to_owned()
+                    "/devices/pci0000:00/0000:09:00.0/drm/card1".to_owned()
                 ),
             ]
         );
@@ -791,10 +795,12 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen.len(), 2);
+        // `drm_dev_unregister`: the primary minor first.
         assert!(
-            seen[1]
+            seen[0]
                 .starts_with(b"remove@/devices/pci0000:00/0000:09:00.0/drm/card1\0ACTION=remove\0")
         );
+        assert!(seen[1].starts_with(b"remove@/devices/pci0000:00/0000:09:00.0/drm/renderD129\0"));
         assert!(!root.join("sys/devices/pci0000:00/0000:09:00.0").exists());
         assert!(
             root.join("dev/dri/by-path/pci-0000:09:00.0-card")
