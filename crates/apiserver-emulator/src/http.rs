@@ -320,13 +320,25 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
                 .headers
                 .get("content-type")
                 .is_some_and(|c| c.starts_with("application/apply-patch"));
-            if !is_apply || req.query("fieldManager").is_none() {
+            // Other patch types are not emulated (nothing here sends them).
+            if !is_apply {
                 return (
                     415,
                     status(
                         415,
                         "UnsupportedMediaType",
-                        "only server-side apply with a fieldManager",
+                        "the emulator takes only server-side apply for ConfigMaps",
+                    ),
+                );
+            }
+            // As for Nodes: the apply handler's required field manager.
+            if req.query("fieldManager").is_none() {
+                return (
+                    422,
+                    status(
+                        422,
+                        "Invalid",
+                        "fieldManager is required for apply requests",
                     ),
                 );
             }
@@ -339,9 +351,10 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
                 Err(e) => return (422, status(422, "Invalid", &e)),
             };
             let key = ((*ns).to_owned(), (*name).to_owned());
-            let changed = {
+            let (changed, created) = {
                 let mut st = shared.lock();
                 let rv = st.next_rv + 1;
+                let created = !st.configmaps.contains_key(&key);
                 let entry = st
                     .configmaps
                     .entry(key.clone())
@@ -353,14 +366,15 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
                     entry.1 = rv;
                     st.next_rv = rv;
                 }
-                changed
+                (changed, created)
             };
             if changed {
                 shared.notify();
             }
             let st = shared.lock();
             let (data, rv) = &st.configmaps[&key];
-            (200, crate::configmap_json(ns, name, data, *rv))
+            let code = if created { 201 } else { 200 };
+            (code, crate::configmap_json(ns, name, data, *rv))
         }
         ("GET", ["api", "v1", "namespaces", ns, "configmaps", name]) => {
             match shared
@@ -499,6 +513,10 @@ fn patch_node(shared: &Shared, req: &Request, name: &str) -> (u16, Value) {
         .map(String::as_str)
         .unwrap_or("");
     let manager = req.query("fieldManager");
+    // An apply that creates answers 201, as every create does
+    // (`staging/src/k8s.io/apiserver/pkg/endpoints/handlers/patch.go`:
+    // `wasCreated` → `http.StatusCreated`).
+    let mut was_created = false;
     let changed = {
         let mut st = shared.lock();
         let rv = st.next_rv + 1;
@@ -608,6 +626,7 @@ fn patch_node(shared: &Shared, req: &Request, name: &str) -> (u16, Value) {
                     if changed {
                         node.resource_version = rv;
                     }
+                    was_created = created;
                     changed || created
                 }
                 Err(conflicts) => {
@@ -677,7 +696,7 @@ fn patch_node(shared: &Shared, req: &Request, name: &str) -> (u16, Value) {
     if changed {
         shared.notify();
     }
-    (200, out)
+    (if was_created { 201 } else { 200 }, out)
 }
 
 /// `fieldSelector=metadata.name=X` → `X`.

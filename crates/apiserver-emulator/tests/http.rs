@@ -52,7 +52,7 @@ async fn apply_creates_a_missing_object_unless_a_uid_or_rbac_stops_it() {
     };
     let (path, body) = apply("n1", json!({}));
     let (code, node) = call(&api, "PATCH", &path, APPLY, &body).await;
-    assert_eq!(code, 200);
+    assert_eq!(code, 201, "created (handlers/patch.go: wasCreated)");
     assert_eq!(node["metadata"]["labels"]["a"], "1");
     assert!(
         api.node("n1").is_some(),
@@ -60,7 +60,7 @@ async fn apply_creates_a_missing_object_unless_a_uid_or_rbac_stops_it() {
     );
     let (path, body) = apply("n2", json!({"resourceVersion": "5"}));
     let (code, _) = call(&api, "PATCH", &path, APPLY, &body).await;
-    assert_eq!(code, 200, "a resourceVersion does not stop the creation");
+    assert_eq!(code, 201, "a resourceVersion does not stop the creation");
     assert!(api.node("n2").is_some());
     let (path, body) = apply("n3", json!({"uid": "00000000-0000-4000-8000-000000000001"}));
     let (code, status) = call(&api, "PATCH", &path, APPLY, &body).await;
