@@ -750,8 +750,13 @@ async fn watch(
     if stream.write_all(head.as_bytes()).await.is_err() {
         return;
     }
+    // Every read of the history records first, under the same lock: a
+    // change whose request has not yet recorded it must be neither skipped
+    // (the cursor past it) nor sent twice. The watch cache never skips an
+    // event (`cacher/watch_cache.go`).
     let start = {
-        let st = shared.lock();
+        let mut st = shared.lock();
+        st.record();
         match from {
             Some(rv) if rv < st.floor => None,
             Some(rv) => Some((rv, st.bookmark_every, Vec::new())),
@@ -786,14 +791,19 @@ async fn watch(
     let mut dropped = shared.drop_watches.subscribe();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut bookmark = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut bookmark_due = false;
     loop {
-        let pending: Vec<crate::Change> = shared
-            .lock()
-            .log
-            .iter()
-            .filter(|c| c.rv > cursor && matches(c))
-            .cloned()
-            .collect();
+        let (pending, latest) = {
+            let mut st = shared.lock();
+            st.record();
+            let pending: Vec<crate::Change> = st
+                .log
+                .iter()
+                .filter(|c| c.rv > cursor && matches(c))
+                .cloned()
+                .collect();
+            (pending, st.next_rv)
+        };
         for c in pending {
             cursor = cursor.max(c.rv);
             if send_event(&mut stream, &json!({"type": c.typ, "object": c.object}))
@@ -803,20 +813,26 @@ async fn watch(
                 return;
             }
         }
+        // A bookmark only after every change up to its resourceVersion was
+        // sent (`cacher.go`: a bookmark promises nothing older is pending).
+        if bookmark_due {
+            bookmark_due = false;
+            cursor = cursor.max(latest);
+            let kind_name = match kind {
+                crate::Kind::Node => "Node",
+                crate::Kind::ConfigMap => "ConfigMap",
+            };
+            let b = json!({"type": "BOOKMARK", "object": {"kind": kind_name, "apiVersion": "v1", "metadata": {"resourceVersion": latest.to_string()}}});
+            if send_event(&mut stream, &b).await.is_err() {
+                return;
+            }
+        }
         let mut probe = [0u8; 1];
         tokio::select! {
             r = rx.changed() => if r.is_err() { break },
             _ = dropped.changed() => return,
             () = tokio::time::sleep_until(deadline) => break,
-            _ = bookmark.tick(), if bookmarks => {
-                let latest = shared.lock().next_rv;
-                cursor = cursor.max(latest);
-                let kind_name = match kind { crate::Kind::Node => "Node", crate::Kind::ConfigMap => "ConfigMap" };
-                let b = json!({"type": "BOOKMARK", "object": {"kind": kind_name, "apiVersion": "v1", "metadata": {"resourceVersion": latest.to_string()}}});
-                if send_event(&mut stream, &b).await.is_err() {
-                    return;
-                }
-            }
+            _ = bookmark.tick(), if bookmarks => bookmark_due = true,
             n = stream.peek(&mut probe) => if matches!(n, Ok(0) | Err(_)) { return },
         }
     }
