@@ -504,11 +504,15 @@ impl KubeletEmulator {
                 allocation_size: size,
             }],
         };
-        let mut response = client.get_preferred_allocation(request).await?.into_inner();
-        if response.container_responses.is_empty() {
-            return Err(Status::internal("the plugin answered no container").into());
-        }
-        Ok(response.container_responses.swap_remove(0).device_i_ds)
+        let response = client.get_preferred_allocation(request).await?.into_inner();
+        // `callGetPreferredAllocationIfAvailable` (`devicemanager/manager.go`):
+        // an answer without a container is an empty preference, not an error.
+        Ok(response
+            .container_responses
+            .into_iter()
+            .next()
+            .map(|c| c.device_i_ds)
+            .unwrap_or_default())
     }
 
     /// A kubelet going down (`server.go` `Stop`): the server stops, every
@@ -721,6 +725,24 @@ impl Registration for RegistrationService {
     }
 }
 
+/// A registration whose dial-back failed. 1.25+: `connectClient`
+/// (`plugin/v1beta1/server.go`) had already put the new client in the map
+/// (`registerClient`) and now removes it (`deregisterClient`), so the map
+/// holds no client of the resource; the old client is never closed and its
+/// stream goes on. 1.24: `addEndpoint` (`manager.go`) only logs the failure
+/// and changes nothing.
+fn forget_current(shared: &Shared, resource: &str) {
+    if shared.version == KubeletVersion::V1_24 {
+        return;
+    }
+    shared.with(|s| {
+        // Kept, not dropped: dropping a client would end its stream.
+        if let Some(old) = s.clients.remove(resource) {
+            s.replaced.push(old);
+        }
+    });
+}
+
 /// `connectClient` (1.25+) or `addEndpoint` (1.24): dial the plugin back,
 /// read its options, make it the resource's client, read its stream.
 async fn connect(shared: Arc<Shared>, req: pb::RegisterRequest) -> Result<(), Status> {
@@ -732,9 +754,8 @@ async fn connect(shared: Arc<Shared>, req: pb::RegisterRequest) -> Result<(), St
     let channel = uds::connect_with_authority(&path, DIAL_TIMEOUT, rule)
         .await
         .map_err(|e| {
-            shared.with(|s| {
-                s.clients.remove(&resource);
-            });
+            forget_current(&shared, &resource);
+            // `errFailedToDialDevicePlugin` (`plugin/v1beta1/api.go`).
             Status::unknown(format!("failed to dial device plugin: {e}"))
         })?;
     let mut client = DevicePluginClient::new(channel.clone());
@@ -751,9 +772,7 @@ async fn connect(shared: Arc<Shared>, req: pb::RegisterRequest) -> Result<(), St
     let options = match asked {
         Ok(o) => o,
         Err(e) => {
-            shared.with(|s| {
-                s.clients.remove(&resource);
-            });
+            forget_current(&shared, &resource);
             return Err(Status::unknown(format!(
                 "failed to get device plugin options: {e}"
             )));
