@@ -134,11 +134,10 @@ impl AuthorityRule {
 }
 
 enum Phase {
-    /// Bytes of the connection preface still to pass.
-    Preface(usize),
     /// Collecting a frame header.
     FrameHeader,
-    /// Passing a frame's payload through: bytes left.
+    /// Passing bytes through unchanged (a frame's payload, or the
+    /// connection preface at the start): bytes left.
     Pass(usize),
     /// Collecting a HEADERS or CONTINUATION payload: bytes left.
     Collect(usize),
@@ -176,7 +175,7 @@ impl Rewriter {
         encoder.set_max_table_size(0);
         Self {
             rule,
-            phase: Phase::Preface(PREFACE_LEN),
+            phase: Phase::Pass(PREFACE_LEN),
             header: [0; FRAME_HEADER_LEN],
             have: 0,
             frame: (0, 0, 0, Vec::new()),
@@ -190,16 +189,6 @@ impl Rewriter {
     pub(crate) fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
         while !input.is_empty() {
             match self.phase {
-                Phase::Preface(left) => {
-                    let n = left.min(input.len());
-                    out.extend_from_slice(&input[..n]);
-                    input = &input[n..];
-                    self.phase = if n == left {
-                        Phase::FrameHeader
-                    } else {
-                        Phase::Preface(left - n)
-                    };
-                }
                 Phase::Pass(left) => {
                     let n = left.min(input.len());
                     out.extend_from_slice(&input[..n]);
