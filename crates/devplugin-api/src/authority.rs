@@ -703,18 +703,24 @@ mod tests {
             &client_wire(&blocks),
             4096,
         );
+        let mut seen = 0;
         for (kind, _, _, fields) in read_back(&out) {
             if kind == HEADERS {
+                seen += 1;
                 let got: Vec<_> = fields.iter().filter(|(n, _)| n == b":authority").collect();
                 assert_eq!(got, vec![&(b":authority".to_vec(), path.clone())]);
             }
         }
+        assert_eq!(seen, blocks.len(), "every header block came out");
         let out = run(AuthorityRule::Remove, &client_wire(&blocks), 3);
+        let mut seen = 0;
         for (kind, _, _, fields) in read_back(&out) {
             if kind == HEADERS {
+                seen += 1;
                 assert!(!fields.iter().any(|(n, _)| n == b":authority"));
             }
         }
+        assert_eq!(seen, blocks.len(), "every header block came out");
     }
 
     #[test]
