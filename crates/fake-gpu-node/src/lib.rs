@@ -168,10 +168,11 @@ impl FakeNode {
         Ok(())
     }
 
-    /// Hot-removes a GPU (a PF takes its VFs) in the kernel's order: the
-    /// devtmpfs nodes of each DRM minor go first, then the kernel announces
-    /// its `remove` uevent (`announce`), then the sysfs directory goes;
-    /// udev removes the by-path links last.
+    /// Hot-removes a GPU (a PF takes its VFs) in the kernel's order
+    /// (`device_del`, drivers/base/core.c): for each DRM minor, primary
+    /// before render (`drm_dev_unregister`), its devtmpfs node and class
+    /// links go, then the kernel announces its `remove` uevent (`announce`);
+    /// then the sysfs directories go; udev removes the by-path links last.
     ///
     /// # Errors
     /// When the card does not exist or the tree cannot be changed.
@@ -185,15 +186,22 @@ impl FakeNode {
         }
         functions.push(dev.clone());
         let dri = self.root.join("dev/dri");
+        let class = self.root.join("sys/class/drm");
         for f in &functions {
             let mut minors = list(&f.join("drm"));
             // `drm_dev_unregister` (drivers/gpu/drm/drm_drv.c) unregisters
             // the primary minor before the render minor: card, then render.
             minors.sort_by_key(|m| !m.starts_with("card"));
             for m in &minors {
+                // `device_del` (drivers/base/core.c): the devtmpfs node and
+                // the class links go, then the remove uevent, then the
+                // device's directory.
                 remove(&dri.join(m))?;
-            }
-            for m in &minors {
+                for entry in list(&class) {
+                    if entry == *m || entry.starts_with(&format!("{m}-")) {
+                        remove(&class.join(&entry))?;
+                    }
+                }
                 announce(&KernelEvent::minor(
                     "remove",
                     &self.devpath(&f.join("drm").join(m)),
@@ -201,25 +209,12 @@ impl FakeNode {
                 ));
             }
         }
-        // sysfs goes (links of the class, the directories), then udev's links.
-        let by_path_of: Vec<PathBuf> = functions.clone();
+        // Then the directories, and last udev's links.
         for f in &functions {
-            for c in cards_of(f) {
-                let class = self.root.join("sys/class/drm");
-                let name = format!("card{c}");
-                for entry in list(&class) {
-                    if entry == name
-                        || entry.starts_with(&format!("{name}-"))
-                        || list(&f.join("drm")).contains(&entry)
-                    {
-                        remove(&class.join(&entry))?;
-                    }
-                }
-            }
             let _ = std::fs::remove_file(f.join("physfn"));
             io(f, std::fs::remove_dir_all(f))?;
         }
-        for f in &by_path_of {
+        for f in &functions {
             self.remove_by_path(f)?;
         }
         Ok(())

@@ -162,7 +162,12 @@ async fn uevent_child() {
         cards(i) == ["card0", "card2"]
     })
     .await;
+    // `device_del` (drivers/base/core.c): the devtmpfs node and the class
+    // link go before the remove uevent; the device directory after it.
     std::fs::remove_file(node.devfs_root().join("dri/card2")).unwrap();
+    let class_link = node.sysfs_root().join("class/drm/card2");
+    let target = std::fs::read_link(&class_link).unwrap();
+    std::fs::remove_file(&class_link).unwrap();
     inject_uevent(&kernel_message(
         "remove",
         "/devices/pci0000:00/0000:06:00.0/drm/card2",
@@ -175,7 +180,13 @@ async fn uevent_child() {
         |i| cards(i) == ["card0"],
     )
     .await;
-    assert!(node.sysfs_root().join("class/drm/card2").exists());
+    assert!(
+        node.sysfs_root()
+            .join("devices/pci0000:00/0000:06:00.0/drm/card2")
+            .exists()
+    );
+    // The fake node finds a card by its class link: put it back to clear up.
+    std::os::unix::fs::symlink(&target, &class_link).unwrap();
     node.remove_gpu(2).unwrap();
     // Kernel health events: wedged until recovered; i915's reset cycle.
     let card0 = "/devices/pci0000:00/0000:00:02.0/drm/card0";
