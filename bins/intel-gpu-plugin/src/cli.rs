@@ -254,13 +254,15 @@ const GO_IGNORED: &[(&str, bool, &str)] = &[
 const BOOLEAN: &[&str] = &["enable-monitoring", "health-management", "json"];
 
 /// Whether `name` is one of our long flags.
-fn is_ours(name: &str) -> bool {
+/// Every long flag of ours (subcommands' included), `help` and `version`.
+fn our_flags() -> std::collections::BTreeSet<String> {
     use clap::CommandFactory as _;
     let cmd = Cli::command();
-    let mut all = cmd
-        .get_arguments()
-        .chain(cmd.get_subcommands().flat_map(clap::Command::get_arguments));
-    name == "help" || name == "version" || all.any(|a| a.get_long() == Some(name))
+    cmd.get_arguments()
+        .chain(cmd.get_subcommands().flat_map(clap::Command::get_arguments))
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .chain(["help".to_owned(), "version".to_owned()])
+        .collect()
 }
 
 /// Translates the Go plugin's spellings into ours: `-flag`, `-flag=v` and
@@ -277,6 +279,8 @@ pub fn translate_go_flags(args: Vec<String>) -> (Vec<String>, Vec<String>) {
     }
     let mut rest: Vec<String> = it.collect();
     rest.reverse();
+    // Built once, and only when some flag is single-dash.
+    let mut ours: Option<std::collections::BTreeSet<String>> = None;
     while let Some(arg) = rest.pop() {
         let Some(body) = arg.strip_prefix('-') else {
             out.push(arg);
@@ -323,7 +327,7 @@ pub fn translate_go_flags(args: Vec<String>) -> (Vec<String>, Vec<String>) {
         // (a newer Go release's, say): warned about and ignored, so an
         // in-place switch never crash-loops on it. `--` flags stay ours and
         // strict.
-        if !arg.starts_with("--") && !is_ours(&name) {
+        if !arg.starts_with("--") && !ours.get_or_insert_with(our_flags).contains(name.as_str()) {
             if value.is_none()
                 && rest
                     .last()
