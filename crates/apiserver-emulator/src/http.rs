@@ -425,11 +425,7 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
         // "Who am I": the username the credentials authenticate as
         // (authentication.k8s.io/v1 SelfSubjectReview, GA in 1.28).
         ("POST", ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"]) => {
-            let user = shared
-                .lock()
-                .identity
-                .clone()
-                .unwrap_or_else(|| "system:serviceaccount:intel-gpu:intel-gpu-labeler".into());
+            let user = shared.lock().user();
             (
                 201,
                 json!({
@@ -589,7 +585,8 @@ fn patch_node(shared: &Shared, req: &Request, name: &str) -> (u16, Value) {
                             403,
                             "Forbidden",
                             &format!(
-                                "nodes \"{name}\" is forbidden: User \"system:serviceaccount:intel-gpu:intel-gpu-labeler\" cannot create resource \"nodes\" in API group \"\" at the cluster scope"
+                                "nodes \"{name}\" is forbidden: User \"{}\" cannot create resource \"nodes\" in API group \"\" at the cluster scope",
+                                st.user()
                             ),
                         ),
                     );

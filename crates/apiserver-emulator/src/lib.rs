@@ -116,6 +116,14 @@ pub(crate) fn configmap_json(
 }
 
 impl State {
+    /// The user the credentials authenticate as (the labeller's service
+    /// account unless [`ApiServer::set_identity`] says otherwise).
+    pub(crate) fn user(&self) -> String {
+        self.identity
+            .clone()
+            .unwrap_or_else(|| "system:serviceaccount:intel-gpu:intel-gpu-labeler".into())
+    }
+
     pub(crate) fn bump(&mut self) -> u64 {
         self.next_rv += 1;
         self.next_rv
