@@ -423,7 +423,9 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
             Err(e) => (400, status(400, "BadRequest", &e.to_string())),
         },
         // "Who am I": the username the credentials authenticate as
-        // (authentication.k8s.io/v1 SelfSubjectReview, GA in 1.28).
+        // (authentication.k8s.io/v1 SelfSubjectReview, GA in 1.28, KEP-3325;
+        // `pkg/registry/authentication/selfsubjectreview/rest.go` answers
+        // 201 with `status.userInfo`).
         ("POST", ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"]) => {
             let user = shared.lock().user();
             (

@@ -451,7 +451,8 @@ impl ApiServer {
         st.log.clear();
     }
 
-    /// How often watches that allow bookmarks get one (default 60 s).
+    /// How often watches that allow bookmarks get one (default 60 s, the
+    /// watch cache's `defaultBookmarkFrequency` in `cacher/cacher.go`).
     pub fn bookmark_every(&self, every: Duration) {
         self.shared.lock().bookmark_every = every;
     }
