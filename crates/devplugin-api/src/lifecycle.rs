@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::metrics::ResourceMetrics;
 use crate::pb;
 use crate::plugin::Plugin;
-use crate::service::{Published, Service};
+use crate::service::{Published, Service, StreamCount};
 use crate::types::{API_VERSION, ResourceName};
 use crate::{FrameworkConfig, RegistrationStatus, uds};
 
@@ -212,16 +212,19 @@ impl<P: Plugin> Runtime<P> {
         path: &Path,
         name: &str,
         watch: &mut Option<DirWatch>,
-        streams: &mut watch::Receiver<usize>,
+        streams: &mut watch::Receiver<StreamCount>,
         attempt: &mut u32,
     ) -> bool {
         loop {
+            // The kubelet may open the stream before `Register` answers:
+            // what counts is every stream opened from here on.
+            let before = streams.borrow().opened;
             let kubelet = match self.register_loop(path, name, watch, attempt).await {
                 Registered::Stop => return false,
                 Registered::SocketGone => return true,
                 Registered::Yes(kubelet) => kubelet,
             };
-            match self.hold(path, name, kubelet, watch, streams).await {
+            match self.hold(path, name, kubelet, before, watch, streams).await {
                 Held::Stop => return false,
                 Held::Restart => return true,
                 Held::StreamLost { stable } => {
@@ -252,13 +255,13 @@ impl<P: Plugin> Runtime<P> {
         &self,
         path: &Path,
         shutdown: watch::Receiver<bool>,
-    ) -> Result<(tokio::task::JoinHandle<()>, watch::Receiver<usize>), ListenError> {
+    ) -> Result<(tokio::task::JoinHandle<()>, watch::Receiver<StreamCount>), ListenError> {
         remove_socket(path);
         let listener = UnixListener::bind(path).map_err(|source| ListenError {
             path: path.to_owned(),
             source,
         })?;
-        let (streams_tx, streams_rx) = watch::channel(0);
+        let (streams_tx, streams_rx) = watch::channel(StreamCount::default());
         let service = Service {
             resource: self.resource.clone(),
             plugin: Arc::clone(&self.plugin),
@@ -396,15 +399,26 @@ impl<P: Plugin> Runtime<P> {
         path: &Path,
         name: &str,
         kubelet_inode: Option<SocketIdentity>,
+        opened_before: u64,
         watch: &mut Option<DirWatch>,
-        streams: &mut watch::Receiver<usize>,
+        streams: &mut watch::Receiver<StreamCount>,
     ) -> Held {
         let kubelet = self.kubelet_socket();
         let registered = tokio::time::Instant::now();
         let mut streamed_since: Option<tokio::time::Instant> = None;
         loop {
-            let open = *streams.borrow_and_update();
-            match (open, streamed_since) {
+            let count = *streams.borrow_and_update();
+            // A stream that opened and already ended between two looks
+            // counts as opened: it is lost, not still awaited.
+            if count.opened > opened_before && streamed_since.is_none() {
+                streamed_since = Some(tokio::time::Instant::now());
+                if count.open > 0 {
+                    self.set(RegistrationStatus::Registered {
+                        endpoint: name.to_owned(),
+                    });
+                }
+            }
+            match (count.open, streamed_since) {
                 (0, Some(since)) => {
                     // The stream ended. A kubelet that went down is a
                     // restart in the making, not a lost stream.
@@ -419,14 +433,9 @@ impl<P: Plugin> Runtime<P> {
                     tracing::warn!(resource = %self.resource, timeout = ?self.config.stream_timeout, "registered, but the kubelet opened no ListAndWatch stream");
                     return Held::StreamLost { stable: false };
                 }
-                (0, None) => {}
-                (_, None) => {
-                    streamed_since = Some(tokio::time::Instant::now());
-                    self.set(RegistrationStatus::Registered {
-                        endpoint: name.to_owned(),
-                    });
-                }
-                (_, Some(_)) => {}
+                // Streaming; or only streams older than this registration
+                // are open (a replaced kubelet client not yet closed).
+                _ => {}
             }
             let check = if streamed_since.is_none() {
                 self.config

@@ -31,21 +31,34 @@ pub(crate) struct Service<P> {
     pub(crate) devices: watch::Receiver<Arc<Published>>,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) metrics: Arc<ResourceMetrics>,
-    /// ListAndWatch streams open on this socket, for the lifecycle.
-    pub(crate) streams: Arc<watch::Sender<usize>>,
+    /// ListAndWatch streams on this socket, for the lifecycle.
+    pub(crate) streams: Arc<watch::Sender<StreamCount>>,
+}
+
+/// The ListAndWatch streams of one socket. `opened` only grows: a stream
+/// that opens and ends between two looks is still seen to have existed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StreamCount {
+    /// Streams opened since the socket was served.
+    pub(crate) opened: u64,
+    /// Streams open now.
+    pub(crate) open: usize,
 }
 
 /// Counts a stream while it lives: dropped when tonic drops the stream
 /// (the kubelet went away) or the stream ends.
 struct StreamGuard {
     metrics: Arc<ResourceMetrics>,
-    streams: Arc<watch::Sender<usize>>,
+    streams: Arc<watch::Sender<StreamCount>>,
 }
 
 impl StreamGuard {
-    fn new(metrics: Arc<ResourceMetrics>, streams: Arc<watch::Sender<usize>>) -> Self {
+    fn new(metrics: Arc<ResourceMetrics>, streams: Arc<watch::Sender<StreamCount>>) -> Self {
         metrics.active_streams.fetch_add(1, Ordering::Relaxed);
-        streams.send_modify(|n| *n += 1);
+        streams.send_modify(|n| {
+            n.opened += 1;
+            n.open += 1;
+        });
         Self { metrics, streams }
     }
 }
@@ -53,7 +66,8 @@ impl StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.metrics.active_streams.fetch_sub(1, Ordering::Relaxed);
-        self.streams.send_modify(|n| *n = n.saturating_sub(1));
+        self.streams
+            .send_modify(|n| n.open = n.open.saturating_sub(1));
     }
 }
 

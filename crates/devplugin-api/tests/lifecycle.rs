@@ -644,6 +644,67 @@ async fn a_registration_without_a_stream_is_repeated() {
     handle.stop().await;
 }
 
+/// A kubelet whose stream opens and ends before the plugin looks (here:
+/// before `Register` even answers) has dropped the stream: the plugin
+/// registers again at once, not after the stream timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_ends_before_it_is_seen_is_noticed() {
+    use devplugin_api::pb::device_plugin_client::DevicePluginClient;
+    use devplugin_api::pb::registration_server::{Registration, RegistrationServer};
+    struct Fleeting {
+        dir: std::path::PathBuf,
+        calls: Arc<AtomicUsize>,
+    }
+    #[tonic::async_trait]
+    impl Registration for Fleeting {
+        async fn register(
+            &self,
+            request: tonic::Request<pb::RegisterRequest>,
+        ) -> Result<tonic::Response<pb::Empty>, tonic::Status> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let endpoint = self.dir.join(request.into_inner().endpoint);
+            let channel = uds::connect(&endpoint, Duration::from_secs(5))
+                .await
+                .map_err(|e| tonic::Status::unknown(e.to_string()))?;
+            let mut client = DevicePluginClient::new(channel);
+            let mut stream = client.list_and_watch(pb::Empty {}).await?.into_inner();
+            let _first = stream.message().await?;
+            // Stream and connection dropped before the answer.
+            drop(stream);
+            drop(client);
+            Ok(tonic::Response::new(pb::Empty {}))
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::UnixListener::bind(dir.path().join(KUBELET_SOCKET)).unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RegistrationServer::new(Fleeting {
+                dir: dir.path().to_owned(),
+                calls: Arc::clone(&calls),
+            }))
+            .serve_with_incoming(uds::incoming(listener)),
+    );
+    // A stream timeout far beyond the test's limit: only noticing the lost
+    // stream can repeat the registration in time.
+    let fw = Framework::new(config(dir.path()).stream_timeout(Duration::from_secs(600)));
+    let handle = fw
+        .serve(res(RES), Arc::new(Null::default()), list(1))
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while calls.load(Ordering::SeqCst) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a stream lost before it was seen was not noticed ({} registrations)",
+            calls.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(handle.metrics().stream_losses() >= 2);
+    handle.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_backoff_is_not_cut_short_by_other_plugins_sockets() {
     let dir = tempfile::tempdir().unwrap();

@@ -218,6 +218,10 @@ struct State {
     replaced: Vec<Client>,
     /// Every stream task, current or replaced, for shutdown.
     tasks: Vec<JoinHandle<()>>,
+    /// Which kubelet process this is: raised by every stop. A restarted
+    /// kubelet is a new process, so nothing begun by an older one (a
+    /// stream task, a dial-back in flight) may touch the new one's state.
+    life: u64,
 }
 
 struct Shared {
@@ -534,6 +538,7 @@ impl KubeletEmulator {
                 Shared::disconnect(state, &name);
             }
             state.replaced.clear();
+            state.life += 1;
             std::mem::take(&mut state.tasks)
         });
         for t in tasks {
@@ -633,6 +638,7 @@ fn run_client(
     shared: Arc<Shared>,
     resource: String,
     id: u64,
+    life: u64,
     mut client: DevicePluginClient<Channel>,
     end: oneshot::Receiver<()>,
 ) -> JoinHandle<()> {
@@ -645,6 +651,9 @@ fn run_client(
             while let Ok(Some(msg)) = stream.message().await {
                 let list = DeviceList::from_pb(&msg).ok();
                 shared.with(|s| {
+                    if s.life != life {
+                        return;
+                    }
                     // `PluginListAndWatchReceiver` updates by name: an
                     // old client still streaming writes too.
                     if let Some(r) = s.view.resources.get_mut(&resource) {
@@ -661,6 +670,10 @@ fn run_client(
         }
         drop(client);
         shared.with(|s| {
+                if s.life != life {
+                    // A client of a kubelet that has since stopped.
+                    return;
+                }
                 s.replaced.retain(|c| c.id != id);
                 // `getClient(name)`: the current client, which may be a
                 // newer registration's (kubernetes issue 121994).
@@ -731,11 +744,14 @@ impl Registration for RegistrationService {
 /// holds no client of the resource; the old client is never closed and its
 /// stream goes on. 1.24: `addEndpoint` (`manager.go`) only logs the failure
 /// and changes nothing.
-fn forget_current(shared: &Shared, resource: &str) {
+fn forget_current(shared: &Shared, resource: &str, life: u64) {
     if shared.version == KubeletVersion::V1_24 {
         return;
     }
     shared.with(|s| {
+        if s.life != life {
+            return;
+        }
         // Kept, not dropped: dropping a client would end its stream.
         if let Some(old) = s.clients.remove(resource) {
             s.replaced.push(old);
@@ -747,6 +763,7 @@ fn forget_current(shared: &Shared, resource: &str) {
 /// read its options, make it the resource's client, read its stream.
 async fn connect(shared: Arc<Shared>, req: pb::RegisterRequest) -> Result<(), Status> {
     let resource = req.resource_name.clone();
+    let life = shared.with(|s| s.life);
     // `connectClient`: the endpoint is joined, not checked; the new
     // client replaces the old in the map without closing it.
     let path = go_join(&shared.dir, &req.endpoint);
@@ -754,7 +771,7 @@ async fn connect(shared: Arc<Shared>, req: pb::RegisterRequest) -> Result<(), St
     let channel = uds::connect_with_authority(&path, DIAL_TIMEOUT, rule)
         .await
         .map_err(|e| {
-            forget_current(&shared, &resource);
+            forget_current(&shared, &resource, life);
             // `errFailedToDialDevicePlugin` (`plugin/v1beta1/api.go`).
             Status::unknown(format!("failed to dial device plugin: {e}"))
         })?;
@@ -772,7 +789,7 @@ async fn connect(shared: Arc<Shared>, req: pb::RegisterRequest) -> Result<(), St
     let options = match asked {
         Ok(o) => o,
         Err(e) => {
-            forget_current(&shared, &resource);
+            forget_current(&shared, &resource, life);
             return Err(Status::unknown(format!(
                 "failed to get device plugin options: {e}"
             )));
@@ -780,7 +797,14 @@ async fn connect(shared: Arc<Shared>, req: pb::RegisterRequest) -> Result<(), St
     };
     let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
     let (end_tx, end_rx) = oneshot::channel();
+    // One step: the client joins the map and its stream task the task
+    // list together, so a stop never sees one without the other.
     shared.with(|s| {
+        if s.life != life {
+            // This kubelet stopped while dialling back: its successor
+            // never heard of this registration.
+            return Err(Status::unavailable("the kubelet stopped"));
+        }
         let replaced = s.clients.insert(
             resource.clone(),
             Client {
@@ -803,14 +827,12 @@ async fn connect(shared: Arc<Shared>, req: pb::RegisterRequest) -> Result<(), St
         r.devices = None;
         r.connected = true;
         r.stopped_at = None;
-    });
-    // Then `go s.runClient(...)`, racing with the answer.
-    let task = run_client(Arc::clone(&shared), resource, id, client, end_rx);
-    shared.with(|s| {
+        // Then `go s.runClient(...)`, racing with the answer.
+        let task = run_client(Arc::clone(&shared), resource, id, life, client, end_rx);
         s.tasks.retain(|t| !t.is_finished());
         s.tasks.push(task);
-    });
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]
