@@ -515,11 +515,12 @@ fn patch_node(shared: &Shared, req: &Request, name: &str) -> (u16, Value) {
     // (`staging/src/k8s.io/apiserver/pkg/endpoints/handlers/patch.go`:
     // `wasCreated` → `http.StatusCreated`).
     let mut was_created = false;
-    let changed = {
+    let (changed, before) = {
         let mut st = shared.lock();
         let rv = st.next_rv + 1;
+        let before = st.nodes.get(name).map(|n| n.labels.clone());
         if content_type.starts_with("application/apply-patch") {
-            let Some(manager) = manager else {
+            let Some(manager) = manager.clone() else {
                 return (
                     422,
                     status(
@@ -626,7 +627,7 @@ fn patch_node(shared: &Shared, req: &Request, name: &str) -> (u16, Value) {
                         node.resource_version = rv;
                     }
                     was_created = created;
-                    changed || created
+                    (changed || created, before)
                 }
                 Err(conflicts) => {
                     let causes: Vec<Value> = conflicts
@@ -670,7 +671,7 @@ fn patch_node(shared: &Shared, req: &Request, name: &str) -> (u16, Value) {
             if changed {
                 node.resource_version = rv;
             }
-            changed
+            (changed, before)
         } else {
             return (
                 415,
@@ -685,6 +686,19 @@ fn patch_node(shared: &Shared, req: &Request, name: &str) -> (u16, Value) {
     let mut st = shared.lock();
     if changed {
         st.next_rv += 1;
+        let after = st
+            .nodes
+            .get(name)
+            .map(|n| n.labels.clone())
+            .unwrap_or_default();
+        st.writes.push(crate::NodeWrite {
+            at: std::time::Instant::now(),
+            node: name.to_owned(),
+            manager: manager.unwrap_or_else(|| "unknown".to_owned()),
+            created: was_created,
+            labels_before: before.unwrap_or_default(),
+            labels_after: after,
+        });
     }
     let out = st
         .nodes

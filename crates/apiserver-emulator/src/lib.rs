@@ -56,6 +56,27 @@ pub struct Seen {
     pub content_type: Option<String>,
 }
 
+/// One write through the API that changed a Node (a server-side apply or a
+/// merge patch), as an audit log at level `RequestResponse` would let one
+/// reconstruct it: who, when, and the labels before and after. Changes the
+/// test makes directly ([`ApiServer::add_node`], [`ApiServer::set_label`])
+/// are not requests and are not listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeWrite {
+    /// When the write was answered.
+    pub at: std::time::Instant,
+    /// The Node.
+    pub node: String,
+    /// The request's `fieldManager` (`unknown` when it named none).
+    pub manager: String,
+    /// Whether the write created the Node (an apply to a missing Node).
+    pub created: bool,
+    /// The labels before the write (empty when it created the Node).
+    pub labels_before: BTreeMap<String, String>,
+    /// The labels after it.
+    pub labels_after: BTreeMap<String, String>,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct State {
     pub(crate) nodes: BTreeMap<String, Object>,
@@ -63,6 +84,7 @@ pub(crate) struct State {
     pub(crate) configmaps: BTreeMap<(String, String), (BTreeMap<String, String>, u64)>,
     pub(crate) events: Vec<Value>,
     pub(crate) requests: Vec<Seen>,
+    pub(crate) writes: Vec<NodeWrite>,
     pub(crate) faults: VecDeque<Fault>,
     pub(crate) fault_rate: f64,
     pub(crate) rng: u64,
@@ -467,7 +489,14 @@ impl ApiServer {
         self.shared.lock().fault_rate = rate.clamp(0.0, 1.0);
     }
 
-    /// Every request received so far.
+    /// Every write through the API that changed a Node, in order (the
+    /// audit trail a soak checks for foreign changes and re-creations).
+    #[must_use]
+    pub fn node_writes(&self) -> Vec<NodeWrite> {
+        self.shared.lock().writes.clone()
+    }
+
+    /// Every request received, in order.
     #[must_use]
     pub fn requests(&self) -> Vec<Seen> {
         self.shared.lock().requests.clone()

@@ -92,6 +92,25 @@ async fn apply_creates_a_missing_object_unless_a_uid_or_rbac_stops_it() {
             .contains("cannot create resource \"nodes\"")
     );
     assert!(api.node("n4").is_none());
+    // The audit trail: the two creations by apply, who made them, and
+    // nothing for the refused writes or the test's own add_node.
+    let writes = api.node_writes();
+    let created: Vec<&str> = writes
+        .iter()
+        .filter(|w| w.created)
+        .map(|w| w.node.as_str())
+        .collect();
+    assert_eq!(created, ["n1", "n2"]);
+    assert_eq!(writes.len(), 2, "{writes:?}");
+    assert!(
+        writes
+            .iter()
+            .all(|w| w.manager == "m" && w.labels_before.is_empty())
+    );
+    assert_eq!(
+        writes[0].labels_after.get("a").map(String::as_str),
+        Some("1")
+    );
 }
 
 #[tokio::test]
