@@ -13,7 +13,7 @@ use devplugin_api::{
     Metrics, Plugin, PluginError, PluginOptions, PreferredRequest, RegistrationStatus,
     ResourceHandle, ResourceName,
 };
-use gpu_discovery::{DiscoveryConfig, Inventory, InventoryWatcher, WatcherConfig};
+use gpu_discovery::{DiscoveryConfig, Driver, Inventory, InventoryWatcher, WatcherConfig};
 use ops_kit::prometheus::{Kind, Text};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -349,6 +349,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     tracing::info!(sources = ?watcher.sources(), "following hotplug");
     let framework = Framework::new(FrameworkConfig::new(&config.kubelet_dir));
+    // A killed instance may have served a resource this one will not
+    // (its last card of that driver gone meanwhile): no orphaned socket.
+    let every_resource: Vec<_> = Driver::ALL
+        .into_iter()
+        .flat_map(|d| [plan::resource_name(d), plan::monitoring_name(Some(d))])
+        .chain([plan::monitoring_name(None)])
+        .collect();
+    framework.remove_stale_sockets(&every_resource).await;
     let shared: Shared = Arc::new(RwLock::new(Arc::new(Plan::default())));
     let statuses = Arc::new(RwLock::new(BTreeMap::new()));
     let cdi = CdiKeeper::new(

@@ -234,6 +234,22 @@ impl Framework {
         &self.metrics
     }
 
+    /// Removes the sockets of `resources` that refuse connections: left by
+    /// an instance that was killed (`kill -9`, OOM) while serving them.
+    /// [`Framework::serve`] does this for the resource it serves; a plugin
+    /// whose resources come and go calls this at start for every resource
+    /// it may serve, so a resource the killed instance served and this one
+    /// does not (yet) leaves no orphan behind. Live sockets (another
+    /// instance during a rolling update) and other plugins' are kept.
+    pub async fn remove_stale_sockets<'a>(
+        &self,
+        resources: impl IntoIterator<Item = &'a ResourceName>,
+    ) {
+        for r in resources {
+            lifecycle::clean_stale_sockets(&self.config.kubelet_dir, &r.socket_prefix()).await;
+        }
+    }
+
     /// Starts serving `resource` with `initial` devices: the socket, the
     /// registration and its upkeep run in a task until the handle is
     /// stopped or dropped. Must be called inside a tokio runtime.

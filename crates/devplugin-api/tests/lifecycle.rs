@@ -227,6 +227,27 @@ async fn stale_sockets_of_ours_are_removed_and_foreign_ones_kept() {
     handle.stop().await;
 }
 
+/// A killed instance's socket of a resource this instance does not serve
+/// (yet) is removed when asked, with the same care as at serve time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_sockets_of_resources_not_served_are_removed_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("example.com-other-4242-abcdef-3.sock");
+    drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+    let live_path = dir.path().join("example.com-other-17-fedcba-1.sock");
+    let _live = std::os::unix::net::UnixListener::bind(&live_path).unwrap();
+    let unasked = dir.path().join("example.com-third-1-a-1.sock");
+    drop(std::os::unix::net::UnixListener::bind(&unasked).unwrap());
+    let fw = Framework::new(config(dir.path()));
+    fw.remove_stale_sockets(&[res("example.com/other")]).await;
+    assert!(
+        !dead.exists(),
+        "the dead socket of a named resource is removed"
+    );
+    assert!(live_path.exists(), "a live instance's socket is kept");
+    assert!(unasked.exists(), "a resource not named is not touched");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocate_checks_ids_and_runs_concurrently() {
     let dir = tempfile::tempdir().unwrap();
