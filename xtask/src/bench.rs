@@ -18,6 +18,8 @@ use crate::util::{cargo, project_root, run};
 pub(crate) enum Goal {
     /// The figure must not exceed this absolute value.
     AtMost(f64),
+    /// The figure must reach at least this absolute value.
+    AtLeast(f64),
     /// The figure divided by the baseline figure (same run) must not exceed
     /// the ratio.
     RatioAtMost { baseline: &'static str, ratio: f64 },
@@ -90,12 +92,12 @@ pub(crate) fn task(args: &[String]) -> Result<()> {
     let path = out_dir.join("report.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("could not write {}", path.display()))?;
-    println!("{}", render_table(&report));
+    println!("{}", render_table(&report, GOALS));
     println!("report written to {}", path.display());
     Ok(())
 }
 
-fn read_parts(dir: &Path) -> Result<Vec<(String, Part)>> {
+pub(crate) fn read_parts(dir: &Path) -> Result<Vec<(String, Part)>> {
     let mut parts = Vec::new();
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("could not list {}", dir.display()))?;
@@ -149,6 +151,10 @@ pub(crate) fn judge(report: &Part, name: &str, goal: Goal) -> String {
             let verdict = if value <= max { "met" } else { "MISSED" };
             format!("{verdict} (goal <= {max})")
         }
+        Goal::AtLeast(min) => {
+            let verdict = if value >= min { "met" } else { "MISSED" };
+            format!("{verdict} (goal >= {min})")
+        }
         Goal::RatioAtMost { baseline, ratio } => match report.metrics.get(baseline) {
             Some(&base) if base > 0.0 => {
                 let r = value / base;
@@ -160,11 +166,22 @@ pub(crate) fn judge(report: &Part, name: &str, goal: Goal) -> String {
     }
 }
 
-pub(crate) fn render_table(report: &Part) -> String {
+/// The goals a report missed, with their verdicts; a figure with a goal
+/// that was not measured (and not skipped with a reason) counts as missed.
+pub(crate) fn missed(report: &Part, goals: &[(&str, Goal)]) -> Vec<String> {
+    goals
+        .iter()
+        .map(|(name, goal)| (name, judge(report, name, *goal)))
+        .filter(|(_, verdict)| verdict.starts_with("MISSED") || verdict == "not measured")
+        .map(|(name, verdict)| format!("{name}: {verdict}"))
+        .collect()
+}
+
+pub(crate) fn render_table(report: &Part, goals: &[(&str, Goal)]) -> String {
     let mut out = String::new();
     out.push_str(&format!("{:<46} {:>14}  {}\n", "figure", "value", "goal"));
     for (name, value) in &report.metrics {
-        let goal = GOALS
+        let goal = goals
             .iter()
             .find(|(n, _)| n == name)
             .map(|(n, g)| judge(report, n, *g))
@@ -174,7 +191,7 @@ pub(crate) fn render_table(report: &Part) -> String {
     for (name, reason) in &report.skipped {
         out.push_str(&format!("{name:<46} {:>14}  {reason}\n", "skipped"));
     }
-    for (name, _) in GOALS {
+    for (name, _) in goals {
         if !report.metrics.contains_key(*name) && !report.skipped.contains_key(*name) {
             out.push_str(&format!(
                 "{name:<46} {:>14}  has a goal, no benchmark measured it\n",
@@ -259,12 +276,24 @@ mod tests {
         );
         assert_eq!(judge(&r, "z", Goal::AtMost(1.0)), "skipped: no namespaces");
         assert_eq!(judge(&r, "w", Goal::AtMost(1.0)), "not measured");
+        assert!(judge(&r, "y", Goal::AtLeast(5.0)).starts_with("met"));
+        assert!(judge(&r, "x", Goal::AtLeast(5.0)).starts_with("MISSED"));
+        let m = missed(
+            &r,
+            &[
+                ("x", Goal::AtLeast(5.0)),
+                ("y", Goal::AtMost(9.0)),
+                ("w", Goal::AtMost(1.0)),
+                ("z", Goal::AtMost(1.0)),
+            ],
+        );
+        assert_eq!(m, ["x: MISSED (goal >= 5)", "w: not measured"]);
     }
 
     #[test]
     fn table_lists_every_figure() {
         let r = part(&[("framework.allocate_us_p50", 1.0)], &[("q", "why")]);
-        let t = render_table(&r);
+        let t = render_table(&r, GOALS);
         assert!(t.contains("framework.allocate_us_p50"));
         assert!(t.contains("no baseline `framework.allocate_baseline_us_p50`"));
         assert!(t.contains("plugin.startup_ms") && t.contains("no benchmark measured it"));

@@ -21,6 +21,10 @@ pub(crate) const STEPS: &[(&str, &str)] = &[
     ("tidy", "repository rules (xtask's own tests)"),
     ("demo", "cargo xtask demo exits 0 and reports every step"),
     (
+        "soak",
+        "cargo xtask soak --quick: every soak scenario, fewer times, meets every goal",
+    ),
+    (
         "manifests",
         "deploy/ renders, validates (each overlay from its oldest Kubernetes to 1.34), lints, and replaces StarlingX's plugin in place",
     ),
@@ -114,6 +118,7 @@ fn run_step(step: &str) -> Result<()> {
             .env_remove("UPDATE_EXPECT"))
         .map(drop),
         "demo" => crate::demo::check(),
+        "soak" => crate::soak::task(None, true, None),
         "manifests" => crate::deploy::check_manifests(),
         "ansible" => crate::deploy::check_ansible(),
         "image" => {

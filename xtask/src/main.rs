@@ -10,6 +10,7 @@ mod demo;
 mod deploy;
 mod fuzz;
 mod image;
+mod soak;
 mod util;
 
 use std::process::ExitCode;
@@ -43,6 +44,19 @@ enum Task {
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_args: Vec<String>,
+    },
+    /// Soak the release binaries against the emulators (kubelet restarts,
+    /// hotplug storms, API faults, kill -9) and write target/soak/report.json.
+    Soak {
+        /// The cluster time the labeller part compresses (e.g. 1h, 10m).
+        #[arg(long)]
+        duration: Option<String>,
+        /// The CI size: every scenario, fewer times (under a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Replay a run: the seed a failed run printed.
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// OCI image archives in target/images (static release binaries).
     Image {
@@ -111,6 +125,11 @@ fn main() -> ExitCode {
             verify_reproducible,
         } => image::task(check, verify_reproducible),
         Task::Bench { cargo_args } => bench::task(&cargo_args),
+        Task::Soak {
+            duration,
+            quick,
+            seed,
+        } => soak::task(duration.as_deref(), quick, seed),
         Task::Fuzz { target, seconds } => fuzz::task(target.as_deref(), seconds),
         Task::Codegen { check } => codegen::task(check),
     };

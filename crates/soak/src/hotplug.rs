@@ -44,6 +44,8 @@ pub(crate) const FIGURES: [&str; 6] = [
 const I915: &str = "gpu.intel.com/i915";
 const XE: &str = "gpu.intel.com/xe";
 const LIMIT: Duration = Duration::from_secs(10);
+/// The storm kinds, as figures name them.
+const KINDS: [&str; 6] = ["single", "burst", "rebind", "vfs", "dri_gone", "garbage"];
 /// The Flex 170's device id (SR-IOV capable, i915).
 const FLEX: &str = "0x56c0";
 /// Battlemage, which both drivers know.
@@ -188,7 +190,17 @@ pub(crate) async fn run(
     let node = FakeNode::create(&dir.path().join("node"))?;
     let kdir = dir.path().join("kubelet");
     std::fs::create_dir_all(&kdir)?;
-    let cdi = dir.path().join("cdi");
+    // /var/run/cdi is on tmpfs on a real node (/run): so is this one,
+    // where the machine has one.
+    let shm = tempfile::Builder::new()
+        .prefix("soak-hotplug-cdi-")
+        .tempdir_in("/dev/shm")
+        .or_else(|_| {
+            tempfile::Builder::new()
+                .prefix("soak-hotplug-cdi-")
+                .tempdir()
+        })?;
+    let cdi = shm.path().join("cdi");
     let kubelet = KubeletEmulator::start(&kdir).await?;
     // The iGPU, five discrete slots, an SR-IOV PF, and fifty burst slots.
     let mut slots: Vec<Slot> = vec![Slot {
@@ -247,6 +259,7 @@ pub(crate) async fn run(
         last: Instant::now(),
     };
     let mut times = Samples::new();
+    let mut by_kind: BTreeMap<&'static str, Samples> = BTreeMap::new();
     let mut storms = 0usize;
     let mut mismatches = 0usize;
     while storm.sent < target {
@@ -342,7 +355,14 @@ pub(crate) async fn run(
         })
         .await;
         match took {
-            Some(_) => times.push(storm.last.elapsed().min(Duration::from_secs(3600))),
+            Some(_) => {
+                let took = storm.last.elapsed();
+                times.push(took);
+                by_kind
+                    .entry(KINDS[usize::from(kind)])
+                    .or_default()
+                    .push(took);
+            }
             None => {
                 mismatches += 1;
                 let v = kubelet.view();
@@ -357,6 +377,12 @@ pub(crate) async fn run(
                 }
             }
         }
+    }
+    for (kind, samples) in &by_kind {
+        report.metric(
+            &format!("soak.hotplug.{kind}_ms_p99"),
+            samples.percentile_ms(99.0).unwrap_or(f64::NAN),
+        );
     }
     report.metric("soak.hotplug.events", storm.sent as f64);
     report.metric("soak.hotplug.storms", storms as f64);

@@ -181,6 +181,17 @@ pub(crate) async fn run(
             reregister.percentile_ms(p).unwrap_or(f64::NAN),
         );
     }
+    // The samples, for a closer look (restart, fds, RSS KiB).
+    let csv: String = fds
+        .iter()
+        .zip(&rss)
+        .enumerate()
+        .map(|(i, (f, r))| format!("{i},{f},{r}\n"))
+        .collect();
+    let _ = std::fs::write(
+        o.out.join("plugin-samples.csv"),
+        format!("restart,fds,rss_kib\n{csv}"),
+    );
     // Warm-up: the first tenth. Growth: the last tenth against the tenth
     // right after warm-up (medians, at quiescent points).
     let tenth = (fds.len() / 10).max(1);
