@@ -183,6 +183,7 @@ const TEST_ONLY_CRATES: &[&str] = &[
     "kubelet-emulator",
     "apiserver-emulator",
     "demo",
+    "soak",
 ];
 
 #[test]
