@@ -50,8 +50,11 @@ pub(crate) fn main(cli: Cli) -> ExitCode {
             ));
         }
     };
+    // Colours only for a person at a terminal: `kubectl logs` and
+    // journald get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),

@@ -626,6 +626,10 @@ async fn rotated_credentials_are_picked_up() {
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("credentials changed on disk"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "logs to a pipe carry no colour codes: {log}"
+    );
 }
 
 /// The systemd unit: `systemd-analyze verify` accepts it, it pulls in no

@@ -26,8 +26,11 @@ fn init_logging(cli: &Cli) -> Result<(), String> {
             cli.log_level
         )
     })?;
+    // Colours only for a person at a terminal: `kubectl logs` and
+    // journald get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),

@@ -888,3 +888,37 @@ async fn health_management_and_a_stuck_read() {
     // Unblock the reader so the process can exit.
     let _ = std::fs::OpenOptions::new().write(true).open(&input);
 }
+
+/// Logs to a pipe or a file (`kubectl logs`, journald) are plain text:
+/// colour codes only at a terminal.
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = FakeNode::build(&dir.path().join("node"), &NodeSpec::starlingx_edge()).unwrap();
+    let log = dir.path().join("log");
+    let child = Command::new(BIN)
+        .arg("--sysfs-root")
+        .arg(node.sysfs_root())
+        .arg("--devfs-root")
+        .arg(node.devfs_root())
+        .arg("--kubelet-dir")
+        .arg(dir.path().join("kubelet"))
+        .arg("--cdi-dir")
+        .arg(dir.path().join("cdi"))
+        .args(["--http-address", "", "--log-level", "info"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _p = Plugin(child);
+    let deadline = Instant::now() + LIMIT;
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("INFO") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "nothing logged: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!text.contains('\x1b'), "{text}");
+}
