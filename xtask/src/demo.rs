@@ -1,21 +1,15 @@
 //! `cargo xtask demo [--keep]`: builds the real binaries and the demo
 //! driver, then runs the whole system on a simulated StarlingX edge node.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{cargo, project_root, run};
+use crate::util::{cargo, run, target_dir};
 
 /// The lines a passing demo prints.
 pub(crate) const STEPS: usize = 6;
 pub(crate) const ALL_HELD: &str = "demo: all 6 steps held";
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| project_root().join("target"), PathBuf::from)
-}
 
 /// What `cargo` builds for the demo: never `-q`, so a cold build shows
 /// its progress.

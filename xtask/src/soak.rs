@@ -5,13 +5,12 @@
 //! saw a failure or a goal is missed, naming the seed that replays the
 //! run. `--quick` is the CI size (under a minute once built).
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
 use crate::bench::{Goal, merge, missed, render_table};
-use crate::util::{cargo, project_root, run};
+use crate::util::{cargo, run, target_dir};
 
 /// The soak's goals. The sizes differ between a full and a quick run;
 /// what must never happen is the same.
@@ -47,11 +46,6 @@ pub(crate) fn goals(quick: bool) -> Vec<(&'static str, Goal)> {
     goals
 }
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| project_root().join("target"), PathBuf::from)
-}
-
 pub(crate) fn task(duration: Option<&str>, quick: bool, seed: Option<u64>) -> Result<()> {
     let seed = seed.unwrap_or_else(|| fastrand::u64(..));
     eprintln!(
@@ -71,9 +65,10 @@ pub(crate) fn task(duration: Option<&str>, quick: bool, seed: Option<u64>) -> Re
     .context("could not build the soak")?;
     let out = target_dir().join("soak");
     let parts_dir = out.join("parts");
-    if parts_dir.exists() {
-        std::fs::remove_dir_all(&parts_dir)
-            .with_context(|| format!("could not clear {}", parts_dir.display()))?;
+    // Every run starts clean: parts, logs and samples are this run's.
+    if out.exists() {
+        std::fs::remove_dir_all(&out)
+            .with_context(|| format!("could not clear {}", out.display()))?;
     }
     std::fs::create_dir_all(&parts_dir)
         .with_context(|| format!("could not create {}", parts_dir.display()))?;

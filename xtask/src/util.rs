@@ -46,3 +46,9 @@ pub(crate) fn succeeds(cmd: &mut Command) -> bool {
 pub(crate) fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
+
+/// Where cargo builds: `CARGO_TARGET_DIR`, or `target/` in the project.
+pub(crate) fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| project_root().join("target"), std::path::PathBuf::from)
+}

@@ -59,14 +59,7 @@ fn ms(d: Duration) -> String {
 
 impl Demo {
     async fn new(root: &Path, plugin_bin: PathBuf, labeler_bin: PathBuf) -> anyhow::Result<Self> {
-        let mut spec = NodeSpec::starlingx_edge();
-        spec.gpus.push(
-            GpuSpec::new(8)
-                .at("0000:8a:00.0")
-                .device("0xe20b")
-                .driver(Some("xe")),
-        );
-        let node = FakeNode::build(&root.join("node"), &spec)?;
+        let node = FakeNode::build(&root.join("node"), &NodeSpec::starlingx_edge_with_arc())?;
         std::fs::create_dir_all(root.join("kubelet"))?;
         let kubelet = KubeletEmulator::start(&root.join("kubelet")).await?;
         let api = ApiServer::start().await?;

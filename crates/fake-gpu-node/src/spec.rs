@@ -278,6 +278,21 @@ impl NodeSpec {
         Self::builtin(include_str!("../nodes/starlingx-edge.toml"))
     }
 
+    /// The demo's and the soak's node: [`NodeSpec::starlingx_edge`] plus an
+    /// Arc B580 on `xe` (card8 at `0000:8a:00.0`), so both resources exist.
+    #[must_use]
+    pub fn starlingx_edge_with_arc() -> Self {
+        let mut spec = Self::starlingx_edge();
+        spec.name = "starlingx-edge-with-arc".to_owned();
+        spec.gpus.push(
+            GpuSpec::new(8)
+                .at("0000:8a:00.0")
+                .device("0xe20b")
+                .driver(Some("xe")),
+        );
+        spec
+    }
+
     /// A workstation with an Arc B580 on `xe` (card0) and a Lunar Lake-class
     /// iGPU on `xe` (card1).
     #[must_use]

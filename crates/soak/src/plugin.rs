@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bench_report::{Report, Samples};
-use fake_gpu_node::{FakeNode, GpuSpec, NodeSpec};
+use fake_gpu_node::{FakeNode, NodeSpec};
 use kubelet_emulator::{KubeletEmulator, KubeletVersion, View};
 
 use crate::Opts;
@@ -29,14 +29,7 @@ const LIMIT: Duration = Duration::from_secs(20);
 /// The StarlingX edge node of the demo: iGPU, a Flex 170 PF with 4 VFs
 /// (hidden PF), and an Arc B580 on `xe`.
 pub(crate) fn edge_node() -> NodeSpec {
-    let mut spec = NodeSpec::starlingx_edge();
-    spec.gpus.push(
-        GpuSpec::new(8)
-            .at("0000:8a:00.0")
-            .device("0xe20b")
-            .driver(Some("xe")),
-    );
-    spec
+    NodeSpec::starlingx_edge_with_arc()
 }
 
 type Truth = BTreeMap<&'static str, Vec<(String, bool)>>;
