@@ -1,7 +1,8 @@
-//! `cargo xtask codegen [--check]`: generates the device plugin API's Rust
-//! code from `crates/devplugin-api/proto/` with protox (a pure-Rust protobuf
+//! `cargo xtask codegen [--check]`: generates the device plugin and DRA
+//! APIs' Rust code from `crates/devplugin-api/proto/` and
+//! `crates/dra-api/proto/` with protox (a pure-Rust protobuf
 //! compiler: no system `protoc`) and tonic-prost-build, formats it with
-//! rustfmt and writes it to `crates/devplugin-api/src/pb/`. With `--check`
+//! rustfmt and writes it to each crate's `src/pb/`. With `--check`
 //! it writes nothing and fails when the checked-in code is stale (a CI
 //! step).
 
@@ -12,11 +13,33 @@ use anyhow::{Context, Result, bail};
 use crate::util::project_root;
 
 /// `(proto file, generated module file)` pairs, relative to the root.
-const PROTOS: &[(&str, &str, &str)] = &[(
-    "crates/devplugin-api/proto",
-    "deviceplugin_v1beta1.proto",
-    "crates/devplugin-api/src/pb/v1beta1.rs",
-)];
+const PROTOS: &[(&str, &str, &str)] = &[
+    (
+        "crates/devplugin-api/proto",
+        "deviceplugin_v1beta1.proto",
+        "crates/devplugin-api/src/pb/v1beta1.rs",
+    ),
+    (
+        "crates/dra-api/proto",
+        "pluginregistration_v1.proto",
+        "crates/dra-api/src/pb/pluginregistration.rs",
+    ),
+    (
+        "crates/dra-api/proto",
+        "dra_v1beta1.proto",
+        "crates/dra-api/src/pb/dra_v1beta1.rs",
+    ),
+    (
+        "crates/dra-api/proto",
+        "dra_v1.proto",
+        "crates/dra-api/src/pb/dra_v1.rs",
+    ),
+    (
+        "crates/dra-api/proto",
+        "dra_health_v1alpha1.proto",
+        "crates/dra-api/src/pb/health_v1alpha1.rs",
+    ),
+];
 
 pub(crate) fn task(check: bool) -> Result<()> {
     let root = project_root();

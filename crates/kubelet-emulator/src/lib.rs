@@ -44,6 +44,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+mod plugin_watcher;
+
+pub use plugin_watcher::{
+    DraPluginView, LEGACY_SERVICE, PluginWatcher, WatcherView, grpc_go_authority,
+};
+
 use devplugin_api::authority::AuthorityRule;
 use devplugin_api::pb::device_plugin_client::DevicePluginClient;
 use devplugin_api::pb::registration_server::{Registration, RegistrationServer};
@@ -83,6 +89,12 @@ pub enum KubeletVersion {
     /// `WithAuthority`, so `:authority` is the socket path (kubernetes
     /// issues 108254, 109081).
     V1_25,
+    /// 1.32 (and 1.33): device plugins as 1.34; DRA drivers register through
+    /// the plugin watcher and are served `v1beta1.DRAPlugin` when they list
+    /// it, whatever their order (`cm/dra/plugin/registration.go` 1.32,
+    /// `plugins_store.go` 1.33; without it the kubelet falls back to the
+    /// removed v1alpha4).
+    V1_32,
     /// 1.34: `plugin/v1beta1/client.go` `dial` passes
     /// `grpc.WithAuthority("localhost")` (kubernetes PR 112597, 1.26+).
     #[default]
@@ -91,7 +103,7 @@ pub enum KubeletVersion {
 
 impl KubeletVersion {
     /// Every emulated version, oldest first.
-    pub const ALL: [Self; 3] = [Self::V1_24, Self::V1_25, Self::V1_34];
+    pub const ALL: [Self; 4] = [Self::V1_24, Self::V1_25, Self::V1_32, Self::V1_34];
 
     /// The `:authority` its dial-back to the plugin at `socket` sends.
     #[must_use]
@@ -100,7 +112,7 @@ impl KubeletVersion {
             Self::V1_24 | Self::V1_25 => {
                 AuthorityRule::Set(socket.as_os_str().as_encoded_bytes().to_vec())
             }
-            Self::V1_34 => AuthorityRule::Set(b"localhost".to_vec()),
+            Self::V1_32 | Self::V1_34 => AuthorityRule::Set(b"localhost".to_vec()),
         }
     }
 }
@@ -181,6 +193,9 @@ pub enum EmulatorError {
     /// Waiting for a condition took too long.
     #[error("the condition did not hold within {0:?}; last view: {1:#?}")]
     Timeout(Duration, Box<View>),
+    /// Waiting for the plugin watcher took too long.
+    #[error("the plugin watcher's condition did not hold within {0:?}; last view: {1:#?}")]
+    WatcherTimeout(Duration, Box<WatcherView>),
     /// The resource has no connected client ("endpoint has been stopped").
     #[error("resource {0} is not registered")]
     NotRegistered(String),
