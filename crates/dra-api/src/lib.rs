@@ -11,20 +11,32 @@
 //!   when its socket is deleted, removing stale sockets of a killed
 //!   instance, accepting any `:authority` (the kubelet's registration dial
 //!   sends the percent-encoded socket path).
+//! - [`DraServer`]: the DRA service (`v1` and `v1beta1` on one socket):
+//!   `NodePrepareResources` and `NodeUnprepareResources`, idempotent,
+//!   claims looked up through a [`ClaimSource`] by namespace, name and
+//!   UID, only this driver's results handed to the [`Driver`], a per-claim
+//!   error, prepared claims kept in a [`checkpoint`] written atomically.
 //! - [`DriverName`] and [`DraService`]: the names the kubelet checks.
 //! - [`pb`]: the registration, DRA (`v1`, `v1beta1`) and health protocols.
 //!
-//! The DRA service itself (prepare and unprepare with a checkpoint),
-//! ResourceSlice publication and CDI come next; see `docs/dra-api.md`.
+//! The API-server claim lookup, ResourceSlice publication and CDI come
+//! next; see `docs/dra-api.md`.
 //! The facts this follows, with their upstream sources, are collected in
 //! `docs/research/dra-facts.md`.
 
 pub mod pb;
 
+pub mod checkpoint;
 mod names;
 mod registrar;
+mod service;
 
+pub use checkpoint::{PreparedClaim, PreparedDevice};
 pub use names::{DraService, DriverName, MAX_DRIVER_NAME, NameError};
 pub use registrar::{
     DRA_PLUGIN_TYPE, REGISTRY_DIR, Registrar, RegistrarConfig, RegistrarError, RegistrationState,
+};
+pub use service::{
+    Allocated, AllocationResult, ClaimError, ClaimRef, ClaimSource, DraConfig, DraError, DraServer,
+    Driver, DriverError,
 };

@@ -47,7 +47,8 @@ use std::time::{Duration, Instant};
 mod plugin_watcher;
 
 pub use plugin_watcher::{
-    DraPluginView, LEGACY_SERVICE, PluginWatcher, WatcherView, grpc_go_authority,
+    ClaimAnswer, ClaimId, DraPluginView, LEGACY_SERVICE, PluginWatcher, PreparedView, WatcherView,
+    grpc_go_authority,
 };
 
 use devplugin_api::authority::AuthorityRule;
@@ -199,6 +200,9 @@ pub enum EmulatorError {
     /// The resource has no connected client ("endpoint has been stopped").
     #[error("resource {0} is not registered")]
     NotRegistered(String),
+    /// No plugin of the DRA driver is registered (`dra_plugin_manager.go`).
+    #[error("DRA driver {0} is not registered")]
+    DriverNotRegistered(String),
     /// The plugin could not be dialled.
     #[error(transparent)]
     Dial(#[from] uds::DialError),

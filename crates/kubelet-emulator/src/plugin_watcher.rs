@@ -36,6 +36,7 @@ use dir_watch::{DirWatch, Mask};
 use dra_api::pb::pluginregistration as reg;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::Status;
 
 use crate::{EmulatorError, KubeletVersion};
 
@@ -214,6 +215,190 @@ impl PluginWatcher {
     pub async fn restart(&mut self) -> Result<(), EmulatorError> {
         self.stop().await;
         self.resume()
+    }
+}
+
+/// A claim as the kubelet names it in a DRA call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimId {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Its UID.
+    pub uid: String,
+}
+
+/// A device of a prepare answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedView {
+    /// `request_names`.
+    pub requests: Vec<String>,
+    /// `pool_name`.
+    pub pool: String,
+    /// `device_name`.
+    pub device: String,
+    /// `cdi_device_ids`.
+    pub cdi_device_ids: Vec<String>,
+}
+
+/// One claim's answer: its devices, or its error.
+pub type ClaimAnswer = Result<Vec<PreparedView>, String>;
+
+/// `dra_plugin.go` `defaultClientCallTimeout`: 45 s per call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(45);
+
+macro_rules! dra_call {
+    ($module:ident, $channel:expr, $claims:expr, $prepare:expr) => {{
+        use dra_api::pb::$module as m;
+        let mut client = m::dra_plugin_client::DraPluginClient::new($channel);
+        let claims: Vec<m::Claim> = $claims
+            .iter()
+            .map(|c| m::Claim {
+                namespace: c.namespace.clone(),
+                uid: c.uid.clone(),
+                name: c.name.clone(),
+            })
+            .collect();
+        if $prepare {
+            let r = tokio::time::timeout(
+                CALL_TIMEOUT,
+                client.node_prepare_resources(m::NodePrepareResourcesRequest { claims }),
+            )
+            .await
+            .map_err(|_| Status::deadline_exceeded("NodePrepareResources"))??;
+            Prepared::Prepare(
+                r.into_inner()
+                    .claims
+                    .into_iter()
+                    .map(|(uid, a)| {
+                        let answer = if a.error.is_empty() {
+                            Ok(a.devices
+                                .into_iter()
+                                .map(|d| PreparedView {
+                                    requests: d.request_names,
+                                    pool: d.pool_name,
+                                    device: d.device_name,
+                                    cdi_device_ids: d.cdi_device_ids,
+                                })
+                                .collect())
+                        } else {
+                            Err(a.error)
+                        };
+                        (uid, answer)
+                    })
+                    .collect(),
+            )
+        } else {
+            let r = tokio::time::timeout(
+                CALL_TIMEOUT,
+                client.node_unprepare_resources(m::NodeUnprepareResourcesRequest { claims }),
+            )
+            .await
+            .map_err(|_| Status::deadline_exceeded("NodeUnprepareResources"))??;
+            Prepared::Unprepare(
+                r.into_inner()
+                    .claims
+                    .into_iter()
+                    .map(|(uid, a)| {
+                        (
+                            uid,
+                            if a.error.is_empty() {
+                                Ok(())
+                            } else {
+                                Err(a.error)
+                            },
+                        )
+                    })
+                    .collect(),
+            )
+        }
+    }};
+}
+
+enum Prepared {
+    Prepare(BTreeMap<String, ClaimAnswer>),
+    Unprepare(BTreeMap<String, Result<(), String>>),
+}
+
+impl PluginWatcher {
+    /// `NodePrepareResources` of `claims` on `driver`'s registered plugin,
+    /// with the service chosen at registration and the connection of this
+    /// version (1.34+: `unix:` target, `:authority` localhost; 1.32–1.33: the
+    /// plain path, percent-encoded). A claim missing from the answer is an
+    /// error for that claim, as the kubelet treats it.
+    ///
+    /// # Errors
+    /// When the driver is not registered, cannot be dialled, or the call
+    /// fails as a whole.
+    pub async fn prepare(
+        &self,
+        driver: &str,
+        claims: &[ClaimId],
+    ) -> Result<BTreeMap<String, ClaimAnswer>, EmulatorError> {
+        match self.call(driver, claims, true).await? {
+            Prepared::Prepare(mut answers) => {
+                for c in claims {
+                    answers
+                        .entry(c.uid.clone())
+                        .or_insert_with(|| Err(format!("claim {} missing in the answer", c.uid)));
+                }
+                Ok(answers)
+            }
+            Prepared::Unprepare(_) => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// `NodeUnprepareResources`, as [`PluginWatcher::prepare`].
+    ///
+    /// # Errors
+    /// As [`PluginWatcher::prepare`].
+    pub async fn unprepare(
+        &self,
+        driver: &str,
+        claims: &[ClaimId],
+    ) -> Result<BTreeMap<String, Result<(), String>>, EmulatorError> {
+        match self.call(driver, claims, false).await? {
+            Prepared::Unprepare(mut answers) => {
+                for c in claims {
+                    answers
+                        .entry(c.uid.clone())
+                        .or_insert_with(|| Err(format!("claim {} missing in the answer", c.uid)));
+                }
+                Ok(answers)
+            }
+            Prepared::Prepare(_) => Ok(BTreeMap::new()),
+        }
+    }
+
+    async fn call(
+        &self,
+        driver: &str,
+        claims: &[ClaimId],
+        prepare: bool,
+    ) -> Result<Prepared, EmulatorError> {
+        let plugin = self
+            .view()
+            .plugins
+            .get(driver)
+            .cloned()
+            .ok_or_else(|| EmulatorError::DriverNotRegistered(driver.to_owned()))?;
+        let path = PathBuf::from(&plugin.endpoint);
+        let rule = if self.version >= KubeletVersion::V1_34 {
+            AuthorityRule::Set(b"localhost".to_vec())
+        } else {
+            AuthorityRule::Set(grpc_go_authority(&path))
+        };
+        let channel = uds::connect_with_authority(&path, DIAL_TIMEOUT, rule).await?;
+        Ok(match plugin.service.as_str() {
+            V1 => dra_call!(dra_v1, channel, claims, prepare),
+            V1BETA1 => dra_call!(dra_v1beta1, channel, claims, prepare),
+            other => {
+                return Err(EmulatorError::Rpc(Status::unimplemented(format!(
+                    "unknown service {other}"
+                ))));
+            }
+        })
     }
 }
 

@@ -1,0 +1,291 @@
+//! Prepared claims, kept on disk: the kubelet's unprepare call carries
+//! only the claim's namespace, name and UID, so a driver must remember what
+//! it prepared — across its own restarts too (the Go helper leaves this to
+//! each driver).
+//!
+//! The file is JSON, `{"version": 1, "claims": {UID: {"namespace", "name",
+//! "devices": [{"requests", "pool", "device", "cdiDeviceIds"}]}}}`, written
+//! whole to a temporary file in the same directory, synced, then renamed
+//! over the old one: a crash leaves the old file or the new one, never a
+//! half. A file that cannot be read as that is never overwritten: it is
+//! moved aside (`<name>.corrupt`) and reported, and the driver starts from
+//! an empty record.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The checkpoint format this code writes.
+pub const CHECKPOINT_VERSION: u32 = 1;
+
+/// One device prepared for a claim, and what the container runtime is
+/// told about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreparedDevice {
+    /// The claim's requests the device serves (empty: all).
+    pub requests: Vec<String>,
+    /// The pool (the node's pool, for a node-local driver).
+    pub pool: String,
+    /// The device's name in the pool.
+    pub device: String,
+    /// Fully qualified CDI device names (`vendor/class=name`).
+    pub cdi_device_ids: Vec<String>,
+}
+
+/// A claim this driver prepared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedClaim {
+    /// The claim's namespace.
+    pub namespace: String,
+    /// The claim's name.
+    pub name: String,
+    /// What was prepared.
+    pub devices: Vec<PreparedDevice>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct File {
+    version: u32,
+    claims: BTreeMap<String, PreparedClaim>,
+}
+
+/// A checkpoint could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    /// Reading, writing, syncing or renaming failed.
+    #[error("could not {action} the checkpoint {}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What loading found besides the claims.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Loaded {
+    /// No checkpoint yet.
+    Fresh,
+    /// The checkpoint was read.
+    Read,
+    /// The file was not a checkpoint of this format; it was moved to
+    /// `aside` and the record starts empty.
+    Corrupt {
+        /// Why it was refused.
+        reason: String,
+        /// Where it is now.
+        aside: PathBuf,
+    },
+}
+
+/// The prepared claims, by claim UID, backed by a file.
+#[derive(Debug)]
+pub struct Checkpoint {
+    path: PathBuf,
+    claims: BTreeMap<String, PreparedClaim>,
+}
+
+impl Checkpoint {
+    /// Reads the checkpoint at `path` (see the module's rules for a file
+    /// that is not one).
+    ///
+    /// # Errors
+    /// When the file exists but cannot be read, or a corrupt one cannot be
+    /// moved aside.
+    pub fn load(path: &Path) -> Result<(Self, Loaded), CheckpointError> {
+        let io = |action, source| CheckpointError::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        };
+        let empty = || Self {
+            path: path.to_owned(),
+            claims: BTreeMap::new(),
+        };
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((empty(), Loaded::Fresh));
+            }
+            Err(e) => return Err(io("read", e)),
+        };
+        let reason = match serde_json::from_slice::<File>(&bytes) {
+            Ok(f) if f.version == CHECKPOINT_VERSION => {
+                return Ok((
+                    Self {
+                        path: path.to_owned(),
+                        claims: f.claims,
+                    },
+                    Loaded::Read,
+                ));
+            }
+            Ok(f) => format!(
+                "format version {} (this driver writes {CHECKPOINT_VERSION})",
+                f.version
+            ),
+            Err(e) => e.to_string(),
+        };
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(".corrupt");
+        let aside = PathBuf::from(aside);
+        std::fs::rename(path, &aside).map_err(|e| io("move aside", e))?;
+        Ok((empty(), Loaded::Corrupt { reason, aside }))
+    }
+
+    /// The claim prepared under `uid`, if any.
+    #[must_use]
+    pub fn get(&self, uid: &str) -> Option<&PreparedClaim> {
+        self.claims.get(uid)
+    }
+
+    /// Every prepared claim.
+    #[must_use]
+    pub fn claims(&self) -> &BTreeMap<String, PreparedClaim> {
+        &self.claims
+    }
+
+    /// Records a prepared claim; on disk before it returns.
+    ///
+    /// # Errors
+    /// When the file cannot be written (the record is unchanged then).
+    pub fn insert(&mut self, uid: &str, claim: PreparedClaim) -> Result<(), CheckpointError> {
+        let old = self.claims.insert(uid.to_owned(), claim);
+        self.save().inspect_err(|_| {
+            match &old {
+                Some(c) => self.claims.insert(uid.to_owned(), c.clone()),
+                None => self.claims.remove(uid),
+            };
+        })
+    }
+
+    /// Forgets a claim; on disk before it returns.
+    ///
+    /// # Errors
+    /// When the file cannot be written (the record is unchanged then).
+    pub fn remove(&mut self, uid: &str) -> Result<(), CheckpointError> {
+        let Some(old) = self.claims.remove(uid) else {
+            return Ok(());
+        };
+        self.save().inspect_err(|_| {
+            self.claims.insert(uid.to_owned(), old.clone());
+        })
+    }
+
+    fn save(&self) -> Result<(), CheckpointError> {
+        let io = |action, path: &Path, source| CheckpointError::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        };
+        let file = File {
+            version: CHECKPOINT_VERSION,
+            claims: self.claims.clone(),
+        };
+        let text = serde_json::to_vec_pretty(&file)
+            .map_err(|e| io("encode", &self.path, std::io::Error::other(e)))?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| io("create the directory of", &self.path, e))?;
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
+        f.write_all(&text).map_err(|e| io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| io("sync", &tmp, e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io("rename into place", &self.path, e)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(name: &str) -> PreparedClaim {
+        PreparedClaim {
+            namespace: "default".into(),
+            name: name.into(),
+            devices: vec![PreparedDevice {
+                requests: vec!["gpu".into()],
+                pool: "node-0".into(),
+                device: "gpu-0".into(),
+                cdi_device_ids: vec!["example.com/gpu=gpu-0".into()],
+            }],
+        }
+    }
+
+    #[test]
+    fn claims_survive_a_reload_and_removal_is_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/prepared-claims.json");
+        let (mut c, how) = Checkpoint::load(&path).unwrap();
+        assert_eq!(how, Loaded::Fresh);
+        c.insert("uid-1", claim("a")).unwrap();
+        c.insert("uid-2", claim("b")).unwrap();
+        c.remove("uid-1").unwrap();
+        c.remove("never").unwrap();
+        let (again, how) = Checkpoint::load(&path).unwrap();
+        assert_eq!(how, Loaded::Read);
+        assert_eq!(again.claims().len(), 1);
+        assert_eq!(again.get("uid-2"), Some(&claim("b")));
+        let names: Vec<String> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["prepared-claims.json"], "no temporary file left");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("\"cdiDeviceIds\"") && text.contains("\"version\": 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_or_foreign_checkpoint_is_moved_aside_not_overwritten() {
+        for content in [
+            "{\"version\": 1, \"claims\": {\"x\": ",
+            "{\"version\": 7, \"claims\": {}}",
+            "",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("prepared-claims.json");
+            std::fs::write(&path, content).unwrap();
+            let (c, how) = Checkpoint::load(&path).unwrap();
+            assert!(c.claims().is_empty());
+            let Loaded::Corrupt { reason, aside } = how else {
+                panic!("{content:?}: {how:?}")
+            };
+            assert!(!reason.is_empty());
+            assert_eq!(
+                std::fs::read_to_string(&aside).unwrap(),
+                content,
+                "kept for the operator"
+            );
+            assert!(!path.exists());
+        }
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_record_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, _) = Checkpoint::load(&dir.path().join("sub/prepared-claims.json")).unwrap();
+        // The checkpoint's directory turns out to be a file: nothing can
+        // be written (root ignores permissions, not this).
+        std::fs::write(dir.path().join("sub"), "").unwrap();
+        let e = c.insert("uid-1", claim("a")).unwrap_err();
+        assert!(e.to_string().contains("prepared-claims.json"), "{e}");
+        assert!(c.get("uid-1").is_none());
+    }
+}
