@@ -313,6 +313,34 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
             answer
         }
         ("PATCH", ["api", "v1", "nodes", name]) => patch_node(shared, req, name),
+        (
+            "GET",
+            [
+                "apis",
+                "resource.k8s.io",
+                "v1",
+                "namespaces",
+                ns,
+                "resourceclaims",
+                name,
+            ],
+        ) => {
+            let st = shared.lock();
+            match st
+                .resource_claims
+                .get(&((*ns).to_owned(), (*name).to_owned()))
+            {
+                Some(claim) => (200, claim.clone()),
+                None => (
+                    404,
+                    status(
+                        404,
+                        "NotFound",
+                        &format!("resourceclaims.resource.k8s.io \"{name}\" not found"),
+                    ),
+                ),
+            }
+        }
         // Server-side apply of a ConfigMap's data: created when missing, as
         // every apply (`handlers/patch.go`); the keys given are set.
         ("PATCH", ["api", "v1", "namespaces", ns, "configmaps", name]) => {

@@ -85,6 +85,9 @@ pub(crate) struct State {
     pub(crate) events: Vec<Value>,
     pub(crate) requests: Vec<Seen>,
     pub(crate) writes: Vec<NodeWrite>,
+    /// ResourceClaims (`resource.k8s.io/v1`) by (namespace, name), as
+    /// whole objects.
+    pub(crate) resource_claims: BTreeMap<(String, String), Value>,
     pub(crate) faults: VecDeque<Fault>,
     pub(crate) fault_rate: f64,
     pub(crate) rng: u64,
@@ -448,6 +451,79 @@ impl ApiServer {
                 return false;
             }
         }
+    }
+
+    /// Creates a ResourceClaim (`resource.k8s.io/v1`) with `spec`, not
+    /// allocated, and returns its UID. A claim of that name is replaced
+    /// (a new UID: deleted and re-created).
+    pub fn create_resource_claim(&self, namespace: &str, name: &str, spec: Value) -> String {
+        let uid = {
+            let mut st = self.shared.lock();
+            let rv = st.bump();
+            st.next_uid += 1;
+            let uid = format!("00000000-0000-4000-8000-{:012x}", st.next_uid);
+            let claim = serde_json::json!({
+                "apiVersion": "resource.k8s.io/v1",
+                "kind": "ResourceClaim",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "uid": uid,
+                    "resourceVersion": rv.to_string(),
+                },
+                "spec": spec,
+            });
+            st.resource_claims
+                .insert((namespace.to_owned(), name.to_owned()), claim);
+            uid
+        };
+        self.notify();
+        uid
+    }
+
+    /// The allocator's part, standing in for the scheduler: allocates the
+    /// claim exactly the devices named, as `(request, driver, pool,
+    /// device)` (`status.allocation.devices.results`). Selection by
+    /// attributes or CEL is not emulated. Returns whether the claim exists.
+    pub fn allocate_resource_claim(
+        &self,
+        namespace: &str,
+        name: &str,
+        results: &[(&str, &str, &str, &str)],
+    ) -> bool {
+        let found = {
+            let mut st = self.shared.lock();
+            let rv = st.bump();
+            match st
+                .resource_claims
+                .get_mut(&(namespace.to_owned(), name.to_owned()))
+            {
+                Some(claim) => {
+                    let results: Vec<Value> = results
+                        .iter()
+                        .map(|(request, driver, pool, device)| {
+                            serde_json::json!({"request": request, "driver": driver, "pool": pool, "device": device})
+                        })
+                        .collect();
+                    claim["status"] =
+                        serde_json::json!({"allocation": {"devices": {"results": results}}});
+                    claim["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+                    true
+                }
+                None => false,
+            }
+        };
+        self.notify();
+        found
+    }
+
+    /// Deletes a ResourceClaim.
+    pub fn delete_resource_claim(&self, namespace: &str, name: &str) {
+        self.shared
+            .lock()
+            .resource_claims
+            .remove(&(namespace.to_owned(), name.to_owned()));
+        self.notify();
     }
 
     /// Deletes a ConfigMap.

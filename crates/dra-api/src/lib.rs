@@ -19,8 +19,10 @@
 //! - [`DriverName`] and [`DraService`]: the names the kubelet checks.
 //! - [`pb`]: the registration, DRA (`v1`, `v1beta1`) and health protocols.
 //!
-//! The API-server claim lookup, ResourceSlice publication and CDI come
-//! next; see `docs/dra-api.md`.
+//! - [`KubeClaims`]: the [`ClaimSource`] of the API server (kube-rs).
+//!
+//! ResourceSlice publication, the health stream and CDI come next; see
+//! `docs/dra-api.md`.
 //! The facts this follows, with their upstream sources, are collected in
 //! `docs/research/dra-facts.md`.
 
@@ -38,5 +40,5 @@ pub use registrar::{
 };
 pub use service::{
     Allocated, AllocationResult, ClaimError, ClaimRef, ClaimSource, DraConfig, DraError, DraServer,
-    Driver, DriverError,
+    Driver, DriverError, KubeClaims,
 };

@@ -507,3 +507,68 @@ fn remove_file(path: &Path) {
         Err(error) => tracing::warn!(path = %path.display(), %error, "could not remove"),
     }
 }
+
+/// Claims from the API server (`resource.k8s.io/v1`, Kubernetes 1.34+),
+/// read with kube-rs: GET by namespace and name, the UID checked, the
+/// allocation results returned. Needs `get` on `resourceclaims`.
+#[derive(Clone)]
+pub struct KubeClaims {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for KubeClaims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeClaims").finish_non_exhaustive()
+    }
+}
+
+impl KubeClaims {
+    /// Reads claims with `client`.
+    #[must_use]
+    pub fn new(client: kube::Client) -> Self {
+        Self { client }
+    }
+}
+
+impl ClaimSource for KubeClaims {
+    async fn allocation(&self, claim: &ClaimRef) -> Result<Vec<AllocationResult>, ClaimError> {
+        use k8s_openapi::api::resource::v1::ResourceClaim;
+        let (namespace, name) = (claim.namespace.clone(), claim.name.clone());
+        let api: kube::Api<ResourceClaim> = kube::Api::namespaced(self.client.clone(), &namespace);
+        let found = match api.get_opt(&name).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(ClaimError::NotFound { namespace, name }),
+            Err(e) => {
+                return Err(ClaimError::Unavailable {
+                    namespace,
+                    name,
+                    reason: ops_kit::Chain(&e).to_string(),
+                });
+            }
+        };
+        let uid = found.metadata.uid.clone().unwrap_or_default();
+        if uid != claim.uid {
+            return Err(ClaimError::Replaced {
+                namespace,
+                name,
+                wanted: claim.uid.clone(),
+                found: uid,
+            });
+        }
+        let Some(allocation) = found.status.and_then(|s| s.allocation) else {
+            return Err(ClaimError::NotAllocated { namespace, name });
+        };
+        Ok(allocation
+            .devices
+            .and_then(|d| d.results)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| AllocationResult {
+                request: r.request,
+                driver: r.driver,
+                pool: r.pool,
+                device: r.device,
+            })
+            .collect())
+    }
+}
