@@ -23,11 +23,11 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-struct Request {
+pub(crate) struct Request {
     method: String,
     target: String,
-    headers: BTreeMap<String, String>,
-    body: Vec<u8>,
+    pub(crate) headers: BTreeMap<String, String>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Request {
@@ -35,7 +35,7 @@ impl Request {
         self.target.split('?').next().unwrap_or("")
     }
 
-    fn query(&self, key: &str) -> Option<String> {
+    pub(crate) fn query(&self, key: &str) -> Option<String> {
         let q = self.target.split_once('?')?.1;
         q.split('&').find_map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -243,7 +243,7 @@ async fn write(
     stream.write_all(text.as_bytes()).await
 }
 
-fn status(code: u16, reason: &str, message: &str) -> Value {
+pub(crate) fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})
 }
 
@@ -313,6 +313,15 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
             answer
         }
         ("PATCH", ["api", "v1", "nodes", name]) => patch_node(shared, req, name),
+        ("GET", ["apis", "resource.k8s.io", "v1", "resourceslices"]) => {
+            crate::slices::list(shared, req)
+        }
+        ("PATCH", ["apis", "resource.k8s.io", "v1", "resourceslices", name]) => {
+            crate::slices::apply(shared, req, name)
+        }
+        ("DELETE", ["apis", "resource.k8s.io", "v1", "resourceslices", name]) => {
+            crate::slices::delete(shared, req, name)
+        }
         (
             "GET",
             [

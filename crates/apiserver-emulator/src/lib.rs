@@ -18,6 +18,7 @@
 //! admission, other fields, other resources or protobuf.
 
 mod http;
+mod slices;
 mod store;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -88,6 +89,8 @@ pub(crate) struct State {
     /// ResourceClaims (`resource.k8s.io/v1`) by (namespace, name), as
     /// whole objects.
     pub(crate) resource_claims: BTreeMap<(String, String), Value>,
+    /// ResourceSlices by name, as whole objects.
+    pub(crate) resource_slices: BTreeMap<String, Value>,
     pub(crate) faults: VecDeque<Fault>,
     pub(crate) fault_rate: f64,
     pub(crate) rng: u64,
@@ -339,10 +342,49 @@ impl ApiServer {
         self.notify();
     }
 
-    /// Deletes a Node.
+    /// Deletes a Node. What it owns goes with it: the garbage collector
+    /// deletes dependents whose owner is gone (`pkg/controller/
+    /// garbagecollector`, asynchronous there, at once here), e.g. a DRA
+    /// driver's ResourceSlices.
     pub fn delete_node(&self, name: &str) {
-        self.shared.lock().nodes.remove(name);
+        {
+            let mut st = self.shared.lock();
+            if let Some(node) = st.nodes.remove(name) {
+                st.resource_slices.retain(|_, s| {
+                    !s["metadata"]["ownerReferences"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|o| o["uid"].as_str() == Some(node.uid.as_str()))
+                });
+            }
+        }
         self.notify();
+    }
+
+    /// Every ResourceSlice, by name.
+    #[must_use]
+    pub fn resource_slices(&self) -> BTreeMap<String, Value> {
+        self.shared.lock().resource_slices.clone()
+    }
+
+    /// Deletes the ResourceSlices of a node, as a kubelet does when it
+    /// starts (`dra_plugin_manager.go`: field selector `spec.nodeName`),
+    /// or of one driver there (`spec.driver` too, 30 s after the driver
+    /// became unusable). Returns how many went.
+    pub fn wipe_resource_slices(&self, node: &str, driver: Option<&str>) -> usize {
+        let n = {
+            let mut st = self.shared.lock();
+            let before = st.resource_slices.len();
+            st.resource_slices.retain(|_, s| {
+                let on_node = s["spec"]["nodeName"].as_str() == Some(node);
+                let of_driver = driver.is_none_or(|d| s["spec"]["driver"].as_str() == Some(d));
+                !(on_node && of_driver)
+            });
+            before - st.resource_slices.len()
+        };
+        self.notify();
+        n
     }
 
     /// The Node, if it exists.

@@ -287,3 +287,72 @@ async fn watches_resume_expire_and_bookmark() {
     let types: Vec<&str> = later.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["MODIFIED", "DELETED"]);
 }
+
+/// ResourceSlices: validated as the API server does, listed by field
+/// selector, deleted with a UID precondition.
+#[tokio::test]
+async fn resource_slices_are_validated_selected_and_deleted() {
+    let api = ApiServer::start().await.unwrap();
+    let slice = |name: &str, node: &str, devices: usize| {
+        let devices: Vec<Value> = (0..devices)
+            .map(|i| json!({"name": format!("d{i}")}))
+            .collect();
+        json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+            "metadata": {"name": name},
+            "spec": {"driver": "gpu.example.com", "nodeName": node,
+                "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+                "devices": devices}})
+    };
+    let path =
+        |name: &str| format!("/apis/resource.k8s.io/v1/resourceslices/{name}?fieldManager=m");
+    let (code, _) = call(&api, "PATCH", &path("a"), APPLY, &slice("a", "n1", 2)).await;
+    assert_eq!(code, 201);
+    let (code, _) = call(&api, "PATCH", &path("b"), APPLY, &slice("b", "n2", 1)).await;
+    assert_eq!(code, 201);
+    let (code, s) = call(&api, "PATCH", &path("c"), APPLY, &slice("c", "n1", 129)).await;
+    assert_eq!(code, 422);
+    assert!(
+        s["message"].as_str().unwrap().contains("at most 128"),
+        "{s}"
+    );
+    let mut dup = slice("c", "n1", 2);
+    dup["spec"]["devices"][1]["name"] = json!("d0");
+    let (code, s) = call(&api, "PATCH", &path("c"), APPLY, &dup).await;
+    assert_eq!(code, 422);
+    assert!(s["message"].as_str().unwrap().contains("duplicate"), "{s}");
+    let (code, list) = call(
+        &api,
+        "GET",
+        "/apis/resource.k8s.io/v1/resourceslices?fieldSelector=spec.nodeName%3Dn1%2Cspec.driver%3Dgpu.example.com",
+        "application/json",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(code, 200);
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a"]);
+    let (code, _) = call(
+        &api,
+        "DELETE",
+        "/apis/resource.k8s.io/v1/resourceslices/a",
+        "application/json",
+        &json!({"preconditions": {"uid": "not-its-uid"}}),
+    )
+    .await;
+    assert_eq!(code, 409);
+    let (code, _) = call(
+        &api,
+        "DELETE",
+        "/apis/resource.k8s.io/v1/resourceslices/a",
+        "application/json",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(api.resource_slices().len(), 1);
+}

@@ -20,9 +20,12 @@
 //! - [`pb`]: the registration, DRA (`v1`, `v1beta1`) and health protocols.
 //!
 //! - [`KubeClaims`]: the [`ClaimSource`] of the API server (kube-rs).
+//! - [`slices::SlicePublisher`]: the node's devices as ResourceSlices (one
+//!   pool per node, split at 128 devices, the generation moved on every
+//!   change, owned by the Node, stale slices deleted, put back after a
+//!   kubelet wipes them), driven by whole device sets.
 //!
-//! ResourceSlice publication, the health stream and CDI come next; see
-//! `docs/dra-api.md`.
+//! The health stream and CDI come next; see `docs/dra-api.md`.
 //! The facts this follows, with their upstream sources, are collected in
 //! `docs/research/dra-facts.md`.
 
@@ -32,6 +35,7 @@ pub mod checkpoint;
 mod names;
 mod registrar;
 mod service;
+pub mod slices;
 
 pub use checkpoint::{PreparedClaim, PreparedDevice};
 pub use names::{DraService, DriverName, MAX_DRIVER_NAME, NameError};
