@@ -184,6 +184,7 @@ const TEST_ONLY_CRATES: &[&str] = &[
     "apiserver-emulator",
     "demo",
     "soak",
+    "null-dra",
 ];
 
 #[test]

@@ -1,0 +1,224 @@
+//! `null-dra`: the example DRA driver built on `dra-api`, as a plugin
+//! author would write one. It offers N fake devices (`null-0` …), publishes
+//! them as ResourceSlices of its node, and prepares a claim by writing one
+//! CDI spec for it (an environment variable per device) and answering its
+//! CDI device names; unpreparing removes the spec.
+//!
+//! ```text
+//! null-dra --node-name NODE [--devices N] [--driver-name NAME]
+//!          [--kubeconfig FILE] [--registry-dir DIR] [--plugin-dir DIR]
+//!          [--cdi-dir DIR]
+//! ```
+//!
+//! Defaults are a node's: `/var/lib/kubelet/plugins_registry`,
+//! `/var/lib/kubelet/plugins/<driver>`, `/var/run/cdi`, in-cluster
+//! credentials. SIGTERM or SIGINT: the registration socket goes first
+//! (the kubelet stops calling), then the service; slices and the
+//! checkpoint stay.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use devplugin_api::cdi::{ContainerEdits, Spec, SpecDevice, SpecDir};
+use dra_api::slices::{Attribute, DeviceSet, PublisherConfig, SliceDevice, SlicePublisher};
+use dra_api::{
+    Allocated, ClaimRef, DraConfig, DraServer, Driver, DriverError, DriverName, KubeClaims,
+    PreparedClaim, PreparedDevice, Registrar, RegistrarConfig,
+};
+
+/// The CDI kind of the fake devices.
+const CDI_KIND: &str = "example.com/null";
+
+struct Args {
+    node: String,
+    devices: usize,
+    driver: String,
+    kubeconfig: Option<PathBuf>,
+    registry_dir: PathBuf,
+    plugin_dir: Option<PathBuf>,
+    cdi_dir: PathBuf,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        node: String::new(),
+        devices: 4,
+        driver: "null.example.com".into(),
+        kubeconfig: None,
+        registry_dir: PathBuf::from(dra_api::REGISTRY_DIR),
+        plugin_dir: None,
+        cdi_dir: PathBuf::from("/var/run/cdi"), // tidy: allow-host-path
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--node-name" => a.node = value()?,
+            "--devices" => {
+                let v = value()?;
+                a.devices = v
+                    .parse()
+                    .with_context(|| format!("--devices {v:?} is not a number"))?;
+            }
+            "--driver-name" => a.driver = value()?,
+            "--kubeconfig" => a.kubeconfig = Some(value()?.into()),
+            "--registry-dir" => a.registry_dir = value()?.into(),
+            "--plugin-dir" => a.plugin_dir = Some(value()?.into()),
+            "--cdi-dir" => a.cdi_dir = value()?.into(),
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    if a.node.is_empty() {
+        bail!("--node-name is required");
+    }
+    Ok(a)
+}
+
+/// Prepares a claim: one CDI spec file per claim, a device per allocated
+/// device (named `<claim uid>-<device>`, unique per claim as the CDI
+/// guidance asks, so a runtime's cache never serves another claim's).
+struct Null {
+    cdi: SpecDir,
+    prefix: String,
+}
+
+impl Null {
+    fn spec_file(&self, claim: &ClaimRef) -> String {
+        format!("{}{}.json", self.prefix, claim.uid)
+    }
+}
+
+impl Driver for Null {
+    fn prepare(
+        &self,
+        claim: &ClaimRef,
+        devices: &[Allocated],
+    ) -> Result<Vec<PreparedDevice>, DriverError> {
+        let spec = Spec {
+            kind: CDI_KIND.to_owned(),
+            devices: devices
+                .iter()
+                .map(|d| SpecDevice {
+                    name: format!("{}-{}", claim.uid, d.device),
+                    annotations: BTreeMap::new(),
+                    container_edits: ContainerEdits {
+                        env: vec![format!(
+                            "NULL_DEVICE_{}=1",
+                            d.device.replace('-', "_").to_uppercase()
+                        )],
+                        ..ContainerEdits::default()
+                    },
+                })
+                .collect(),
+            container_edits: ContainerEdits::default(),
+            annotations: BTreeMap::new(),
+        };
+        self.cdi
+            .write(&self.spec_file(claim), &spec)
+            .map_err(|e| DriverError(format!("could not write the CDI spec: {e}")))?;
+        Ok(devices
+            .iter()
+            .map(|d| PreparedDevice {
+                requests: vec![d.request.clone()],
+                pool: d.pool.clone(),
+                device: d.device.clone(),
+                cdi_device_ids: vec![format!("{CDI_KIND}={}-{}", claim.uid, d.device)],
+            })
+            .collect())
+    }
+
+    fn unprepare(&self, claim: &ClaimRef, _: Option<&PreparedClaim>) -> Result<(), DriverError> {
+        // By the claim's UID: works without a record too.
+        match std::fs::remove_file(self.cdi.dir().join(self.spec_file(claim))) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DriverError(format!("could not remove the CDI spec: {e}"))),
+        }
+    }
+}
+
+async fn run(a: Args) -> anyhow::Result<()> {
+    let driver = DriverName::new(&a.driver)?;
+    let plugin_dir = a
+        .plugin_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/var/lib/kubelet/plugins").join(driver.as_str())); // tidy: allow-host-path
+    let config = match &a.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    let client = kube::Client::try_from(config)?;
+    let devices = DeviceSet::new(
+        (0..a.devices)
+            .map(|i| {
+                SliceDevice::new(&format!("null-{i}")).map(|d| {
+                    d.attribute(
+                        "index",
+                        Attribute::Int(i64::try_from(i).unwrap_or(i64::MAX)),
+                    )
+                    .attribute("model", Attribute::String("null".into()))
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    )?;
+    let publisher = SlicePublisher::start(
+        client.clone(),
+        PublisherConfig::new(driver.clone(), &a.node),
+        devices,
+    );
+    let endpoint = plugin_dir.join("dra.sock");
+    let null = Null {
+        cdi: SpecDir::new(&a.cdi_dir, &format!("{}-claim_", driver)),
+        prefix: format!("{}-claim_", driver),
+    };
+    let server = DraServer::start(
+        DraConfig::new(
+            driver.clone(),
+            &endpoint,
+            plugin_dir.join("prepared-claims.json"),
+        ),
+        Arc::new(null),
+        Arc::new(KubeClaims::new(client)),
+    )?;
+    let registrar = Registrar::start(RegistrarConfig::new(driver, &a.registry_dir, &endpoint))?;
+    tracing::info!(endpoint = %endpoint.display(), "serving");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    registrar.stop().await;
+    server.stop().await;
+    publisher.stop().await;
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let a = match args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("null-dra: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(a).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("null-dra: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
