@@ -25,13 +25,17 @@
 //!   change, owned by the Node, stale slices deleted, put back after a
 //!   kubelet wipes them), driven by whole device sets.
 //!
-//! The health stream and CDI come next; see `docs/dra-api.md`.
+//! - [`health`]: the health stream the kubelet reads
+//!   (`v1alpha1.DRAResourceHealth`), fed by [`DraServer::publish_health`].
+//!
+//! Next: the Intel GPU DRA driver on it; see `docs/dra-api.md`.
 //! The facts this follows, with their upstream sources, are collected in
 //! `docs/research/dra-facts.md`.
 
 pub mod pb;
 
 pub mod checkpoint;
+pub mod health;
 mod names;
 mod registrar;
 mod service;

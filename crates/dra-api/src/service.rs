@@ -400,6 +400,7 @@ dra_service!(v1beta1,);
 /// Serves a driver's DRA service until stopped.
 #[derive(Debug)]
 pub struct DraServer {
+    health: watch::Sender<crate::health::HealthList>,
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
     socket: PathBuf,
@@ -449,13 +450,20 @@ impl DraServer {
             checkpoint: Mutex::new(checkpoint),
         });
         let (stop, mut stop_rx) = watch::channel(false);
+        let (health, health_rx) = watch::channel(crate::health::stamp(Vec::new()));
+        let health_service = crate::health::HealthService {
+            list: health_rx,
+            stop: stop_rx.clone(),
+        };
         let socket = config.endpoint.clone();
         let task = tokio::spawn(async move {
+            use crate::pb::health_v1alpha1::dra_resource_health_server::DraResourceHealthServer;
             let result = tonic::transport::Server::builder()
                 .add_service(v1::dra_plugin_server::DraPluginServer::new(Arc::clone(
                     &core,
                 )))
                 .add_service(v1beta1::dra_plugin_server::DraPluginServer::new(core))
+                .add_service(DraResourceHealthServer::new(health_service))
                 .serve_with_incoming_shutdown(devplugin_api::uds::incoming(listener), async move {
                     let _ = stop_rx.wait_for(|s| *s).await;
                 })
@@ -465,11 +473,19 @@ impl DraServer {
             }
         });
         Ok(Self {
+            health,
             stop,
             task: Some(task),
             socket,
             loaded,
         })
+    }
+
+    /// Publishes the health of every device of the driver to the
+    /// kubelet's health streams (see [`crate::health`]); the latest list
+    /// wins.
+    pub fn publish_health(&self, devices: Vec<crate::health::HealthEntry>) {
+        self.health.send_replace(crate::health::stamp(devices));
     }
 
     /// What loading the checkpoint found.
@@ -488,7 +504,14 @@ impl DraServer {
     pub async fn stop(mut self) {
         let _ = self.stop.send(true);
         if let Some(task) = self.task.take() {
-            let _ = task.await;
+            // Calls in flight finish; a client that holds on is cut off.
+            let abort = task.abort_handle();
+            if tokio::time::timeout(std::time::Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
         remove_file(&self.socket);
     }

@@ -379,3 +379,44 @@ async fn a_corrupt_checkpoint_is_set_aside_and_the_driver_still_serves() {
     registrar.stop().await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_streams_the_whole_list_at_once_and_on_every_change() {
+    use dra_api::health::{DeviceHealth, HealthEntry};
+    let node = Node::new(KubeletVersion::V1_34);
+    let (server, registrar) = node.start_driver().await;
+    let entry = |device: &str, health| HealthEntry {
+        pool: "node-0".into(),
+        device: device.into(),
+        health,
+        message: String::new(),
+    };
+    server.publish_health(vec![
+        entry("dev-0", DeviceHealth::Healthy),
+        entry("dev-1", DeviceHealth::Healthy),
+    ]);
+    let mut watch = tokio::time::timeout(LIMIT, node.watcher.watch_health(DRIVER))
+        .await
+        .expect("the stream opens")
+        .unwrap();
+    let first = tokio::time::timeout(LIMIT, watch.next())
+        .await
+        .expect("a first list at once")
+        .unwrap();
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|d| d.health == "HEALTHY"));
+    let mut sick = entry("dev-1", DeviceHealth::Unhealthy);
+    sick.message = "x".repeat(2000);
+    server.publish_health(vec![entry("dev-0", DeviceHealth::Healthy), sick]);
+    let next = tokio::time::timeout(LIMIT, watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next[1].health, "UNHEALTHY");
+    assert_eq!(next[1].message.len(), 1024, "at most 1024 characters");
+    // Kubelets before 1.34 have no health stream.
+    let old = PluginWatcher::start(&node.dir.path().join("other"), KubeletVersion::V1_32).unwrap();
+    assert!(old.watch_health(DRIVER).await.is_err());
+    registrar.stop().await;
+    server.stop().await;
+}

@@ -47,8 +47,8 @@ use std::time::{Duration, Instant};
 mod plugin_watcher;
 
 pub use plugin_watcher::{
-    ClaimAnswer, ClaimId, DraPluginView, LEGACY_SERVICE, PluginWatcher, PreparedView, WatcherView,
-    grpc_go_authority,
+    ClaimAnswer, ClaimId, DraPluginView, HealthView, HealthWatch, LEGACY_SERVICE, PluginWatcher,
+    PreparedView, WatcherView, grpc_go_authority,
 };
 
 use devplugin_api::authority::AuthorityRule;

@@ -402,6 +402,89 @@ impl PluginWatcher {
     }
 }
 
+/// One device's health as the kubelet reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthView {
+    /// `pool_name`.
+    pub pool: String,
+    /// `device_name`.
+    pub device: String,
+    /// `UNKNOWN`, `HEALTHY` or `UNHEALTHY`.
+    pub health: String,
+    /// `message`.
+    pub message: String,
+}
+
+/// An open `NodeWatchResources` stream.
+#[derive(Debug)]
+pub struct HealthWatch(
+    tonic::codec::Streaming<dra_api::pb::health_v1alpha1::NodeWatchResourcesResponse>,
+);
+
+impl HealthWatch {
+    /// The next complete list, or `None` when the stream ended or failed.
+    pub async fn next(&mut self) -> Option<Vec<HealthView>> {
+        use dra_api::pb::health_v1alpha1::HealthStatus;
+        let msg = self.0.message().await.ok()??;
+        Some(
+            msg.devices
+                .into_iter()
+                .map(|d| {
+                    let id = d.device.unwrap_or_default();
+                    HealthView {
+                        pool: id.pool_name,
+                        device: id.device_name,
+                        health: HealthStatus::try_from(d.health)
+                            .unwrap_or(HealthStatus::Unknown)
+                            .as_str_name()
+                            .to_owned(),
+                        message: d.message,
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+impl PluginWatcher {
+    /// Opens `NodeWatchResources` on `driver`'s plugin, as kubelets 1.34+
+    /// do after registering it when the `ResourceHealthStatus` gate is on
+    /// (`dra_plugin_manager.go`; they do not check that the plugin listed
+    /// the service, and retry every 5 s).
+    ///
+    /// # Errors
+    /// When the kubelet is older (no health stream), the driver is not
+    /// registered or the call fails.
+    pub async fn watch_health(&self, driver: &str) -> Result<HealthWatch, EmulatorError> {
+        if self.version < KubeletVersion::V1_34 {
+            return Err(EmulatorError::Rpc(Status::unimplemented(
+                "kubelets before 1.34 have no DRA health stream",
+            )));
+        }
+        let plugin = self
+            .view()
+            .plugins
+            .get(driver)
+            .cloned()
+            .ok_or_else(|| EmulatorError::DriverNotRegistered(driver.to_owned()))?;
+        let channel = uds::connect_with_authority(
+            Path::new(&plugin.endpoint),
+            DIAL_TIMEOUT,
+            AuthorityRule::Set(b"localhost".to_vec()),
+        )
+        .await?;
+        let mut client =
+            dra_api::pb::health_v1alpha1::dra_resource_health_client::DraResourceHealthClient::new(
+                channel,
+            );
+        let stream = client
+            .node_watch_resources(dra_api::pb::health_v1alpha1::NodeWatchResourcesRequest {})
+            .await?
+            .into_inner();
+        Ok(HealthWatch(stream))
+    }
+}
+
 impl Drop for PluginWatcher {
     fn drop(&mut self) {
         if let Some((stop, task)) = self.running.take() {
