@@ -19,6 +19,10 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // Go sets TCP_NODELAY on every TCP connection (`net/tcpsock.go`
+        // `newTCPConn`), so the API server's replies are never held back by
+        // Nagle's algorithm waiting for the client's delayed ACK (40 ms).
+        let _ = stream.set_nodelay(true);
         tokio::spawn(connection(stream, Arc::clone(&shared)));
     }
 }
@@ -239,8 +243,9 @@ async fn write(
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(text.as_bytes()).await
+    // One write, as net/http's buffered writer makes it.
+    head.push_str(&text);
+    stream.write_all(head.as_bytes()).await
 }
 
 pub(crate) fn status(code: u16, reason: &str, message: &str) -> Value {

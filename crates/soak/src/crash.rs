@@ -62,15 +62,24 @@ async fn plugin_kills(o: &Opts, kills: usize, failures: &mut Vec<String>) -> any
     let mut xe_present = true;
     let mut bad = 0;
     for i in 0..=kills {
+        let before = kubelet.view();
         let p = Proc::spawn(&mut plugin_command(&o.plugin, &node, &kdir, &cdi, 2), &log)?;
-        // Settled: both lists as the node is, then the checks of a
-        // consistent state left by the previous kill.
-        let want_xe = if xe_present { 2 } else { 0 };
+        // Settled: this instance registered what the node has, healthy (the
+        // kubelet keeps a killed instance's lists, unhealthy, meanwhile),
+        // then the checks of a consistent state left by the previous kill.
+        let fresh = |v: &kubelet_emulator::View, r: &str, n: usize| {
+            v.registrations(r) > before.registrations(r)
+                && v.is_connected(r)
+                && listed(v, r).is_some_and(|l| l.len() == n && l.iter().all(|d| d.1))
+        };
         let settled = kubelet
             .wait_until(LIMIT, |v| {
-                v.is_connected(I915)
-                    && listed(v, I915).is_some_and(|l| l.len() == 10)
-                    && listed(v, XE).is_some_and(|l| l.len() == want_xe)
+                fresh(v, I915, 10)
+                    && if xe_present {
+                        fresh(v, XE, 2)
+                    } else {
+                        !v.is_connected(XE)
+                    }
             })
             .await
             .is_ok();
@@ -98,7 +107,10 @@ async fn plugin_kills(o: &Opts, kills: usize, failures: &mut Vec<String>) -> any
         }
         let refusing = refusing_sockets(&kdir);
         if !refusing.is_empty() {
-            problems.push(format!("orphaned sockets: {refusing:?}"));
+            problems.push(format!(
+                "orphaned sockets: {refusing:?} (the running plugin is pid {}, xe present: {xe_present})",
+                p.pid()
+            ));
         }
         if i == kills {
             break;

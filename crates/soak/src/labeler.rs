@@ -29,6 +29,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apiserver_emulator::ApiServer;
@@ -64,7 +65,7 @@ enum Gpus {
 
 struct World {
     dir: PathBuf,
-    api: ApiServer,
+    api: Arc<ApiServer>,
     node: FakeNode,
     file: PathBuf,
     enabled: bool,
@@ -217,7 +218,7 @@ pub(crate) async fn run(
     std::fs::write(&file, ENABLED)?;
     let mut w = World {
         dir: dir.path().to_owned(),
-        api,
+        api: Arc::new(api),
         node,
         file,
         enabled: true,
@@ -276,12 +277,35 @@ pub(crate) async fn run(
     if poll_until(LIMIT, || w.converged()).await.is_none() {
         anyhow::bail!("the labeller did not converge before the faults began");
     }
-    let owned_keys: BTreeSet<String> = w
-        .reference
-        .values()
-        .flat_map(|m| m.keys().cloned())
-        .chain([PLUGIN_LABEL.to_owned()])
-        .collect();
+    // The labeller's own: the plugin label and the discovery namespace,
+    // but for a key someone else set there.
+    let owned = |k: &str| {
+        k == PLUGIN_LABEL
+            || ((k.starts_with("gpu.intel.com/") || k == "intel.feature.node.kubernetes.io/gpu")
+                && !FOREIGN.iter().any(|f| f.1 == k))
+    };
+    // The published ConfigMap's content over time, sampled every 5 ms, to
+    // explain a finding.
+    let cm_timeline: Arc<Mutex<Vec<(Instant, Option<String>)>>> = Arc::default();
+    let sampler = {
+        let (api, timeline) = (Arc::clone(&w.api), Arc::clone(&cm_timeline));
+        tokio::spawn(async move {
+            loop {
+                let now = api
+                    .configmap(NAMESPACE, CONFIGMAP)
+                    .and_then(|(d, _)| d.get(KEY).cloned());
+                {
+                    let mut t = timeline
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if t.last().is_none_or(|(_, last)| *last != now) {
+                        t.push((Instant::now(), now));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
 
     w.api.fault_rate(0.3);
     let requests_before = w.api.requests().len();
@@ -289,6 +313,8 @@ pub(crate) async fn run(
     let mut unknown: Vec<(Instant, Instant)> = Vec::new();
     let mut times = Samples::new();
     let mut converged = 0u64;
+    // What the soak did when, to explain an audit finding.
+    let mut timeline: Vec<(Instant, String)> = Vec::new();
     for i in 0..changes {
         tokio::time::sleep(between(
             &mut rng,
@@ -300,6 +326,13 @@ pub(crate) async fn run(
             w.api.drop_watches();
         }
         let what = rng.u8(..4);
+        timeline.push((
+            Instant::now(),
+            format!(
+                "change {i}: kind {what}, enabled {}, gpus {:?}",
+                w.enabled, w.gpus
+            ),
+        ));
         let mut pending_write = None;
         match what {
             0 => {
@@ -347,6 +380,7 @@ pub(crate) async fn run(
             )),
         }
     }
+    sampler.abort();
     let requests = w.api.requests().len() - requests_before;
     w.api.fault_rate(0.0);
 
@@ -369,7 +403,7 @@ pub(crate) async fn run(
             .chain(wr.labels_after.keys())
             .collect();
         for k in keys {
-            if wr.labels_before.get(k) != wr.labels_after.get(k) && !owned_keys.contains(k) {
+            if wr.labels_before.get(k) != wr.labels_after.get(k) && !owned(k) {
                 foreign += 1;
                 failures.push(format!(
                     "labeler: {} changed the foreign label {k}: {:?} → {:?}",
@@ -379,14 +413,40 @@ pub(crate) async fn run(
                 ));
             }
         }
+        // The plugin label taken back by a decision: the discovery labels
+        // stay (with no advertisable GPU past the removal grace, every
+        // owned label goes, whatever the decision: that is not this).
+        let discovery_after = wr
+            .labels_after
+            .keys()
+            .any(|k| owned(k) && k != PLUGIN_LABEL);
         let removed = wr.labels_before.contains_key(PLUGIN_LABEL)
             && !wr.labels_after.contains_key(PLUGIN_LABEL)
+            && discovery_after
             && !wr.created;
-        if removed && unknown.iter().any(|(a, b)| wr.at >= *a && wr.at <= *b) {
+        if let Some((a, _)) = unknown
+            .iter()
+            .find(|(a, b)| removed && wr.at >= *a && wr.at <= *b)
+        {
             unknown_removals += 1;
+            let before: Vec<String> = timeline
+                .iter()
+                .filter(|(t, _)| *t <= wr.at && wr.at.duration_since(*t) < Duration::from_secs(15))
+                .map(|(t, e)| format!("-{:.3}s {e}", wr.at.duration_since(*t).as_secs_f64()))
+                .collect();
+            let cm: Vec<String> = cm_timeline
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .filter(|(t, _)| *t <= wr.at && wr.at.duration_since(*t) < Duration::from_secs(15))
+                .map(|(t, c)| format!("-{:.3}s {c:?}", wr.at.duration_since(*t).as_secs_f64()))
+                .collect();
             failures.push(format!(
-                "labeler: {} removed the plugin label while the decision was unknown",
-                wr.manager
+                "labeler: {} removed the plugin label {:.3}s into an unknown window; before it: {} ; the ConfigMap: {}",
+                wr.manager,
+                wr.at.duration_since(*a).as_secs_f64(),
+                before.join(" | "),
+                cm.join(" | ")
             ));
         }
         if wr.manager != MANAGER {
