@@ -108,7 +108,10 @@ async fn prepare(report: &mut Report) {
             uid: uid.clone(),
         };
         let start = Instant::now();
-        let answers = watcher.prepare(DRIVER, &[claim.clone()]).await.unwrap();
+        let answers = watcher
+            .prepare(DRIVER, std::slice::from_ref(&claim))
+            .await
+            .unwrap();
         samples.push(start.elapsed());
         assert!(answers[&uid].is_ok());
         watcher.unprepare(DRIVER, &[claim]).await.unwrap();

@@ -56,6 +56,9 @@ const FOREIGN: [(&str, &str, &str); 3] = [
 ];
 const LIMIT: Duration = Duration::from_secs(30);
 
+/// When the ConfigMap's content became what (None: deleted).
+type Timeline = Vec<(Instant, Option<String>)>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Gpus {
     All,
@@ -286,7 +289,7 @@ pub(crate) async fn run(
     };
     // The published ConfigMap's content over time, sampled every 5 ms, to
     // explain a finding.
-    let cm_timeline: Arc<Mutex<Vec<(Instant, Option<String>)>>> = Arc::default();
+    let cm_timeline: Arc<Mutex<Timeline>> = Arc::default();
     let sampler = {
         let (api, timeline) = (Arc::clone(&w.api), Arc::clone(&cm_timeline));
         tokio::spawn(async move {
