@@ -316,8 +316,14 @@ impl Cluster {
     /// own credentials in host mode. A uid does: the API server checks it
     /// as a precondition and answers 409 when the Node is gone or was
     /// replaced (`Precondition failed: UID in precondition`), so a deleted
-    /// Node is never re-created, in every mode. No resourceVersion is sent:
-    /// on a busy Node it would only raise needless conflicts.
+    /// Node is never re-created, in every mode. With `resource_version`
+    /// (the version a watch-cache read was decided from), a Node that has
+    /// changed since answers 409 too: the caller reads it afresh rather
+    /// than writing from a stale view (its own last write not seen yet
+    /// would otherwise be undone — `cargo xtask soak` caught the plugin
+    /// label removed that way while the decision was unknown). After a
+    /// fresh read none is sent: on a busy Node it would only raise
+    /// needless conflicts.
     ///
     /// # Errors
     /// When the API server refuses or cannot be reached.
@@ -326,8 +332,9 @@ impl Cluster {
         labels: &BTreeMap<String, String>,
         annotations: &BTreeMap<String, String>,
         uid: &str,
+        resource_version: Option<&str>,
     ) -> Result<(), ClusterError> {
-        let body = json!({
+        let mut body = json!({
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {
@@ -337,6 +344,12 @@ impl Cluster {
                 "annotations": annotations,
             },
         });
+        // The version the labels were decided from: a Node changed since
+        // (the watch cache behind, our own last write not seen yet) fails
+        // with 409 instead of being overwritten from a stale view.
+        if let Some(rv) = resource_version.filter(|rv| !rv.is_empty()) {
+            body["metadata"]["resourceVersion"] = json!(rv);
+        }
         self.nodes
             .patch(
                 &self.node,

@@ -237,7 +237,16 @@ pub async fn reconcile_node(
         if !changed {
             return Ok(Outcome::Unchanged { labels, conflicts });
         }
-        match cluster.apply(&labels, &annotations, &state.uid).await {
+        match cluster
+            .apply(
+                &labels,
+                &annotations,
+                &state.uid,
+                // From the watch cache: only if nothing changed since.
+                (attempt == 0).then_some(state.resource_version.as_str()),
+            )
+            .await
+        {
             Ok(()) => {
                 tracing::info!(node = %cluster.node(), labels = labels.len(), %note, "labels applied");
                 for c in &conflicts {
@@ -288,7 +297,7 @@ pub async fn cleanup(cluster: &Cluster) -> Result<Outcome, ClusterError> {
         });
     }
     cluster
-        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.uid)
+        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.uid, None)
         .await?;
     Ok(Outcome::Applied {
         labels: BTreeMap::new(),

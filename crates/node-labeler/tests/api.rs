@@ -248,26 +248,38 @@ async fn a_deleted_node_is_not_recreated_and_labels_return_with_it() {
 async fn the_uid_precondition_refuses_to_create_or_to_write_a_replaced_node() {
     let (api, cluster) = setup().await;
     let state = cluster.read().await.unwrap().unwrap();
-    // No resourceVersion: unrelated changes do not conflict.
+    // Without a resourceVersion, unrelated changes do not conflict.
     api.set_annotation(NODE, "kubelet", "heartbeat", Some("1"));
     cluster
         .apply(
             &BTreeMap::from([("a".to_owned(), "1".to_owned())]),
             &BTreeMap::new(),
             &state.uid,
+            None,
         )
         .await
         .unwrap();
+    // With the one it was decided from, a Node changed since conflicts.
+    let err = cluster
+        .apply(
+            &BTreeMap::from([("a".to_owned(), "2".to_owned())]),
+            &BTreeMap::new(),
+            &state.uid,
+            Some(&state.resource_version),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(409), "{err}");
     api.delete_node(NODE);
     let err = cluster
-        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.uid)
+        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.uid, None)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(409));
     assert!(api.node(NODE).is_none());
     api.add_node(NODE);
     let err = cluster
-        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.uid)
+        .apply(&BTreeMap::new(), &BTreeMap::new(), &state.uid, None)
         .await
         .unwrap_err();
     assert_eq!(
@@ -502,5 +514,49 @@ async fn an_annotation_taken_by_hand_does_not_wedge_the_node() {
     assert_eq!(
         api.node(NODE).unwrap().annotations[ABSENT_SINCE_ANNOTATION],
         "tomorrow"
+    );
+}
+
+/// The watch cache can be behind the labeller's own last write (a dropped
+/// watch, a slow API server). Deciding from it must not undo that write:
+/// here, an unknown decision ("keep the plugin label as it is") read from a
+/// cache that predates the label would remove it. The apply carries the
+/// cached resourceVersion, fails with 409, and the labeller reads afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_watch_cache_never_undoes_our_own_write() {
+    let (api, cluster) = setup().await;
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    // The cache is filled, then frozen (its watch gone).
+    let tasks = cluster.follow(None, std::sync::Arc::new(|| {}));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cluster.read().await.unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cache never saw the Node"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for t in &tasks {
+        t.abort();
+    }
+    // The plugin label, written since by this labeller (another instance
+    // of it, or the same one before its watch caught up).
+    let other = Cluster::new(cluster_client(&api), NODE);
+    reconcile_node(&other, &inv, &enabled(), &POLICY, 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        labels(&api).get("intelgpu").map(String::as_str),
+        Some("enabled")
+    );
+    // The decision becomes unknown; the cache still shows the old Node.
+    let unknown = Decision::Unknown("the ConfigMap is missing".into());
+    reconcile_node(&cluster, &inv, &unknown, &POLICY, 1001)
+        .await
+        .unwrap();
+    assert_eq!(
+        labels(&api).get("intelgpu").map(String::as_str),
+        Some("enabled"),
+        "the plugin label stays while the decision is unknown"
     );
 }
