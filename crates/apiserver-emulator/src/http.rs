@@ -318,6 +318,20 @@ fn route(shared: &Shared, req: &Request) -> (u16, Value) {
             answer
         }
         ("PATCH", ["api", "v1", "nodes", name]) => patch_node(shared, req, name),
+        ("GET", ["apis", "resource.k8s.io", "v1", "deviceclasses", name]) => {
+            let st = shared.lock();
+            match st.device_classes.get(*name) {
+                Some(c) => (200, c.clone()),
+                None => (
+                    404,
+                    status(
+                        404,
+                        "NotFound",
+                        &format!("deviceclasses.resource.k8s.io \"{name}\" not found"),
+                    ),
+                ),
+            }
+        }
         ("GET", ["apis", "resource.k8s.io", "v1", "resourceslices"]) => {
             crate::slices::list(shared, req)
         }

@@ -91,6 +91,8 @@ pub(crate) struct State {
     pub(crate) resource_claims: BTreeMap<(String, String), Value>,
     /// ResourceSlices by name, as whole objects.
     pub(crate) resource_slices: BTreeMap<String, Value>,
+    /// DeviceClasses by name, as whole objects.
+    pub(crate) device_classes: BTreeMap<String, Value>,
     pub(crate) faults: VecDeque<Fault>,
     pub(crate) fault_rate: f64,
     pub(crate) rng: u64,
@@ -557,6 +559,126 @@ impl ApiServer {
         };
         self.notify();
         found
+    }
+
+    /// The allocator's part with attribute equality, standing in for the
+    /// scheduler: allocates claim `namespace/name`'s `request` `count`
+    /// devices of `driver` from the published ResourceSlices (the highest
+    /// generation of each pool), each with every attribute in `attributes`
+    /// equal (`{"string": …}`, `{"int": …}`, `{"bool": …}` or
+    /// `{"version": …}`), skipping devices allocated to other claims.
+    /// Returns the devices chosen. CEL selectors and DeviceClass
+    /// selectors are not evaluated.
+    ///
+    /// # Errors
+    /// When the claim does not exist or not enough devices match.
+    pub fn allocate_resource_claim_matching(
+        &self,
+        namespace: &str,
+        name: &str,
+        request: &str,
+        driver: &str,
+        attributes: &[(&str, Value)],
+        count: usize,
+    ) -> Result<Vec<String>, String> {
+        let chosen: Vec<(String, String)> = {
+            let st = self.shared.lock();
+            if !st
+                .resource_claims
+                .contains_key(&(namespace.to_owned(), name.to_owned()))
+            {
+                return Err(format!("no ResourceClaim {namespace}/{name}"));
+            }
+            let taken: std::collections::BTreeSet<(String, String)> = st
+                .resource_claims
+                .iter()
+                .filter(|(k, _)| k.0 != namespace || k.1 != name)
+                .flat_map(|(_, c)| {
+                    c["status"]["allocation"]["devices"]["results"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .filter(|r| r["driver"].as_str() == Some(driver))
+                .map(|r| {
+                    (
+                        r["pool"].as_str().unwrap_or_default().to_owned(),
+                        r["device"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect();
+            let mut newest: BTreeMap<String, i64> = BTreeMap::new();
+            for sl in st
+                .resource_slices
+                .values()
+                .filter(|sl| sl["spec"]["driver"].as_str() == Some(driver))
+            {
+                let pool = sl["spec"]["pool"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let g = sl["spec"]["pool"]["generation"].as_i64().unwrap_or(0);
+                let e = newest.entry(pool).or_insert(g);
+                *e = (*e).max(g);
+            }
+            st.resource_slices
+                .values()
+                .filter(|sl| sl["spec"]["driver"].as_str() == Some(driver))
+                .filter(|sl| {
+                    let pool = sl["spec"]["pool"]["name"].as_str().unwrap_or_default();
+                    newest.get(pool).copied() == sl["spec"]["pool"]["generation"].as_i64()
+                })
+                .flat_map(|sl| {
+                    let pool = sl["spec"]["pool"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    sl["spec"]["devices"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |d| (pool.clone(), d))
+                })
+                .filter(|(_, d)| {
+                    attributes
+                        .iter()
+                        .all(|(k, want)| d["attributes"][*k] == *want)
+                })
+                .map(|(pool, d)| (pool, d["name"].as_str().unwrap_or_default().to_owned()))
+                .filter(|pd| !taken.contains(pd))
+                .take(count)
+                .collect()
+        };
+        if chosen.len() < count {
+            return Err(format!(
+                "only {} of {count} devices of {driver} match and are free",
+                chosen.len()
+            ));
+        }
+        let results: Vec<(&str, &str, &str, &str)> = chosen
+            .iter()
+            .map(|(pool, device)| (request, driver, pool.as_str(), device.as_str()))
+            .collect();
+        self.allocate_resource_claim(namespace, name, &results);
+        Ok(chosen.into_iter().map(|(_, d)| d).collect())
+    }
+
+    /// Creates or replaces a DeviceClass (`resource.k8s.io/v1`) with
+    /// `spec`; GET serves it. Its selectors are not evaluated here.
+    pub fn set_device_class(&self, name: &str, spec: Value) {
+        {
+            let mut st = self.shared.lock();
+            let rv = st.bump();
+            let class = serde_json::json!({
+                "apiVersion": "resource.k8s.io/v1",
+                "kind": "DeviceClass",
+                "metadata": {"name": name, "resourceVersion": rv.to_string()},
+                "spec": spec,
+            });
+            st.device_classes.insert(name.to_owned(), class);
+        }
+        self.notify();
     }
 
     /// Deletes a ResourceClaim.

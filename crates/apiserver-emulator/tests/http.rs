@@ -356,3 +356,37 @@ async fn resource_slices_are_validated_selected_and_deleted() {
     assert_eq!(code, 200);
     assert_eq!(api.resource_slices().len(), 1);
 }
+
+#[tokio::test]
+async fn device_classes_are_served() {
+    let api = ApiServer::start().await.unwrap();
+    api.set_device_class(
+        "gpu.example.com",
+        json!({"selectors": [{"cel": {"expression": "device.driver == \"gpu.example.com\""}}]}),
+    );
+    let (code, class) = call(
+        &api,
+        "GET",
+        "/apis/resource.k8s.io/v1/deviceclasses/gpu.example.com",
+        "application/json",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(class["kind"], "DeviceClass");
+    assert!(
+        class["spec"]["selectors"][0]["cel"]["expression"]
+            .as_str()
+            .unwrap()
+            .contains("gpu.example.com")
+    );
+    let (code, _) = call(
+        &api,
+        "GET",
+        "/apis/resource.k8s.io/v1/deviceclasses/nope",
+        "application/json",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(code, 404);
+}

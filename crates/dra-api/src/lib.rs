@@ -25,6 +25,8 @@
 //!   change, owned by the Node, stale slices deleted, put back after a
 //!   kubelet wipes them), driven by whole device sets.
 //!
+//! - [`cdi::ClaimSpecs`]: a CDI spec per prepared claim, on the device
+//!   plugin framework's atomic spec writer.
 //! - [`health`]: the health stream the kubelet reads
 //!   (`v1alpha1.DRAResourceHealth`), fed by [`DraServer::publish_health`].
 //!
@@ -34,6 +36,7 @@
 
 pub mod pb;
 
+pub mod cdi;
 pub mod checkpoint;
 pub mod health;
 mod names;

@@ -173,3 +173,51 @@ fn ops_kit_backoff() -> ops_kit::Backoff {
         max: Duration::from_millis(100),
     }
 }
+
+/// The emulator's allocator stand-in picks published devices by attribute
+/// equality, each once, and says when too few match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_devices_are_allocated_by_attributes() {
+    let api = ApiServer::start().await.unwrap();
+    api.add_node(NODE);
+    let p = SlicePublisher::start(
+        client(&api),
+        PublisherConfig::new(DriverName::new(DRIVER).unwrap(), NODE),
+        devices(4),
+    );
+    published(&p, 1).await;
+    api.create_resource_claim("default", "one", serde_json::json!({}));
+    api.create_resource_claim("default", "two", serde_json::json!({}));
+    api.create_resource_claim("default", "many", serde_json::json!({}));
+    let one = api
+        .allocate_resource_claim_matching(
+            "default",
+            "one",
+            "gpu",
+            DRIVER,
+            &[("index", serde_json::json!({"int": 1}))],
+            1,
+        )
+        .unwrap();
+    assert_eq!(one, ["gpu-1"]);
+    let two = api
+        .allocate_resource_claim_matching(
+            "default",
+            "two",
+            "gpu",
+            DRIVER,
+            &[("model", serde_json::json!({"string": "Flex 170"}))],
+            2,
+        )
+        .unwrap();
+    assert_eq!(two.len(), 2);
+    assert!(
+        !two.contains(&"gpu-1".to_owned()),
+        "gpu-1 is taken: {two:?}"
+    );
+    let e = api
+        .allocate_resource_claim_matching("default", "many", "gpu", DRIVER, &[], 2)
+        .unwrap_err();
+    assert!(e.contains("only 1 of 2"), "{e}");
+    p.stop().await;
+}

@@ -16,13 +16,13 @@
 //! (the kubelet stops calling), then the service; slices and the
 //! checkpoint stay.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
-use devplugin_api::cdi::{ContainerEdits, Spec, SpecDevice, SpecDir};
+use devplugin_api::cdi::ContainerEdits;
+use dra_api::cdi::ClaimSpecs;
 use dra_api::slices::{Attribute, DeviceSet, PublisherConfig, SliceDevice, SlicePublisher};
 use dra_api::{
     Allocated, ClaimRef, DraConfig, DraServer, Driver, DriverError, DriverName, KubeClaims,
@@ -77,18 +77,10 @@ fn args() -> anyhow::Result<Args> {
     Ok(a)
 }
 
-/// Prepares a claim: one CDI spec file per claim, a device per allocated
-/// device (named `<claim uid>-<device>`, unique per claim as the CDI
-/// guidance asks, so a runtime's cache never serves another claim's).
+/// Prepares a claim: one CDI spec per claim (an environment variable per
+/// allocated device), through the framework's `ClaimSpecs`.
 struct Null {
-    cdi: SpecDir,
-    prefix: String,
-}
-
-impl Null {
-    fn spec_file(&self, claim: &ClaimRef) -> String {
-        format!("{}{}.json", self.prefix, claim.uid)
-    }
+    cdi: ClaimSpecs,
 }
 
 impl Driver for Null {
@@ -97,46 +89,40 @@ impl Driver for Null {
         claim: &ClaimRef,
         devices: &[Allocated],
     ) -> Result<Vec<PreparedDevice>, DriverError> {
-        let spec = Spec {
-            kind: CDI_KIND.to_owned(),
-            devices: devices
-                .iter()
-                .map(|d| SpecDevice {
-                    name: format!("{}-{}", claim.uid, d.device),
-                    annotations: BTreeMap::new(),
-                    container_edits: ContainerEdits {
-                        env: vec![format!(
-                            "NULL_DEVICE_{}=1",
-                            d.device.replace('-', "_").to_uppercase()
-                        )],
-                        ..ContainerEdits::default()
-                    },
-                })
-                .collect(),
-            container_edits: ContainerEdits::default(),
-            annotations: BTreeMap::new(),
-        };
-        self.cdi
-            .write(&self.spec_file(claim), &spec)
+        let edits: Vec<(&str, ContainerEdits)> = devices
+            .iter()
+            .map(|d| {
+                let edits = ContainerEdits {
+                    env: vec![format!(
+                        "NULL_DEVICE_{}=1",
+                        d.device.replace('-', "_").to_uppercase()
+                    )],
+                    ..ContainerEdits::default()
+                };
+                (d.device.as_str(), edits)
+            })
+            .collect();
+        let ids = self
+            .cdi
+            .write(&claim.uid, &edits)
             .map_err(|e| DriverError(format!("could not write the CDI spec: {e}")))?;
         Ok(devices
             .iter()
-            .map(|d| PreparedDevice {
+            .zip(ids)
+            .map(|(d, id)| PreparedDevice {
                 requests: vec![d.request.clone()],
                 pool: d.pool.clone(),
                 device: d.device.clone(),
-                cdi_device_ids: vec![format!("{CDI_KIND}={}-{}", claim.uid, d.device)],
+                cdi_device_ids: vec![id],
             })
             .collect())
     }
 
     fn unprepare(&self, claim: &ClaimRef, _: Option<&PreparedClaim>) -> Result<(), DriverError> {
         // By the claim's UID: works without a record too.
-        match std::fs::remove_file(self.cdi.dir().join(self.spec_file(claim))) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(DriverError(format!("could not remove the CDI spec: {e}"))),
-        }
+        self.cdi
+            .remove(&claim.uid)
+            .map_err(|e| DriverError(format!("could not remove the CDI spec: {e}")))
     }
 }
 
@@ -176,8 +162,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
     );
     let endpoint = plugin_dir.join("dra.sock");
     let null = Null {
-        cdi: SpecDir::new(&a.cdi_dir, &format!("{}-claim_", driver)),
-        prefix: format!("{}-claim_", driver),
+        cdi: ClaimSpecs::new(&a.cdi_dir, CDI_KIND, &format!("{driver}-claim_")),
     };
     let server = DraServer::start(
         DraConfig::new(
