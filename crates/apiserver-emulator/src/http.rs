@@ -192,6 +192,20 @@ async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
                 ["api", "v1", "namespaces", ns, "configmaps"] => {
                     Some((crate::Kind::ConfigMap, Some((*ns).to_owned())))
                 }
+                ["apis", "resource.k8s.io", "v1", "resourceslices"] => {
+                    Some((crate::Kind::ResourceSlice, None))
+                }
+                [
+                    "apis",
+                    "resource.k8s.io",
+                    "v1",
+                    "namespaces",
+                    ns,
+                    "resourceclaims",
+                ] => Some((crate::Kind::ResourceClaim, Some((*ns).to_owned()))),
+                ["apis", "resource.k8s.io", "v1", "deviceclasses"] => {
+                    Some((crate::Kind::DeviceClass, None))
+                }
                 _ => None,
             };
             if let Some((kind, ns)) = target {
@@ -809,10 +823,27 @@ async fn watch(
     let bookmarks = req
         .query("allowWatchBookmarks")
         .is_some_and(|b| b == "true");
+    // Field selectors on the object (`spec.nodeName`, `spec.driver` for
+    // ResourceSlices), besides `metadata.name` above.
+    let fields: Vec<(String, String)> = req
+        .query("fieldSelector")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|t| t.split_once('='))
+        .filter(|(k, _)| k.starts_with("spec."))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let selected = move |o: &Value| {
+        fields.iter().all(|(k, v)| {
+            let field = k.strip_prefix("spec.").unwrap_or(k);
+            o["spec"][field].as_str() == Some(v.as_str())
+        })
+    };
     let matches = |c: &crate::Change| {
         c.kind == kind
             && namespace.as_ref().is_none_or(|ns| *ns == c.namespace)
             && only.as_ref().is_none_or(|o| *o == c.name)
+            && selected(&c.object)
     };
     let head =
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
@@ -833,10 +864,11 @@ async fn watch(
                 let initial: Vec<Value> = st
                     .logged
                     .iter()
-                    .filter(|((k, ns, name), _)| {
+                    .filter(|((k, ns, name), (_, obj))| {
                         *k == kind
                             && namespace.as_ref().is_none_or(|n| n == ns)
                             && only.as_ref().is_none_or(|o| o == name)
+                            && selected(obj)
                     })
                     .map(|(_, (_, obj))| json!({"type": "ADDED", "object": obj}))
                     .collect();
@@ -887,11 +919,8 @@ async fn watch(
         if bookmark_due {
             bookmark_due = false;
             cursor = cursor.max(latest);
-            let kind_name = match kind {
-                crate::Kind::Node => "Node",
-                crate::Kind::ConfigMap => "ConfigMap",
-            };
-            let b = json!({"type": "BOOKMARK", "object": {"kind": kind_name, "apiVersion": "v1", "metadata": {"resourceVersion": latest.to_string()}}});
+            let (kind_name, api_version) = kind.names();
+            let b = json!({"type": "BOOKMARK", "object": {"kind": kind_name, "apiVersion": api_version, "metadata": {"resourceVersion": latest.to_string()}}});
             if send_event(&mut stream, &b).await.is_err() {
                 return;
             }

@@ -120,6 +120,30 @@ pub(crate) struct State {
 pub(crate) enum Kind {
     Node,
     ConfigMap,
+    ResourceSlice,
+    ResourceClaim,
+    DeviceClass,
+}
+
+impl Kind {
+    /// `kind` and `apiVersion`, for bookmarks.
+    pub(crate) fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Node => ("Node", "v1"),
+            Self::ConfigMap => ("ConfigMap", "v1"),
+            Self::ResourceSlice => ("ResourceSlice", "resource.k8s.io/v1"),
+            Self::ResourceClaim => ("ResourceClaim", "resource.k8s.io/v1"),
+            Self::DeviceClass => ("DeviceClass", "resource.k8s.io/v1"),
+        }
+    }
+}
+
+/// An object's resourceVersion as stored in its metadata.
+fn rv_of(o: &Value) -> u64 {
+    o["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// One change of one object, as a watch event.
@@ -174,6 +198,24 @@ impl State {
             now.insert(
                 (Kind::ConfigMap, ns.clone(), name.clone()),
                 (*rv, configmap_json(ns, name, data, *rv)),
+            );
+        }
+        for (name, o) in &self.resource_slices {
+            now.insert(
+                (Kind::ResourceSlice, String::new(), name.clone()),
+                (rv_of(o), o.clone()),
+            );
+        }
+        for ((ns, name), o) in &self.resource_claims {
+            now.insert(
+                (Kind::ResourceClaim, ns.clone(), name.clone()),
+                (rv_of(o), o.clone()),
+            );
+        }
+        for (name, o) in &self.device_classes {
+            now.insert(
+                (Kind::DeviceClass, String::new(), name.clone()),
+                (rv_of(o), o.clone()),
             );
         }
         let mut changes = Vec::new();

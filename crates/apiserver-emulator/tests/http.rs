@@ -390,3 +390,41 @@ async fn device_classes_are_served() {
     .await;
     assert_eq!(code, 404);
 }
+
+/// The `resource.k8s.io` kinds are watched as the others: changes as
+/// events, a ResourceSlice watch filtered by its field selectors.
+#[tokio::test]
+async fn resource_kinds_are_watched() {
+    let api = ApiServer::start().await.unwrap();
+    let slice = |name: &str, node: &str| {
+        json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice",
+            "metadata": {"name": name},
+            "spec": {"driver": "gpu.example.com", "nodeName": node,
+                "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+                "devices": [{"name": "d0"}]}})
+    };
+    let path =
+        |name: &str| format!("/apis/resource.k8s.io/v1/resourceslices/{name}?fieldManager=m");
+    call(&api, "PATCH", &path("a"), APPLY, &slice("a", "n1")).await;
+    call(&api, "PATCH", &path("b"), APPLY, &slice("b", "n2")).await;
+    let events = watch_events(
+        &api,
+        "/apis/resource.k8s.io/v1/resourceslices?watch=true&fieldSelector=spec.nodeName%3Dn1",
+        2,
+    )
+    .await;
+    assert_eq!(events.len(), 1, "only n1's slice: {events:?}");
+    assert_eq!(events[0]["object"]["metadata"]["name"], "a");
+    api.create_resource_claim("ns", "c", json!({}));
+    let events = watch_events(
+        &api,
+        "/apis/resource.k8s.io/v1/namespaces/ns/resourceclaims?watch=true",
+        1,
+    )
+    .await;
+    assert_eq!(events[0]["type"], "ADDED");
+    assert_eq!(events[0]["object"]["kind"], "ResourceClaim");
+    api.set_device_class("gpu", json!({}));
+    let events = watch_events(&api, "/apis/resource.k8s.io/v1/deviceclasses?watch=true", 1).await;
+    assert_eq!(events[0]["object"]["kind"], "DeviceClass");
+}
