@@ -823,8 +823,11 @@ async fn watch(
     let bookmarks = req
         .query("allowWatchBookmarks")
         .is_some_and(|b| b == "true");
-    // Field selectors on the object (`spec.nodeName`, `spec.driver` for
-    // ResourceSlices), besides `metadata.name` above.
+    // Field selectors on the object, besides `metadata.name` above: the
+    // selectable fields ResourceSlices register (`spec.nodeName`,
+    // `spec.driver`: `ResourceSliceSelectorNodeName`/`…Driver` in
+    // `resource/v1/types.go`, served by `pkg/registry/resource/
+    // resourceslice/strategy.go`). The other kinds register none.
     let fields: Vec<(String, String)> = req
         .query("fieldSelector")
         .unwrap_or_default()

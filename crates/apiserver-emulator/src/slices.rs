@@ -207,7 +207,9 @@ pub(crate) fn apply(shared: &Shared, req: &Request, name: &str) -> (u16, Value) 
 
 /// `GET /apis/resource.k8s.io/v1/resourceslices` with an optional
 /// `fieldSelector` of `spec.nodeName=…` and `spec.driver=…` (joined by
-/// commas).
+/// commas): the fields ResourceSlices make selectable
+/// (`ResourceSliceSelectorNodeName`/`…Driver`, `resource/v1/types.go`);
+/// any other field label is refused as the API server refuses it.
 pub(crate) fn list(shared: &Shared, req: &Request) -> (u16, Value) {
     let mut wants: Vec<(String, String)> = Vec::new();
     for term in req

@@ -597,32 +597,12 @@ async fn stop_server(server: tokio::task::JoinHandle<()>) {
 /// crashed instance, or by the Go plugin). Live sockets — another instance
 /// during a rolling update — and foreign sockets are left alone.
 pub(crate) async fn clean_stale_sockets(dir: &Path, prefix: &str) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-            continue;
-        };
-        let ours = name
-            .strip_prefix(prefix)
+    uds::remove_refusing(dir, |name| {
+        name.strip_prefix(prefix)
             .is_some_and(|rest| rest.starts_with('-') || rest.starts_with('.'))
-            && name.ends_with(".sock");
-        if !ours {
-            continue;
-        }
-        let path = entry.path();
-        let alive = tokio::time::timeout(
-            Duration::from_millis(500),
-            tokio::net::UnixStream::connect(&path),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
-        if !alive {
-            tracing::info!(path = %path.display(), "removing stale socket");
-            remove_socket(&path);
-        }
-    }
+            && name.ends_with(".sock")
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -95,3 +95,41 @@ pub fn incoming(
     tokio_stream::wrappers::UnixListenerStream::new(listener)
         .map(|conn| conn.map(crate::authority::AnyAuthority::new))
 }
+
+/// Removes the sockets in `dir` whose file names `ours` accepts and that
+/// refuse connections (left by a killed process); live ones (another
+/// instance during a rolling update) and every other entry are kept.
+/// Returns the paths removed. How the device-plugin and the DRA
+/// frameworks clean up after a crash.
+pub async fn remove_refusing(dir: &Path, ours: impl Fn(&str) -> bool) -> Vec<std::path::PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !ours(&name) {
+            continue;
+        }
+        let path = entry.path();
+        let alive = tokio::time::timeout(Duration::from_millis(500), UnixStream::connect(&path))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if alive {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed a stale socket");
+                removed.push(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "could not remove a stale socket")
+            }
+        }
+    }
+    removed
+}

@@ -389,26 +389,9 @@ async fn run(
 /// killed instance. Live ones (another instance during a rolling update)
 /// are kept, and so is everything else.
 async fn remove_stale(dir: &Path, driver: &DriverName) {
-    let prefix = format!("{driver}-");
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let ours = name.ends_with("-reg.sock")
-            && (name == format!("{driver}-reg.sock") || name.starts_with(&prefix));
-        if !ours {
-            continue;
-        }
-        let alive = tokio::time::timeout(
-            Duration::from_millis(500),
-            tokio::net::UnixStream::connect(e.path()),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
-        if !alive {
-            tracing::info!(socket = %e.path().display(), "removing a stale registration socket");
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
+    let (single, prefix) = (format!("{driver}-reg.sock"), format!("{driver}-"));
+    devplugin_api::uds::remove_refusing(dir, |name| {
+        name.ends_with("-reg.sock") && (name == single || name.starts_with(&prefix))
+    })
+    .await;
 }
