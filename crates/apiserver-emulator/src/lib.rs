@@ -17,7 +17,9 @@
 //! responses, dropped connections). It does not emulate authentication,
 //! admission, other fields, other resources or protobuf.
 
+mod allocate;
 mod http;
+mod quantity;
 mod slices;
 mod store;
 
@@ -29,6 +31,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::watch;
 
+pub use allocate::{Allocation, DeviceRequest};
 pub use store::{ApplyConflict, Manager, Object};
 
 /// A fault to inject into a response.
@@ -44,6 +47,62 @@ pub enum Fault {
     Slow(Duration),
     /// The connection is closed without a response.
     Drop,
+}
+
+/// The DRA side of the emulated API server: its release (where the API
+/// changed between releases) and its alpha feature gates, whose fields are
+/// dropped on write when off (`resourceslice/strategy.go`). The defaults
+/// are each release's (`pkg/features/versioned_kube_features.go`): the
+/// three gates are alpha, off, in 1.34 and 1.35 and beta, on, from 1.36.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DraApi {
+    /// The minor release (34, 35, 36).
+    pub minor: u32,
+    /// `DRAConsumableCapacity`.
+    pub consumable_capacity: bool,
+    /// `DRAPartitionableDevices`.
+    pub partitionable_devices: bool,
+    /// `DRADeviceTaints`.
+    pub device_taints: bool,
+}
+
+impl Default for DraApi {
+    fn default() -> Self {
+        Self::V1_34
+    }
+}
+
+impl DraApi {
+    /// Kubernetes 1.34 with its default gates.
+    pub const V1_34: Self = Self {
+        minor: 34,
+        consumable_capacity: false,
+        partitionable_devices: false,
+        device_taints: false,
+    };
+    /// Kubernetes 1.35 with its default gates.
+    pub const V1_35: Self = Self {
+        minor: 35,
+        ..Self::V1_34
+    };
+    /// Kubernetes 1.36 with its default gates.
+    pub const V1_36: Self = Self {
+        minor: 36,
+        consumable_capacity: true,
+        partitionable_devices: true,
+        device_taints: true,
+    };
+
+    /// This release with all three gates enabled.
+    #[must_use]
+    pub const fn with_all_gates(self) -> Self {
+        Self {
+            consumable_capacity: true,
+            partitionable_devices: true,
+            device_taints: true,
+            ..self
+        }
+    }
 }
 
 /// A request the server received.
@@ -93,6 +152,8 @@ pub(crate) struct State {
     pub(crate) resource_slices: BTreeMap<String, Value>,
     /// DeviceClasses by name, as whole objects.
     pub(crate) device_classes: BTreeMap<String, Value>,
+    /// The DRA release and gates.
+    pub(crate) dra: DraApi,
     pub(crate) faults: VecDeque<Fault>,
     pub(crate) fault_rate: f64,
     pub(crate) rng: u64,
@@ -605,15 +666,13 @@ impl ApiServer {
 
     /// The allocator's part with attribute equality, standing in for the
     /// scheduler: allocates claim `namespace/name`'s `request` `count`
-    /// devices of `driver` from the published ResourceSlices (the highest
-    /// generation of each pool), each with every attribute in `attributes`
+    /// devices of `driver`, each with every attribute in `attributes`
     /// equal (`{"string": …}`, `{"int": …}`, `{"bool": …}` or
-    /// `{"version": …}`), skipping devices allocated to other claims.
-    /// Returns the devices chosen. CEL selectors and DeviceClass
-    /// selectors are not evaluated.
+    /// `{"version": …}`). Returns the devices chosen. See
+    /// [`ApiServer::allocate`] for the rules.
     ///
     /// # Errors
-    /// When the claim does not exist or not enough devices match.
+    /// When the claim does not exist or not enough devices fit.
     pub fn allocate_resource_claim_matching(
         &self,
         namespace: &str,
@@ -623,87 +682,39 @@ impl ApiServer {
         attributes: &[(&str, Value)],
         count: usize,
     ) -> Result<Vec<String>, String> {
-        let chosen: Vec<(String, String)> = {
-            let st = self.shared.lock();
-            if !st
-                .resource_claims
-                .contains_key(&(namespace.to_owned(), name.to_owned()))
-            {
-                return Err(format!("no ResourceClaim {namespace}/{name}"));
-            }
-            let taken: std::collections::BTreeSet<(String, String)> = st
-                .resource_claims
-                .iter()
-                .filter(|(k, _)| k.0 != namespace || k.1 != name)
-                .flat_map(|(_, c)| {
-                    c["status"]["allocation"]["devices"]["results"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                })
-                .filter(|r| r["driver"].as_str() == Some(driver))
-                .map(|r| {
-                    (
-                        r["pool"].as_str().unwrap_or_default().to_owned(),
-                        r["device"].as_str().unwrap_or_default().to_owned(),
-                    )
-                })
-                .collect();
-            let mut newest: BTreeMap<String, i64> = BTreeMap::new();
-            for sl in st
-                .resource_slices
-                .values()
-                .filter(|sl| sl["spec"]["driver"].as_str() == Some(driver))
-            {
-                let pool = sl["spec"]["pool"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-                let g = sl["spec"]["pool"]["generation"].as_i64().unwrap_or(0);
-                let e = newest.entry(pool).or_insert(g);
-                *e = (*e).max(g);
-            }
-            st.resource_slices
-                .values()
-                .filter(|sl| sl["spec"]["driver"].as_str() == Some(driver))
-                .filter(|sl| {
-                    let pool = sl["spec"]["pool"]["name"].as_str().unwrap_or_default();
-                    newest.get(pool).copied() == sl["spec"]["pool"]["generation"].as_i64()
-                })
-                .flat_map(|sl| {
-                    let pool = sl["spec"]["pool"]["name"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned();
-                    sl["spec"]["devices"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(move |d| (pool.clone(), d))
-                })
-                .filter(|(_, d)| {
-                    attributes
-                        .iter()
-                        .all(|(k, want)| d["attributes"][*k] == *want)
-                })
-                .map(|(pool, d)| (pool, d["name"].as_str().unwrap_or_default().to_owned()))
-                .filter(|pd| !taken.contains(pd))
-                .take(count)
-                .collect()
-        };
-        if chosen.len() < count {
-            return Err(format!(
-                "only {} of {count} devices of {driver} match and are free",
-                chosen.len()
-            ));
+        let mut req = DeviceRequest::new(request, driver).count(count);
+        for (k, v) in attributes {
+            req = req.attribute(k, v.clone());
         }
-        let results: Vec<(&str, &str, &str, &str)> = chosen
-            .iter()
-            .map(|(pool, device)| (request, driver, pool.as_str(), device.as_str()))
-            .collect();
-        self.allocate_resource_claim(namespace, name, &results);
-        Ok(chosen.into_iter().map(|(_, d)| d).collect())
+        Ok(self
+            .allocate(namespace, name, &[req])?
+            .into_iter()
+            .map(|a| a.device)
+            .collect())
+    }
+
+    /// The allocator's part, standing in for the scheduler's structured
+    /// allocator: allocates claim `namespace/name`'s `requests` from the
+    /// published ResourceSlices, never handing out a device, a share of a
+    /// device's capacity or a counter twice (rules and sources in
+    /// `src/allocate.rs`), and records the result in the claim's status.
+    ///
+    /// # Errors
+    /// When the claim does not exist or a request cannot be satisfied.
+    pub fn allocate(
+        &self,
+        namespace: &str,
+        name: &str,
+        requests: &[DeviceRequest],
+    ) -> Result<Vec<Allocation>, String> {
+        let out = allocate::allocate(&mut self.shared.lock(), namespace, name, requests);
+        self.notify();
+        out
+    }
+
+    /// Sets the DRA release and gates (default [`DraApi::V1_34`]).
+    pub fn set_dra(&self, api: DraApi) {
+        self.shared.lock().dra = api;
     }
 
     /// Creates or replaces a DeviceClass (`resource.k8s.io/v1`) with

@@ -9,14 +9,34 @@
 //! `nodeName`, `nodeSelector`, `allNodes`, `perDeviceNodeSelection`, a
 //! positive `resourceSliceCount`).
 //!
+//! By release and feature gate ([`crate::DraApi`]), as
+//! `pkg/registry/resource/resourceslice/strategy.go` and
+//! `pkg/apis/resource/validation/validation.go` do:
+//! - a field of a disabled gate is **dropped on write**, not refused,
+//!   unless the stored object already uses it (`dropDisabled…Fields`):
+//!   `allowMultipleAllocations` and `capacity[*].requestPolicy`
+//!   (DRAConsumableCapacity), `sharedCounters`, `perDeviceNodeSelection`
+//!   and per device `consumesCounters`, `nodeName`, `nodeSelector`,
+//!   `allNodes` (DRAPartitionableDevices), `taints` (DRADeviceTaints);
+//! - 1.34: a device's `consumesCounters` must name a counter set (and its
+//!   counters) in the same slice, at most 32 counters in all sets;
+//! - 1.35 and later: `sharedCounters` and `devices` exclude each other
+//!   (kubernetes PR 134189), at most 8 counter sets, and at most 64
+//!   devices when one has taints or consumes counters; references are not
+//!   checked on write (the scheduler checks them per pool);
+//! - a `requestPolicy` needs `allowMultipleAllocations`, and its default
+//!   must be valid (`validateRequestPolicy…`).
+//! - `dryRun=All` answers what would be stored, storing nothing.
+//!
 //! Apply here replaces the spec and the owner references with what the
 //! applier sends (one field manager writes a slice: its driver); merging
 //! several managers' fields of a slice is not emulated.
 
 use serde_json::{Value, json};
 
-use crate::Shared;
 use crate::http::{Request, status};
+use crate::quantity;
+use crate::{DraApi, Shared};
 
 fn dns_label(s: &str) -> bool {
     !s.is_empty()
@@ -28,8 +48,12 @@ fn dns_label(s: &str) -> bool {
 }
 
 /// The validation errors of a slice's spec, empty when it is valid.
-pub(crate) fn validate(spec: &Value) -> Vec<String> {
+pub(crate) fn validate(spec: &Value, api: DraApi) -> Vec<String> {
     let mut errors = Vec::new();
+    let counter_sets = spec["sharedCounters"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let driver = spec["driver"].as_str().unwrap_or_default();
     if driver.is_empty() || driver.len() > 63 {
         errors.push("spec.driver: required, at most 63 characters".to_owned());
@@ -55,12 +79,17 @@ pub(crate) fn validate(spec: &Value) -> Vec<String> {
         );
     }
     let devices = spec["devices"].as_array().cloned().unwrap_or_default();
-    if devices.len() > 128 {
+    let limited = devices
+        .iter()
+        .any(|d| d["taints"].is_array() || d["consumesCounters"].is_array());
+    let max = if api.minor >= 35 && limited { 64 } else { 128 };
+    if devices.len() > max {
         errors.push(format!(
-            "spec.devices: must have at most 128 items, has {}",
+            "spec.devices: must have at most {max} items, has {}",
             devices.len()
         ));
     }
+    errors.extend(validate_counters(spec, &counter_sets, api));
     let mut names = std::collections::BTreeSet::new();
     for (i, d) in devices.iter().enumerate() {
         let name = d["name"].as_str().unwrap_or_default();
@@ -99,6 +128,7 @@ pub(crate) fn validate(spec: &Value) -> Vec<String> {
                 ));
             }
         }
+        errors.extend(validate_capacity(i, d));
         let taints = d["taints"].as_array().cloned().unwrap_or_default();
         if taints.len() > 4 {
             errors.push(format!("spec.devices[{i}].taints: at most 4"));
@@ -113,6 +143,216 @@ pub(crate) fn validate(spec: &Value) -> Vec<String> {
         }
     }
     errors
+}
+
+fn validate_counters(spec: &Value, sets: &[Value], api: DraApi) -> Vec<String> {
+    let mut errors = Vec::new();
+    if api.minor >= 35 {
+        if spec.get("sharedCounters").is_some_and(|v| !v.is_null())
+            && spec.get("devices").is_some_and(|v| !v.is_null())
+        {
+            errors.push(
+                "spec: Invalid value: \"\": only one of `sharedCounters` or `devices` is allowed"
+                    .to_owned(),
+            );
+        }
+        if sets.len() > 8 {
+            errors.push(format!(
+                "spec.sharedCounters: must have at most 8 items, has {}",
+                sets.len()
+            ));
+        }
+    } else {
+        let total: usize = sets
+            .iter()
+            .map(|s| s["counters"].as_object().map_or(0, serde_json::Map::len))
+            .sum();
+        if total > 32 {
+            errors.push(format!(
+                "spec.sharedCounters: at most 32 counters in all sets, has {total}"
+            ));
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, set) in sets.iter().enumerate() {
+        let name = set["name"].as_str().unwrap_or_default();
+        if !dns_label(name) || !names.insert(name) {
+            errors.push(format!(
+                "spec.sharedCounters[{i}].name: {name:?} is not a unique DNS label"
+            ));
+        }
+        for (k, v) in set["counters"].as_object().into_iter().flatten() {
+            if !dns_label(k) || v["value"].as_str().and_then(quantity::parse).is_none() {
+                errors.push(format!(
+                    "spec.sharedCounters[{i}].counters[{k}]: a DNS label with a quantity value"
+                ));
+            }
+        }
+    }
+    for (i, d) in spec["devices"].as_array().into_iter().flatten().enumerate() {
+        for (j, c) in d["consumesCounters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let set_name = c["counterSet"].as_str().unwrap_or_default();
+            if api.minor >= 35 {
+                continue;
+            }
+            let Some(set) = sets.iter().find(|s| s["name"].as_str() == Some(set_name)) else {
+                errors.push(format!(
+                    "spec.devices[{i}].consumesCounters[{j}].counterSet: Invalid value: {set_name:?}: must reference a counterSet defined in the ResourceSlice sharedCounters"
+                ));
+                continue;
+            };
+            for k in c["counters"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k)
+            {
+                if set["counters"].get(k).is_none() {
+                    errors.push(format!(
+                        "spec.devices[{i}].consumesCounters[{j}].counters: Invalid value: {k:?}: must reference a counter defined in the ResourceSlice sharedCounters"
+                    ));
+                }
+            }
+        }
+    }
+    errors
+}
+
+/// `validateMultiAllocatableDeviceCapacity` and `validateRequestPolicy…`.
+fn validate_capacity(i: usize, d: &Value) -> Vec<String> {
+    let mut errors = Vec::new();
+    let multiple = d["allowMultipleAllocations"].as_bool() == Some(true);
+    for (k, c) in d["capacity"].as_object().into_iter().flatten() {
+        let at = format!("spec.devices[{i}].capacity[{k}]");
+        let Some(value) = c["value"].as_str().and_then(quantity::parse) else {
+            errors.push(format!("{at}.value: not a quantity"));
+            continue;
+        };
+        let policy = &c["requestPolicy"];
+        if policy.is_null() {
+            continue;
+        }
+        if !multiple {
+            errors.push(format!(
+                "{at}.requestPolicy: Forbidden: allowMultipleAllocations must be true"
+            ));
+            continue;
+        }
+        let q = |v: &Value| v.as_str().and_then(quantity::parse);
+        let default = q(&policy["default"]);
+        let values: Vec<Option<i128>> = policy["validValues"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(q)
+            .collect();
+        let range = &policy["validRange"];
+        if !values.is_empty() && !range.is_null() {
+            errors.push(format!(
+                "{at}.requestPolicy: Forbidden: only one of validValues, validRange"
+            ));
+            continue;
+        }
+        if (!values.is_empty() || !range.is_null()) && default.is_none() {
+            errors.push(format!("{at}.requestPolicy.default: Required value"));
+            continue;
+        }
+        if !values.is_empty() {
+            let vals: Vec<i128> = values.iter().flatten().copied().collect();
+            let sorted = vals.windows(2).all(|w| w[0] < w[1]);
+            if vals.len() != values.len()
+                || vals.len() > 10
+                || !sorted
+                || vals.iter().any(|v| *v > value)
+            {
+                errors.push(format!("{at}.requestPolicy.validValues: at most 10 ascending unique quantities within the capacity"));
+            }
+            if default.is_some_and(|d| !vals.contains(&d)) {
+                errors.push(format!("{at}.requestPolicy.default: default value is not valid according to the requestPolicy"));
+            }
+        } else if !range.is_null() {
+            let (Some(min), Some(default)) = (q(&range["min"]), default) else {
+                errors.push(format!("{at}.requestPolicy.validRange.min: Required value"));
+                continue;
+            };
+            let max = q(&range["max"]);
+            let step = q(&range["step"]);
+            let bad = min > value
+                || default < min
+                || max.is_some_and(|m| m < min || m > value || default > m)
+                || step.is_some_and(|s| {
+                    let (ws, wmin) = (quantity::whole(s), quantity::whole(min));
+                    ws <= 0
+                        || min + s > value
+                        || (quantity::whole(default) - wmin) % ws != 0
+                        || max.is_some_and(|m| (quantity::whole(m) - wmin) % ws != 0)
+                });
+            if bad {
+                errors.push(format!(
+                    "{at}.requestPolicy: default value is not valid according to the requestPolicy"
+                ));
+            }
+        }
+    }
+    errors
+}
+
+/// Drops the fields of disabled gates, unless `old` uses them
+/// (`dropDisabledDRA…Fields`, `resourceslice/strategy.go`).
+fn drop_disabled(spec: &mut Value, old: Option<&Value>, api: DraApi) {
+    let old_devices = || {
+        old.and_then(|o| o["devices"].as_array())
+            .cloned()
+            .unwrap_or_default()
+    };
+    let old_uses = |f: &dyn Fn(&Value) -> bool| old_devices().iter().any(f);
+    if !api.consumable_capacity
+        && !old_uses(&|d| {
+            d["allowMultipleAllocations"].is_boolean()
+                || d["capacity"]
+                    .as_object()
+                    .is_some_and(|c| c.values().any(|c| c.get("requestPolicy").is_some()))
+        })
+    {
+        for d in spec["devices"].as_array_mut().into_iter().flatten() {
+            if let Some(o) = d.as_object_mut() {
+                o.remove("allowMultipleAllocations");
+            }
+            for c in d["capacity"].as_object_mut().into_iter().flatten() {
+                if let Some(c) = c.1.as_object_mut() {
+                    c.remove("requestPolicy");
+                }
+            }
+        }
+    }
+    let old_partitions = old.is_some_and(|o| {
+        o.get("sharedCounters").is_some() || o.get("perDeviceNodeSelection").is_some()
+    }) || old_uses(&|d| d.get("consumesCounters").is_some());
+    if !api.partitionable_devices && !old_partitions {
+        if let Some(o) = spec.as_object_mut() {
+            o.remove("sharedCounters");
+            o.remove("perDeviceNodeSelection");
+        }
+        for d in spec["devices"].as_array_mut().into_iter().flatten() {
+            if let Some(o) = d.as_object_mut() {
+                for f in ["consumesCounters", "nodeName", "nodeSelector", "allNodes"] {
+                    o.remove(f);
+                }
+            }
+        }
+    }
+    if !api.device_taints && !old_uses(&|d| d.get("taints").is_some()) {
+        for d in spec["devices"].as_array_mut().into_iter().flatten() {
+            if let Some(o) = d.as_object_mut() {
+                o.remove("taints");
+            }
+        }
+    }
 }
 
 /// `PATCH /apis/resource.k8s.io/v1/resourceslices/{name}` with
@@ -133,7 +373,7 @@ pub(crate) fn apply(shared: &Shared, req: &Request, name: &str) -> (u16, Value) 
             ),
         );
     }
-    let body: Value = match serde_json::from_slice(&req.body) {
+    let mut body: Value = match serde_json::from_slice(&req.body) {
         Ok(v) => v,
         Err(e) => {
             return (
@@ -148,7 +388,14 @@ pub(crate) fn apply(shared: &Shared, req: &Request, name: &str) -> (u16, Value) 
             status(400, "BadRequest", "metadata.name must match the path"),
         );
     }
-    let errors = validate(&body["spec"]);
+    let dry_run = req.query("dryRun").is_some_and(|d| d == "All");
+    let api = {
+        let st = shared.lock();
+        let old = st.resource_slices.get(name).map(|o| o["spec"].clone());
+        drop_disabled(&mut body["spec"], old.as_ref(), st.dra);
+        st.dra
+    };
+    let errors = validate(&body["spec"], api);
     if !errors.is_empty() {
         return (
             422,
@@ -164,9 +411,11 @@ pub(crate) fn apply(shared: &Shared, req: &Request, name: &str) -> (u16, Value) 
     }
     let out = {
         let mut st = shared.lock();
-        let rv = st.bump();
         let created = !st.resource_slices.contains_key(name);
-        let uid = if created {
+        let rv = if dry_run { st.next_rv } else { st.bump() };
+        let uid = if created && dry_run {
+            String::new()
+        } else if created {
             st.next_uid += 1;
             format!("00000000-0000-4000-8000-{:012x}", st.next_uid)
         } else {
@@ -198,6 +447,9 @@ pub(crate) fn apply(shared: &Shared, req: &Request, name: &str) -> (u16, Value) 
             },
             "spec": body["spec"].clone(),
         });
+        if dry_run {
+            return (if created { 201 } else { 200 }, obj);
+        }
         st.resource_slices.insert(name.to_owned(), obj.clone());
         (if created { 201 } else { 200 }, obj)
     };

@@ -83,7 +83,136 @@ pub struct SliceDevice {
     name: String,
     attributes: BTreeMap<String, Attribute>,
     capacity: BTreeMap<String, String>,
+    policies: BTreeMap<String, RequestPolicy>,
     taints: Vec<DeviceTaint>,
+    multiple: bool,
+    consumes: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// How much of a consumable capacity one allocation takes (feature gate
+/// `DRAConsumableCapacity`, `resource.k8s.io/v1` `CapacityRequestPolicy`):
+/// what a request that does not name the capacity consumes, and which
+/// amounts may be asked for. The scheduler rounds a request up to the next
+/// valid amount (`min + k × step`, or the next of `values`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestPolicy {
+    /// Consumed by a request that does not name this capacity.
+    pub default: String,
+    /// The amounts that may be consumed.
+    pub valid: ValidAmounts,
+}
+
+/// The amounts a [`RequestPolicy`] allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValidAmounts {
+    /// `validRange`: from `min`, optionally up to `max`, in steps.
+    Range {
+        /// The least amount consumed (smaller requests take this).
+        min: String,
+        /// The most one allocation may take.
+        max: Option<String>,
+        /// Amounts are `min + k × step`.
+        step: Option<String>,
+    },
+    /// `validValues`: at most 10, ascending.
+    Values(Vec<String>),
+}
+
+impl RequestPolicy {
+    fn to_json(&self) -> Value {
+        let mut j = json!({"default": self.default});
+        match &self.valid {
+            ValidAmounts::Range { min, max, step } => {
+                let mut r = json!({"min": min});
+                if let Some(m) = max {
+                    r["max"] = json!(m);
+                }
+                if let Some(s) = step {
+                    r["step"] = json!(s);
+                }
+                j["validRange"] = r;
+            }
+            ValidAmounts::Values(v) => j["validValues"] = json!(v),
+        }
+        j
+    }
+}
+
+/// Counters that devices of one pool draw from (feature gate
+/// `DRAPartitionableDevices`): e.g. a GPU's SR-IOV slots, consumed whole
+/// by the PF and one each by its VFs, so no allocation can take both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterSet {
+    name: String,
+    counters: BTreeMap<String, String>,
+}
+
+impl CounterSet {
+    /// A counter set named `name` (a DNS label, unique in the pool).
+    ///
+    /// # Errors
+    /// When the name is not a DNS label.
+    pub fn new(name: &str) -> Result<Self, DeviceError> {
+        if !dns_label(name) {
+            return Err(DeviceError {
+                device: name.to_owned(),
+                reason: "the counter set name is not a DNS label".to_owned(),
+            });
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            counters: BTreeMap::new(),
+        })
+    }
+
+    /// Adds a counter (a DNS label) with its total (a quantity).
+    #[must_use]
+    pub fn counter(mut self, name: &str, value: &str) -> Self {
+        self.counters.insert(name.to_owned(), value.to_owned());
+        self
+    }
+
+    /// The name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn to_json(&self) -> Value {
+        json!({"name": self.name, "counters": counters_json(&self.counters)})
+    }
+}
+
+fn counters_json(counters: &BTreeMap<String, String>) -> Value {
+    counters
+        .iter()
+        .map(|(k, v)| (k.clone(), json!({"value": v})))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// Where a pool's counter sets are published; the API changed between
+/// releases and the two are not compatible (kubernetes PR 134189).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterLayout {
+    /// Kubernetes 1.34: a slice holds the counter sets its devices
+    /// consume (`must reference a counterSet defined in the ResourceSlice
+    /// sharedCounters`), at most 32 counters in all.
+    SameSlice,
+    /// Kubernetes 1.35 and later: counter sets in slices of their own
+    /// (`only one of sharedCounters or devices is allowed`), at most 8
+    /// sets each, referenced across the pool.
+    OwnSlices,
+}
+
+fn dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 /// A device or a device set the API server would refuse.
@@ -102,14 +231,7 @@ impl SliceDevice {
     /// # Errors
     /// When the name is not a DNS label.
     pub fn new(name: &str) -> Result<Self, DeviceError> {
-        let ok = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !name.starts_with('-')
-            && !name.ends_with('-');
-        if !ok {
+        if !dns_label(name) {
             return Err(DeviceError {
                 device: name.to_owned(),
                 reason: "the name is not a DNS label (lowercase letters, digits, '-', at most 63)"
@@ -120,7 +242,10 @@ impl SliceDevice {
             name: name.to_owned(),
             attributes: BTreeMap::new(),
             capacity: BTreeMap::new(),
+            policies: BTreeMap::new(),
             taints: Vec::new(),
+            multiple: false,
+            consumes: BTreeMap::new(),
         })
     }
 
@@ -136,6 +261,36 @@ impl SliceDevice {
     #[must_use]
     pub fn capacity(mut self, name: &str, quantity: &str) -> Self {
         self.capacity.insert(name.to_owned(), quantity.to_owned());
+        self
+    }
+
+    /// Sets a consumable capacity: `quantity` in all, shared by the
+    /// allocations of a device that [`allows multiple
+    /// allocations`](Self::allow_multiple_allocations), each taking what
+    /// `policy` makes of its request.
+    #[must_use]
+    pub fn consumable(mut self, name: &str, quantity: &str, policy: RequestPolicy) -> Self {
+        self.capacity.insert(name.to_owned(), quantity.to_owned());
+        self.policies.insert(name.to_owned(), policy);
+        self
+    }
+
+    /// Lets several claims be allocated this device at once, within its
+    /// consumable capacities (`allowMultipleAllocations`).
+    #[must_use]
+    pub fn allow_multiple_allocations(mut self) -> Self {
+        self.multiple = true;
+        self
+    }
+
+    /// Draws `counters` (name, quantity) from the pool's counter set
+    /// `set` while allocated.
+    #[must_use]
+    pub fn consumes(mut self, set: &str, counters: &[(&str, &str)]) -> Self {
+        let entry = self.consumes.entry(set.to_owned()).or_default();
+        for (k, v) in counters {
+            entry.insert((*k).to_owned(), (*v).to_owned());
+        }
         self
     }
 
@@ -173,6 +328,24 @@ impl SliceDevice {
         if self.taints.len() > 4 {
             return bad(format!("{} taints, at most 4", self.taints.len()));
         }
+        if !self.policies.is_empty() && !self.multiple {
+            return bad("a request policy needs allowMultipleAllocations".to_owned());
+        }
+        for (k, p) in &self.policies {
+            if let ValidAmounts::Values(v) = &p.valid
+                && (v.is_empty() || v.len() > 10 || !v.contains(&p.default))
+            {
+                return bad(format!(
+                    "capacity {k}: 1 to 10 valid values, the default among them"
+                ));
+            }
+        }
+        if self.consumes.len() > 2 {
+            return bad(format!(
+                "consumes {} counter sets, at most 2",
+                self.consumes.len()
+            ));
+        }
         Ok(())
     }
 
@@ -190,8 +363,25 @@ impl SliceDevice {
             d["capacity"] = self
                 .capacity
                 .iter()
-                .map(|(k, v)| (k.clone(), json!({"value": v})))
+                .map(|(k, v)| {
+                    let mut c = json!({"value": v});
+                    if let Some(p) = self.policies.get(k) {
+                        c["requestPolicy"] = p.to_json();
+                    }
+                    (k.clone(), c)
+                })
                 .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+        if self.multiple {
+            d["allowMultipleAllocations"] = json!(true);
+        }
+        if !self.consumes.is_empty() {
+            d["consumesCounters"] = self
+                .consumes
+                .iter()
+                .map(|(set, c)| json!({"counterSet": set, "counters": counters_json(c)}))
+                .collect::<Vec<_>>()
                 .into();
         }
         if !self.taints.is_empty() {
@@ -218,16 +408,42 @@ impl SliceDevice {
     }
 }
 
-/// A node's devices of one driver: checked, unique names, in name order.
+/// A node's devices of one driver: checked, unique names, in name order,
+/// with the counter sets they draw from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeviceSet(Vec<SliceDevice>);
+pub struct DeviceSet {
+    devices: Vec<SliceDevice>,
+    counters: Vec<CounterSet>,
+    layout: Option<CounterLayout>,
+}
+
+/// Counters in all counter sets of a 1.34 slice
+/// (`ResourceSliceMaxSharedCounters`).
+const MAX_COUNTERS_PER_SLICE_1_34: usize = 32;
+/// Counter sets per slice from 1.35 (`ResourceSliceMaxCounterSets`).
+const MAX_COUNTER_SETS_PER_SLICE: usize = 8;
+
+/// One slice's content.
+#[derive(Debug, Default)]
+struct Chunk<'a> {
+    devices: Vec<&'a SliceDevice>,
+    counters: Vec<&'a CounterSet>,
+}
 
 impl DeviceSet {
     /// Checks the devices as the API server would.
     ///
     /// # Errors
     /// The first device refused, and why.
-    pub fn new(mut devices: Vec<SliceDevice>) -> Result<Self, DeviceError> {
+    pub fn new(devices: Vec<SliceDevice>) -> Result<Self, DeviceError> {
+        Self::build(devices, Vec::new(), None)
+    }
+
+    fn build(
+        mut devices: Vec<SliceDevice>,
+        mut sets: Vec<CounterSet>,
+        layout: Option<CounterLayout>,
+    ) -> Result<Self, DeviceError> {
         devices.sort_by(|a, b| a.name.cmp(&b.name));
         for pair in devices.windows(2) {
             if pair[0].name == pair[1].name {
@@ -240,25 +456,189 @@ impl DeviceSet {
         for d in &devices {
             d.check()?;
         }
-        Ok(Self(devices))
+        sets.sort_by(|a, b| a.name.cmp(&b.name));
+        for pair in sets.windows(2) {
+            if pair[0].name == pair[1].name {
+                return Err(DeviceError {
+                    device: pair[0].name.clone(),
+                    reason: "counter set listed twice".to_owned(),
+                });
+            }
+        }
+        for c in &sets {
+            if c.counters.is_empty() || c.counters.len() > 32 {
+                return Err(DeviceError {
+                    device: c.name.clone(),
+                    reason: format!("counter set has {} counters, 1 to 32", c.counters.len()),
+                });
+            }
+        }
+        let set = Self {
+            devices,
+            counters: sets,
+            layout,
+        };
+        set.check_counters()?;
+        // 1.34: the slices must be cut so that each holds what it uses.
+        set.chunks()?;
+        Ok(set)
+    }
+
+    /// Devices with the counter sets they draw from, published as
+    /// `layout` says (the cluster's release decides; see
+    /// [`CounterLayout`]).
+    ///
+    /// # Errors
+    /// As [`DeviceSet::new`], and a device drawing from a set or counter
+    /// that is not there, a set named twice or with more than 32
+    /// counters, or (1.34) a set whose devices cannot share one slice.
+    pub fn with_counters(
+        devices: Vec<SliceDevice>,
+        sets: Vec<CounterSet>,
+        layout: CounterLayout,
+    ) -> Result<Self, DeviceError> {
+        Self::build(devices, sets, Some(layout))
+    }
+
+    fn check_counters(&self) -> Result<(), DeviceError> {
+        for d in &self.devices {
+            for (set, counters) in &d.consumes {
+                let Some(found) = self.counters.iter().find(|c| &c.name == set) else {
+                    return Err(DeviceError {
+                        device: d.name.clone(),
+                        reason: format!("consumes from counter set {set}, which is not published"),
+                    });
+                };
+                if let Some(k) = counters.keys().find(|k| !found.counters.contains_key(*k)) {
+                    return Err(DeviceError {
+                        device: d.name.clone(),
+                        reason: format!("consumes counter {k}, which set {set} does not have"),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The devices.
     #[must_use]
     pub fn devices(&self) -> &[SliceDevice] {
-        &self.0
+        &self.devices
     }
 
-    /// The devices as slices: consecutive chunks in name order.
-    fn chunks(&self) -> Vec<Vec<&SliceDevice>> {
-        let size = if self.0.iter().any(|d| !d.taints.is_empty()) {
+    /// The counter sets.
+    #[must_use]
+    pub fn counter_sets(&self) -> &[CounterSet] {
+        &self.counters
+    }
+
+    /// The devices (and counter sets) as slices, in name order.
+    fn chunks(&self) -> Result<Vec<Chunk<'_>>, DeviceError> {
+        let limited = self
+            .devices
+            .iter()
+            .any(|d| !d.taints.is_empty() || !d.consumes.is_empty());
+        let size = if limited {
             MAX_TAINTED_DEVICES_PER_SLICE
         } else {
             MAX_DEVICES_PER_SLICE
         };
-        // No devices: no slices (the Go slice controller deletes a pool
-        // left without slices the same way).
-        self.0.chunks(size).map(|c| c.iter().collect()).collect()
+        let mut out: Vec<Chunk<'_>> = Vec::new();
+        match self.layout {
+            // No devices: no slices (the Go slice controller deletes a
+            // pool left without slices the same way).
+            None => {
+                for c in self.devices.chunks(size) {
+                    out.push(Chunk {
+                        devices: c.iter().collect(),
+                        counters: Vec::new(),
+                    });
+                }
+            }
+            Some(CounterLayout::OwnSlices) => {
+                for c in self.counters.chunks(MAX_COUNTER_SETS_PER_SLICE) {
+                    out.push(Chunk {
+                        devices: Vec::new(),
+                        counters: c.iter().collect(),
+                    });
+                }
+                for c in self.devices.chunks(size) {
+                    out.push(Chunk {
+                        devices: c.iter().collect(),
+                        counters: Vec::new(),
+                    });
+                }
+            }
+            Some(CounterLayout::SameSlice) => {
+                // Groups that must share a slice: a counter set with every
+                // device drawing from it (devices drawing from two sets
+                // join them), and lone devices.
+                let mut groups: Vec<(Vec<&SliceDevice>, BTreeSet<&str>)> = Vec::new();
+                for d in &self.devices {
+                    let sets: BTreeSet<&str> = d.consumes.keys().map(String::as_str).collect();
+                    let mut merged = (vec![d], sets);
+                    let mut i = 0;
+                    while i < groups.len() {
+                        if !merged.1.is_empty() && !groups[i].1.is_disjoint(&merged.1) {
+                            let (ds, ss) = groups.remove(i);
+                            merged.0.extend(ds);
+                            merged.1.extend(ss);
+                        } else {
+                            i += 1;
+                        }
+                    }
+                    groups.push(merged);
+                }
+                let mut current = Chunk::default();
+                let mut counters_in = 0;
+                for (devices, sets) in groups {
+                    let sets: Vec<&CounterSet> = self
+                        .counters
+                        .iter()
+                        .filter(|c| sets.contains(c.name.as_str()))
+                        .collect();
+                    let n: usize = sets.iter().map(|c| c.counters.len()).sum();
+                    if devices.len() > size || n > MAX_COUNTERS_PER_SLICE_1_34 {
+                        return Err(DeviceError {
+                            device: devices[0].name.clone(),
+                            reason: format!(
+                                "{} devices and {n} counters must share one slice: at most {size} and {MAX_COUNTERS_PER_SLICE_1_34}",
+                                devices.len()
+                            ),
+                        });
+                    }
+                    if current.devices.len() + devices.len() > size
+                        || counters_in + n > MAX_COUNTERS_PER_SLICE_1_34
+                    {
+                        out.push(std::mem::take(&mut current));
+                        counters_in = 0;
+                    }
+                    current.devices.extend(devices);
+                    current.counters.extend(sets);
+                    counters_in += n;
+                }
+                if !current.devices.is_empty() {
+                    out.push(current);
+                }
+                // Sets no device draws from go with the first slice.
+                let used: BTreeSet<&str> = out
+                    .iter()
+                    .flat_map(|c| c.counters.iter().map(|s| s.name.as_str()))
+                    .collect();
+                let idle: Vec<&CounterSet> = self
+                    .counters
+                    .iter()
+                    .filter(|c| !used.contains(c.name.as_str()))
+                    .collect();
+                if !idle.is_empty() {
+                    if out.is_empty() {
+                        out.push(Chunk::default());
+                    }
+                    out[0].counters.extend(idle);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -461,7 +841,7 @@ async fn sync(
         .list(&ListParams::default().fields(&selector))
         .await
         .map_err(chain)?;
-    let chunks = set.chunks();
+    let chunks = set.chunks().map_err(|e| e.to_string())?;
     let wanted: BTreeSet<String> = (0..chunks.len()).map(|n| config.slice_name(n)).collect();
     let present: BTreeMap<String, (String, i64)> = existing
         .items
@@ -500,7 +880,7 @@ async fn sync(
     let params = PatchParams::apply(config.driver.as_str()).force();
     for (n, chunk) in chunks.iter().enumerate() {
         let name = config.slice_name(n);
-        let slice = json!({
+        let mut slice = json!({
             "apiVersion": "resource.k8s.io/v1",
             "kind": "ResourceSlice",
             "metadata": {
@@ -521,9 +901,16 @@ async fn sync(
                     "generation": generation,
                     "resourceSliceCount": chunks.len(),
                 },
-                "devices": chunk.iter().map(|d| d.to_json()).collect::<Vec<_>>(),
             },
         });
+        // 1.35 and later refuse `devices` beside `sharedCounters`, even
+        // empty; 1.34 has no omitempty on it, so an empty list is sent.
+        if !chunk.devices.is_empty() || chunk.counters.is_empty() {
+            slice["spec"]["devices"] = chunk.devices.iter().map(|d| d.to_json()).collect();
+        }
+        if !chunk.counters.is_empty() {
+            slice["spec"]["sharedCounters"] = chunk.counters.iter().map(|c| c.to_json()).collect();
+        }
         api.patch(&name, &params, &Patch::Apply(&slice))
             .await
             .map_err(chain)?;
@@ -552,6 +939,137 @@ async fn sync(
         names: wanted,
     };
     Ok(())
+}
+
+/// What the cluster's DRA API keeps of a slice: the alpha and beta
+/// fields a driver may rely on. A field of a disabled feature gate is
+/// dropped on write without an error, so a driver that relied on it
+/// unawares would publish something else than it meant — devices it
+/// thinks exclusive to a share, a PF and its VFs without the counters
+/// that keep them apart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// `allowMultipleAllocations` and request policies are kept
+    /// (DRAConsumableCapacity).
+    pub consumable_capacity: bool,
+    /// Device taints are kept (DRADeviceTaints).
+    pub device_taints: bool,
+    /// Counter sets are kept, and where they go (DRAPartitionableDevices).
+    pub partitionable: Option<CounterLayout>,
+}
+
+impl std::fmt::Display for Features {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "consumable capacity {}, device taints {}, partitionable devices {}",
+            on(self.consumable_capacity),
+            on(self.device_taints),
+            match self.partitionable {
+                None => "off",
+                Some(CounterLayout::SameSlice) => "on (1.34 layout)",
+                Some(CounterLayout::OwnSlices) => "on (1.35 layout)",
+            }
+        )
+    }
+}
+
+fn on(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+/// Asks the API server which [`Features`] it keeps, by server-side
+/// applies with `dryRun=All` (nothing is stored; the answer is what would
+/// be): one device using consumable capacity and a taint, then a slice
+/// with a counter set beside a device drawing from it — accepted with the
+/// counters on 1.34, refused (`only one of sharedCounters or devices`) from
+/// 1.35, where a slice holding only the counter set tells.
+///
+/// # Errors
+/// When the API server cannot be asked (or refuses something else).
+pub async fn probe_features(
+    client: &kube::Client,
+    driver: &DriverName,
+    node: &str,
+) -> Result<Features, String> {
+    let api: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(
+        client.clone(),
+        &kube::api::ApiResource {
+            group: "resource.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "resource.k8s.io/v1".into(),
+            kind: "ResourceSlice".into(),
+            plural: "resourceslices".into(),
+        },
+    );
+    let name = format!("{node}-{driver}-probe");
+    let params = PatchParams::apply(driver.as_str()).force().dry_run();
+    let slice = |spec: Value| {
+        let mut s = json!({
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceSlice",
+            "metadata": {"name": name},
+            "spec": {
+                "driver": driver.as_str(),
+                "nodeName": node,
+                "pool": {"name": format!("{node}-probe"), "generation": 1, "resourceSliceCount": 1},
+            },
+        });
+        for (k, v) in spec.as_object().into_iter().flatten() {
+            s["spec"][k] = v.clone();
+        }
+        s
+    };
+    let apply = |body: Value| {
+        let api = api.clone();
+        let params = params.clone();
+        let name = name.clone();
+        async move {
+            api.patch(&name, &params, &Patch::Apply(&body))
+                .await
+                .map(|o| o.data["spec"].clone())
+        }
+    };
+    let chain = |e: kube::Error| ops_kit::Chain(&e).to_string();
+    let device = json!({
+        "name": "probe",
+        "allowMultipleAllocations": true,
+        "capacity": {"probe": {"value": "2", "requestPolicy": {"default": "1", "validRange": {"min": "1"}}}},
+        "taints": [{"key": format!("{driver}/probe"), "effect": "NoSchedule"}],
+    });
+    let kept = apply(slice(json!({"devices": [device]})))
+        .await
+        .map_err(chain)?;
+    let d = &kept["devices"][0];
+    let mut features = Features {
+        consumable_capacity: d["allowMultipleAllocations"].as_bool() == Some(true),
+        device_taints: d["taints"].as_array().is_some_and(|t| !t.is_empty()),
+        partitionable: None,
+    };
+    let counters = json!([{"name": "probe", "counters": {"probe": {"value": "1"}}}]);
+    let beside = slice(json!({
+        "sharedCounters": counters,
+        "devices": [{"name": "probe", "consumesCounters": [{"counterSet": "probe", "counters": {"probe": {"value": "1"}}}]}],
+    }));
+    match apply(beside).await {
+        Ok(spec) => {
+            if spec["sharedCounters"].is_array()
+                && spec["devices"][0]["consumesCounters"].is_array()
+            {
+                features.partitionable = Some(CounterLayout::SameSlice);
+            }
+        }
+        Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains("only one of") => {
+            let alone = apply(slice(json!({"sharedCounters": counters})))
+                .await
+                .map_err(chain)?;
+            if alone["sharedCounters"].is_array() {
+                features.partitionable = Some(CounterLayout::OwnSlices);
+            }
+        }
+        Err(e) => return Err(chain(e)),
+    }
+    Ok(features)
 }
 
 #[cfg(test)]
@@ -585,29 +1103,125 @@ mod tests {
         assert!(DeviceSet::new(vec![long]).is_err());
     }
 
+    fn sizes(set: &DeviceSet) -> Vec<(usize, usize)> {
+        set.chunks()
+            .unwrap()
+            .iter()
+            .map(|c| (c.devices.len(), c.counters.len()))
+            .collect()
+    }
+
+    /// A PF and `vfs` VFs drawing from the PF's counter set.
+    fn family(pf: usize, vfs: usize) -> (Vec<SliceDevice>, CounterSet) {
+        let set = format!("pf{pf}");
+        let n = vfs.to_string();
+        let mut devices = vec![
+            SliceDevice::new(&format!("pf{pf}-0"))
+                .unwrap()
+                .consumes(&set, &[("slots", &n)]),
+        ];
+        for v in 1..=vfs {
+            devices.push(
+                SliceDevice::new(&format!("pf{pf}-{v:02}"))
+                    .unwrap()
+                    .consumes(&set, &[("slots", "1")]),
+            );
+        }
+        (devices, CounterSet::new(&set).unwrap().counter("slots", &n))
+    }
+
+    #[test]
+    fn counter_sets_go_where_the_release_wants_them() {
+        let mut devices = Vec::new();
+        let mut sets = Vec::new();
+        for pf in 0..10 {
+            let (d, s) = family(pf, 15);
+            devices.extend(d);
+            sets.push(s);
+        }
+        devices.push(SliceDevice::new("igpu").unwrap());
+        // 1.35+: 10 sets in slices of 8, then 161 devices in slices of 64.
+        let own = DeviceSet::with_counters(devices.clone(), sets.clone(), CounterLayout::OwnSlices)
+            .unwrap();
+        assert_eq!(sizes(&own), [(0, 8), (0, 2), (64, 0), (64, 0), (33, 0)]);
+        // 1.34: each family whole in a slice with its set (the iGPU sorts
+        // first; a family that would overflow 64 starts the next slice).
+        let same = DeviceSet::with_counters(devices, sets, CounterLayout::SameSlice).unwrap();
+        assert_eq!(sizes(&same), [(49, 3), (64, 4), (48, 3)]);
+        for chunk in same.chunks().unwrap() {
+            for d in &chunk.devices {
+                for set in d.consumes.keys() {
+                    assert!(chunk.counters.iter().any(|c| &c.name == set), "{set}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn counters_that_are_not_there_are_refused() {
+        let (devices, set) = family(0, 2);
+        let err = DeviceSet::new(devices.clone()).unwrap_err();
+        assert!(err.reason.contains("not published"), "{err}");
+        let wrong = CounterSet::new("pf0").unwrap().counter("memory", "1");
+        let idle = DeviceSet::with_counters(Vec::new(), vec![wrong], CounterLayout::OwnSlices);
+        assert!(idle.is_ok(), "a set nobody draws from is fine");
+        let mut d = devices;
+        d.push(
+            SliceDevice::new("x")
+                .unwrap()
+                .consumes("pf0", &[("memory", "1")]),
+        );
+        let err = DeviceSet::with_counters(d, vec![set], CounterLayout::OwnSlices).unwrap_err();
+        assert!(err.reason.contains("does not have"), "{err}");
+        // A family too big for one 1.34 slice.
+        let (big, set) = family(0, 64);
+        let err = DeviceSet::with_counters(big, vec![set], CounterLayout::SameSlice).unwrap_err();
+        assert!(err.reason.contains("must share one slice"), "{err}");
+    }
+
+    #[test]
+    fn a_request_policy_needs_multiple_allocations() {
+        let policy = RequestPolicy {
+            default: "1000".into(),
+            valid: ValidAmounts::Range {
+                min: "10".into(),
+                max: None,
+                step: Some("10".into()),
+            },
+        };
+        let lone = SliceDevice::new("g")
+            .unwrap()
+            .consumable("millicores", "1000", policy.clone());
+        assert!(DeviceSet::new(vec![lone.clone()]).is_err());
+        let shared = lone.allow_multiple_allocations();
+        let j = shared.to_json();
+        assert_eq!(j["allowMultipleAllocations"], true);
+        assert_eq!(
+            j["capacity"]["millicores"],
+            json!({"value": "1000", "requestPolicy": {"default": "1000", "validRange": {"min": "10", "step": "10"}}})
+        );
+        assert!(DeviceSet::new(vec![shared]).is_ok());
+    }
+
     #[test]
     fn slices_hold_at_most_128_devices_or_64_with_taints() {
         let plain: Vec<SliceDevice> = (0..300)
             .map(|i| SliceDevice::new(&format!("d{i:03}")).unwrap())
             .collect();
         let set = DeviceSet::new(plain.clone()).unwrap();
-        let sizes: Vec<usize> = set.chunks().iter().map(Vec::len).collect();
-        assert_eq!(sizes, [128, 128, 44]);
+        assert_eq!(sizes(&set), [(128, 0), (128, 0), (44, 0)]);
         let mut tainted = plain;
         tainted[0] = tainted[0].clone().taint(DeviceTaint {
             key: "example.com/unhealthy".into(),
             value: None,
             effect: TaintEffect::NoSchedule,
         });
-        let sizes: Vec<usize> = DeviceSet::new(tainted)
-            .unwrap()
-            .chunks()
-            .iter()
-            .map(Vec::len)
-            .collect();
-        assert_eq!(sizes, [64, 64, 64, 64, 44]);
+        assert_eq!(
+            sizes(&DeviceSet::new(tainted).unwrap()),
+            [(64, 0), (64, 0), (64, 0), (64, 0), (44, 0)]
+        );
         assert!(
-            DeviceSet::default().chunks().is_empty(),
+            sizes(&DeviceSet::default()).is_empty(),
             "no devices, no slices"
         );
     }

@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use apiserver_emulator::ApiServer;
+use apiserver_emulator::{ApiServer, DeviceRequest, DraApi};
 use dra_api::DriverName;
 use dra_api::slices::*;
+use serde_json::json;
 
 const NODE: &str = "worker-0";
 const DRIVER: &str = "gpu.example.com";
@@ -109,7 +110,9 @@ async fn a_pool_per_node_split_owned_and_kept_up_to_date() {
     published(&p, 3).await;
     assert_eq!(api.resource_slices().len(), 1);
 
-    // An unhealthy device is tainted; with a taint, 64 devices per slice.
+    // An unhealthy device is tainted; with a taint, 64 devices per slice
+    // (the gate DRADeviceTaints is alpha in 1.34: enabled here).
+    api.set_dra(apiserver_emulator::DraApi::V1_34.with_all_gates());
     let mut set: Vec<SliceDevice> = devices(100).devices().to_vec();
     set[7] = set[7].clone().taint(DeviceTaint {
         key: "gpu.example.com/unhealthy".into(),
@@ -219,5 +222,161 @@ async fn published_devices_are_allocated_by_attributes() {
         .allocate_resource_claim_matching("default", "many", "gpu", DRIVER, &[], 2)
         .unwrap_err();
     assert!(e.contains("only 1 of 2"), "{e}");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_are_probed_without_storing_anything() {
+    let api = ApiServer::start().await.unwrap();
+    api.add_node(NODE);
+    let c = client(&api);
+    let driver = DriverName::new(DRIVER).unwrap();
+    let cases = [
+        (DraApi::V1_34, Features::default()),
+        (
+            DraApi::V1_34.with_all_gates(),
+            Features {
+                consumable_capacity: true,
+                device_taints: true,
+                partitionable: Some(CounterLayout::SameSlice),
+            },
+        ),
+        (DraApi::V1_35, Features::default()),
+        (
+            DraApi::V1_35.with_all_gates(),
+            Features {
+                consumable_capacity: true,
+                device_taints: true,
+                partitionable: Some(CounterLayout::OwnSlices),
+            },
+        ),
+        (
+            DraApi {
+                device_taints: false,
+                ..DraApi::V1_36
+            },
+            Features {
+                consumable_capacity: true,
+                device_taints: false,
+                partitionable: Some(CounterLayout::OwnSlices),
+            },
+        ),
+    ];
+    for (release, want) in cases {
+        api.set_dra(release);
+        let got = probe_features(&c, &driver, NODE).await.unwrap();
+        assert_eq!(got, want, "{release:?}");
+    }
+    assert!(api.resource_slices().is_empty(), "dry runs store nothing");
+}
+
+/// A PF (drawing all 2 slots) and 2 VFs (1 each) of one counter set.
+fn sriov_family(layout: CounterLayout) -> DeviceSet {
+    let vf = |n: &str| {
+        SliceDevice::new(n)
+            .unwrap()
+            .attribute("type", Attribute::String("vf".into()))
+            .consumes("pf", &[("slots", "1")])
+    };
+    DeviceSet::with_counters(
+        vec![
+            SliceDevice::new("pf")
+                .unwrap()
+                .attribute("type", Attribute::String("gpu".into()))
+                .consumes("pf", &[("slots", "2")]),
+            vf("vf-1"),
+            vf("vf-2"),
+        ],
+        vec![CounterSet::new("pf").unwrap().counter("slots", "2")],
+        layout,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_keep_a_pf_and_its_vfs_apart_on_both_layouts() {
+    for (release, layout, slices) in [
+        (DraApi::V1_34, CounterLayout::SameSlice, 1),
+        (DraApi::V1_35, CounterLayout::OwnSlices, 2),
+    ] {
+        let api = ApiServer::start().await.unwrap();
+        api.set_dra(release.with_all_gates());
+        api.add_node(NODE);
+        let config = PublisherConfig::new(DriverName::new(DRIVER).unwrap(), NODE);
+        let p = SlicePublisher::start(client(&api), config, sriov_family(layout));
+        assert_eq!(
+            published(&p, 1).await,
+            PublishState::Published {
+                generation: 1,
+                slices
+            },
+            "{release:?}"
+        );
+        let gpu = || DeviceRequest::new("gpu", DRIVER).attribute("type", json!({"string": "gpu"}));
+        let vf = || DeviceRequest::new("vf", DRIVER).attribute("type", json!({"string": "vf"}));
+        for n in ["a", "b", "c"] {
+            api.create_resource_claim("default", n, json!({}));
+        }
+        // A VF first: the PF no longer fits, the other VF does.
+        api.allocate("default", "a", &[vf()]).unwrap();
+        let err = api.allocate("default", "b", &[gpu()]).unwrap_err();
+        assert!(err.contains("only 0 of 1"), "{err}");
+        api.allocate("default", "b", &[vf()]).unwrap();
+        // Both VFs freed: the PF fits, and then no VF does.
+        api.delete_resource_claim("default", "a");
+        api.delete_resource_claim("default", "b");
+        api.allocate("default", "c", &[gpu()]).unwrap();
+        api.create_resource_claim("default", "d", json!({}));
+        assert!(
+            api.allocate("default", "d", &[vf()]).is_err(),
+            "{release:?}"
+        );
+        p.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_device_is_split_by_its_capacity() {
+    let api = ApiServer::start().await.unwrap();
+    api.set_dra(DraApi::V1_34.with_all_gates());
+    api.add_node(NODE);
+    let policy = RequestPolicy {
+        default: "1000".into(),
+        valid: ValidAmounts::Range {
+            min: "10".into(),
+            max: Some("1000".into()),
+            step: Some("10".into()),
+        },
+    };
+    let set = DeviceSet::new(vec![
+        SliceDevice::new("gpu-0")
+            .unwrap()
+            .allow_multiple_allocations()
+            .consumable("millicores", "1000", policy),
+    ])
+    .unwrap();
+    let config = PublisherConfig::new(DriverName::new(DRIVER).unwrap(), NODE);
+    let p = SlicePublisher::start(client(&api), config, set);
+    published(&p, 1).await;
+    let share = |m: &str| DeviceRequest::new("gpu", DRIVER).capacity("millicores", m);
+    for n in ["a", "b", "c", "d"] {
+        api.create_resource_claim("default", n, json!({}));
+    }
+    let a = api.allocate("default", "a", &[share("500")]).unwrap();
+    assert!(a[0].share_id.is_some());
+    assert_eq!(a[0].consumed["millicores"], "500");
+    // 251 rounds up to 260: 500 + 260 fit, another 250 does not.
+    let b = api.allocate("default", "b", &[share("251")]).unwrap();
+    assert_eq!(b[0].consumed["millicores"], "260");
+    assert!(api.allocate("default", "c", &[share("250")]).is_err());
+    api.allocate("default", "c", &[share("240")]).unwrap();
+    // A claim asking nothing takes the default: the whole GPU.
+    api.delete_resource_claim("default", "a");
+    api.delete_resource_claim("default", "b");
+    api.delete_resource_claim("default", "c");
+    let d = api
+        .allocate("default", "d", &[DeviceRequest::new("gpu", DRIVER)])
+        .unwrap();
+    assert_eq!(d[0].consumed["millicores"], "1000");
     p.stop().await;
 }

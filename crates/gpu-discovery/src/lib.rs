@@ -26,6 +26,8 @@
 mod config;
 mod filter;
 mod inventory;
+pub mod owner;
+mod products;
 mod scan;
 mod sysfs;
 pub mod uevent;
@@ -36,6 +38,9 @@ pub use filter::{FilterError, IdFilter, ParsedFilter};
 pub use inventory::{
     CardState, DeviceNode, Gpu, Inventory, NodeKind, SCHEMA, SkipReason, Skipped, Sriov, SriovRole,
 };
-pub use scan::{DiscoveryError, INTEL_VENDOR, not_advertised_reason, scan};
+pub use products::{Product, product};
+pub use scan::{
+    DiscoveryError, INTEL_VENDOR, not_advertised_reason, not_published_reason_keeping_pfs, scan,
+};
 pub use sysfs::AttrError;
 pub use watch::{InventoryWatcher, Source, WatcherConfig};

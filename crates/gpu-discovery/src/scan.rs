@@ -92,6 +92,18 @@ fn decide_advertised(config: &DiscoveryConfig, gpus: &mut [Gpu]) {
 /// when the card is advertised, else why not.
 #[must_use]
 pub fn not_advertised_reason(config: &DiscoveryConfig, gpu: &Gpu) -> Option<String> {
+    reason(config, gpu, true)
+}
+
+/// [`not_advertised_reason`] without the SR-IOV rule: for a DRA driver
+/// that publishes a PF beside its VFs and keeps them apart with shared
+/// counters (a PF with VFs is then admitted like any other card).
+#[must_use]
+pub fn not_published_reason_keeping_pfs(config: &DiscoveryConfig, gpu: &Gpu) -> Option<String> {
+    reason(config, gpu, false)
+}
+
+fn reason(config: &DiscoveryConfig, gpu: &Gpu, hide_pf_with_vfs: bool) -> Option<String> {
     let Some(driver) = &gpu.driver else {
         // No resource to put it under: the resource is the driver's.
         return Some("no driver is bound".to_owned());
@@ -106,7 +118,8 @@ pub fn not_advertised_reason(config: &DiscoveryConfig, gpu: &Gpu) -> Option<Stri
             ));
         }
     }
-    if gpu.sriov.role == SriovRole::Pf
+    if hide_pf_with_vfs
+        && gpu.sriov.role == SriovRole::Pf
         && let Some(n) = gpu.sriov.num_vfs.filter(|n| *n > 0)
     {
         return Some(format!(

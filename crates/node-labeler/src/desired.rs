@@ -24,18 +24,6 @@ pub enum Decision {
     Unknown(String),
 }
 
-/// Product and family labels of known device ids.
-const PRODUCTS: &[(u16, &str, &str)] = &[
-    (0x0bd5, "Max_1550", "Max_Series"),
-    (0x0bda, "Max_1100", "Max_Series"),
-    (0x56c0, "Flex_170", "Flex_Series"),
-    (0x56c1, "Flex_140", "Flex_Series"),
-    (0x56a0, "A770", "A_Series"),
-    (0x56a5, "A380", "A_Series"),
-    (0xe20b, "B580", "B_Series"),
-    (0xe20c, "B570", "B_Series"),
-];
-
 /// Splits a long value into `key`, `key2`, `key3`… of at most 63
 /// characters; continuation values start with `Z` (a value must start with
 /// an alphanumeric) and every chunk ends with one.
@@ -85,13 +73,13 @@ pub fn discovery_labels(inventory: &Inventory) -> BTreeMap<String, String> {
         out.insert(format!("{stem}.present"), "true".to_owned());
         out.insert(format!("{stem}.count"), n.to_string());
     }
-    let products: Vec<&(u16, &str, &str)> = ids
+    let products: Vec<&gpu_discovery::Product> = ids
         .keys()
-        .filter_map(|(_, id)| PRODUCTS.iter().find(|p| p.0 == *id))
+        .filter_map(|(_, id)| gpu_discovery::product(*id))
         .collect();
     if let [only] = products.as_slice() {
-        out.insert(format!("{PREFIX}product"), only.1.to_owned());
-        out.insert(format!("{PREFIX}family"), only.2.to_owned());
+        out.insert(format!("{PREFIX}product"), only.model_label());
+        out.insert(format!("{PREFIX}family"), only.family_label());
     }
     let advertised: Vec<&Gpu> = inventory.advertised().collect();
     if !advertised.is_empty() {
