@@ -9,7 +9,7 @@ use devplugin_api::{
     CdiName, ContainerAllocation, Device, DeviceId, DeviceList, DeviceSpec, Health, Mount,
     Permissions, PluginError, ResourceName,
 };
-use gpu_discovery::{CardState, Driver, Inventory};
+use gpu_discovery::{Driver, Inventory};
 
 /// The CDI kind of our devices (the Go plugin's, so specs and names carry
 /// over).
@@ -192,9 +192,7 @@ pub fn plan(
         let Some(driver) = bound.or_else(|| memory.last_driver.get(&gpu.index).copied()) else {
             continue;
         };
-        let mut why = (gpu.state == CardState::Degraded)
-            .then(|| gpu.state_reason.clone().unwrap_or_default())
-            .or_else(|| gpu.kernel_health.clone());
+        let mut why = gpu.unhealthy_reason();
         if let Some(limit) = options.temp_limit {
             match temps.get(&gpu.index) {
                 Some(t) => {

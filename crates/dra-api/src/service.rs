@@ -14,6 +14,7 @@
 //! Calls into the driver are serialized (as the Go helper's default),
 //! lookups are not.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -405,6 +406,7 @@ pub struct DraServer {
     task: Option<tokio::task::JoinHandle<()>>,
     socket: PathBuf,
     loaded: Loaded,
+    initial: BTreeMap<String, PreparedClaim>,
 }
 
 impl DraServer {
@@ -443,6 +445,7 @@ impl DraServer {
         }
         remove_file(&config.endpoint);
         let listener = UnixListener::bind(&config.endpoint).map_err(listen)?;
+        let initial = checkpoint.claims().clone();
         let core = Arc::new(Core {
             driver_name: config.driver.clone(),
             driver,
@@ -478,7 +481,15 @@ impl DraServer {
             task: Some(task),
             socket,
             loaded,
+            initial,
         })
+    }
+
+    /// The prepared claims the checkpoint held at start, by claim UID: a
+    /// driver that tracks which devices are in use starts from these.
+    #[must_use]
+    pub fn initial_claims(&self) -> &BTreeMap<String, PreparedClaim> {
+        &self.initial
     }
 
     /// Publishes the health of every device of the driver to the

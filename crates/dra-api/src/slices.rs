@@ -307,6 +307,24 @@ impl SliceDevice {
         &self.name
     }
 
+    /// Whether it draws from counter set `set`.
+    #[must_use]
+    pub fn draws_from(&self, set: &str) -> bool {
+        self.consumes.contains_key(set)
+    }
+
+    /// Whether it may be allocated to several claims at once.
+    #[must_use]
+    pub fn allows_multiple_allocations(&self) -> bool {
+        self.multiple
+    }
+
+    /// Its taints.
+    #[must_use]
+    pub fn taints(&self) -> &[DeviceTaint] {
+        &self.taints
+    }
+
     fn check(&self) -> Result<(), DeviceError> {
         let bad = |reason: String| {
             Err(DeviceError {

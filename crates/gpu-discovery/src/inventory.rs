@@ -209,7 +209,31 @@ pub struct Gpu {
     pub warnings: Vec<String>,
 }
 
+/// How the kernel's wedged verdict starts in [`Gpu::kernel_health`].
+pub(crate) const WEDGED: &str = "the kernel declared it wedged";
+
 impl Gpu {
+    /// Why the card is unhealthy, by the rules the device plugin and the
+    /// DRA driver share: a degraded card (driver unbound, device nodes
+    /// missing), or what the kernel's uevents said (wedged, a hang, a
+    /// reset). `None` when healthy. (The plugin's optional temperature
+    /// limit comes on top.)
+    #[must_use]
+    pub fn unhealthy_reason(&self) -> Option<String> {
+        (self.state == CardState::Degraded)
+            .then(|| self.state_reason.clone().unwrap_or_default())
+            .or_else(|| self.kernel_health.clone())
+    }
+
+    /// Whether the kernel declared the card wedged: unusable until
+    /// recovered (a rebind or a bus reset), so work on it must stop.
+    #[must_use]
+    pub fn wedged(&self) -> bool {
+        self.kernel_health
+            .as_deref()
+            .is_some_and(|h| h.starts_with(WEDGED))
+    }
+
     /// The primary and render nodes' host paths.
     pub fn node_paths(&self) -> impl Iterator<Item = &PathBuf> {
         self.device_nodes.iter().map(|n| &n.host_path)

@@ -387,7 +387,7 @@ impl KernelNotes {
             (_, Some(signal)) => {
                 let why = match signal {
                     uevent::HealthSignal::Wedged(methods) => {
-                        format!("the kernel declared it wedged (recovery: {methods})")
+                        format!("{} (recovery: {methods})", crate::inventory::WEDGED)
                     }
                     uevent::HealthSignal::Error => "the driver reported a GPU hang".to_owned(),
                     uevent::HealthSignal::Resetting => "the driver is resetting it".to_owned(),

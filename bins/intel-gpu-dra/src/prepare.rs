@@ -1,0 +1,210 @@
+//! Prepare and unprepare: a CDI spec per claim with each allocated GPU's
+//! device nodes, its `/dev/dri/by-path` links (bind-mounted where they
+//! are, as Intel's driver does) and environment naming the render nodes,
+//! and a record of which devices are prepared for which claims (a device
+//! that leaves the node while prepared stays published, tainted, until
+//! its claims are unprepared).
+//!
+//! Environment, per claim: `RENDER_DEVICE` is the first allocated GPU's
+//! render node (`/dev/dri/renderD129`) — the variable VA-API, oneVPL and
+//! Intel's media samples read to pick a GPU — and `RENDER_DEVICE_<i>`
+//! the render node of the claim's `i`-th GPU (allocation order), for
+//! apps that take several.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use devplugin_api::cdi::{ContainerEdits, DeviceNode, SpecMount};
+use dra_api::cdi::ClaimSpecs;
+use dra_api::{Allocated, ClaimRef, Driver, DriverError, PreparedClaim, PreparedDevice};
+use tokio::sync::watch;
+
+use crate::devices::{CDI_KIND, DRIVER, DeviceFacts};
+
+/// The devices present now, by name (set by the main loop).
+pub type Current = Arc<RwLock<BTreeMap<String, DeviceFacts>>>;
+
+/// The Intel GPU DRA driver's `Driver`.
+#[derive(Debug)]
+pub struct GpuDriver {
+    pool: String,
+    cdi: ClaimSpecs,
+    current: Current,
+    /// Device → claim UIDs prepared with it.
+    prepared: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    /// Bumped when the set of prepared devices changes.
+    changed: watch::Sender<u64>,
+}
+
+impl GpuDriver {
+    /// A driver for the pool `pool` (the node's name), writing CDI specs
+    /// into `cdi_dir`.
+    #[must_use]
+    pub fn new(pool: &str, cdi_dir: &Path, current: Current) -> Self {
+        Self {
+            pool: pool.to_owned(),
+            cdi: ClaimSpecs::new(cdi_dir, CDI_KIND, &format!("{DRIVER}-claim_")),
+            current,
+            prepared: Mutex::new(BTreeMap::new()),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    /// Starts from the claims a checkpoint held, and removes CDI specs of
+    /// claims it does not hold (written by a prepare whose record was
+    /// never made).
+    pub fn restore(&self, claims: &BTreeMap<String, PreparedClaim>) {
+        {
+            let mut map = self.lock();
+            for (uid, claim) in claims {
+                for d in &claim.devices {
+                    map.entry(d.device.clone()).or_default().insert(uid.clone());
+                }
+            }
+        }
+        match self.cdi.retain(claims.keys()) {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(?removed, "CDI specs of claims not prepared removed");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "could not tidy the CDI directory"),
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// The devices prepared for some claim.
+    #[must_use]
+    pub fn prepared_devices(&self) -> BTreeSet<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Follows changes of [`GpuDriver::prepared_devices`].
+    #[must_use]
+    pub fn watch_prepared(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeSet<String>>> {
+        self.prepared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The container edits of one GPU, the `i`-th of its claim.
+#[must_use]
+pub fn edits(facts: &DeviceFacts, i: usize) -> ContainerEdits {
+    let text = |p: &Path| p.to_string_lossy().into_owned();
+    let mut env = Vec::new();
+    if let Some(render) = &facts.render {
+        if i == 0 {
+            env.push(format!("RENDER_DEVICE={}", text(render)));
+        }
+        env.push(format!("RENDER_DEVICE_{i}={}", text(render)));
+    }
+    ContainerEdits {
+        env,
+        device_nodes: facts
+            .nodes
+            .iter()
+            .map(|p| DeviceNode {
+                path: text(p),
+                host_path: None,
+                permissions: Some("rw".into()),
+            })
+            .collect(),
+        mounts: facts
+            .by_path
+            .iter()
+            .map(|p| SpecMount {
+                host_path: text(p),
+                container_path: text(p),
+                options: vec!["bind".into(), "rw".into()],
+                kind: Some("none".into()),
+            })
+            .collect(),
+    }
+}
+
+impl Driver for GpuDriver {
+    fn prepare(
+        &self,
+        claim: &ClaimRef,
+        devices: &[Allocated],
+    ) -> Result<Vec<PreparedDevice>, DriverError> {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut all = Vec::new();
+        {
+            let map = self.lock();
+            for (i, d) in devices.iter().enumerate() {
+                if d.pool != self.pool {
+                    return Err(DriverError(format!(
+                        "device {} is in pool {}, not this node's pool {}",
+                        d.device, d.pool, self.pool
+                    )));
+                }
+                let Some(facts) = current.get(&d.device) else {
+                    return Err(DriverError(format!(
+                        "device {} is not on this node (any more)",
+                        d.device
+                    )));
+                };
+                // One GPU, one owner: a device published whole is never
+                // prepared for two claims.
+                if !facts.shared
+                    && let Some(other) = map
+                        .get(&d.device)
+                        .and_then(|uids| uids.iter().find(|u| **u != claim.uid))
+                {
+                    return Err(DriverError(format!(
+                        "device {} is prepared for claim {other} and is not shared",
+                        d.device
+                    )));
+                }
+                all.push((d.device.as_str(), edits(facts, i)));
+            }
+        }
+        let ids = self
+            .cdi
+            .write(&claim.uid, &all)
+            .map_err(|e| DriverError(format!("could not write the CDI spec: {e}")))?;
+        {
+            let mut map = self.lock();
+            for d in devices {
+                map.entry(d.device.clone())
+                    .or_default()
+                    .insert(claim.uid.clone());
+            }
+        }
+        self.changed.send_modify(|n| *n += 1);
+        Ok(devices
+            .iter()
+            .zip(ids)
+            .map(|(d, id)| PreparedDevice {
+                requests: vec![d.request.clone()],
+                pool: d.pool.clone(),
+                device: d.device.clone(),
+                cdi_device_ids: vec![id],
+            })
+            .collect())
+    }
+
+    fn unprepare(&self, claim: &ClaimRef, _: Option<&PreparedClaim>) -> Result<(), DriverError> {
+        // By the claim's UID: exactly what its prepare wrote, with or
+        // without a record.
+        self.cdi
+            .remove(&claim.uid)
+            .map_err(|e| DriverError(format!("could not remove the CDI spec: {e}")))?;
+        let mut map = self.lock();
+        map.retain(|_, uids| {
+            uids.remove(&claim.uid);
+            !uids.is_empty()
+        });
+        drop(map);
+        self.changed.send_modify(|n| *n += 1);
+        Ok(())
+    }
+}

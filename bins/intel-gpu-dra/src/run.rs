@@ -1,0 +1,392 @@
+//! The daemon: owner lock, mode, discovery, slices, the DRA service and
+//! registration, until SIGTERM or SIGINT.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use dra_api::health::{DeviceHealth, HEALTH_SERVICE, HealthEntry};
+use dra_api::slices::{Features, PublishState, PublisherConfig, SlicePublisher};
+use dra_api::{DraConfig, DraServer, DriverName, KubeClaims, Registrar, RegistrarConfig};
+use gpu_discovery::owner::OwnerLock;
+use gpu_discovery::{DiscoveryConfig, Inventory, InventoryWatcher, WatcherConfig};
+use k8s_openapi::api::core::v1::Node;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::cli::{Sharing, Sriov, Taints};
+use crate::devices::{DRIVER, Mode, publish};
+use crate::prepare::{Current, GpuDriver};
+
+/// The node label choosing how a node's GPUs are handed out
+/// (`device-plugin` or `dra`; see `docs/dra.md`).
+pub const MODE_LABEL: &str = "intel.com/gpu-allocation";
+
+/// What [`run`] needs.
+#[derive(Debug)]
+pub struct RunConfig {
+    /// The node.
+    pub node: String,
+    /// Discovery.
+    pub discovery: DiscoveryConfig,
+    /// Credentials.
+    pub kubeconfig: Option<PathBuf>,
+    /// Registration directory.
+    pub registry_dir: PathBuf,
+    /// Data directory.
+    pub plugin_dir: PathBuf,
+    /// CDI directory.
+    pub cdi_dir: PathBuf,
+    /// Sharing wanted.
+    pub sharing: Sharing,
+    /// SR-IOV rule wanted.
+    pub sriov: Sriov,
+    /// Taints wanted.
+    pub taints: Taints,
+    /// The owner lock, if any.
+    pub owner_lock: Option<PathBuf>,
+    /// The ops endpoint, if any.
+    pub http: Option<std::net::SocketAddr>,
+}
+
+/// The mode from what the cluster keeps and what the flags want.
+///
+/// # Errors
+/// When a flag requires what the cluster drops.
+pub fn decide(
+    features: Features,
+    sharing: Sharing,
+    sriov: Sriov,
+    taints: Taints,
+) -> anyhow::Result<Mode> {
+    let need = |wanted: bool, have: bool, what: &str, gate: &str| {
+        if wanted && !have {
+            bail!(
+                "{what} was required, but the API server drops its fields (feature gate {gate} off?)"
+            );
+        }
+        Ok(())
+    };
+    need(
+        sharing == Sharing::On,
+        features.consumable_capacity,
+        "--sharing on",
+        "DRAConsumableCapacity",
+    )?;
+    need(
+        sriov == Sriov::Counters,
+        features.partitionable.is_some(),
+        "--sriov counters",
+        "DRAPartitionableDevices",
+    )?;
+    need(
+        taints == Taints::On,
+        features.device_taints,
+        "--taints on",
+        "DRADeviceTaints",
+    )?;
+    Ok(Mode {
+        shared: sharing != Sharing::Off && features.consumable_capacity,
+        counters: if sriov == Sriov::HidePf {
+            None
+        } else {
+            features.partitionable
+        },
+        taints: taints != Taints::Off && features.device_taints,
+    })
+}
+
+async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Retries `f` with backoff until it succeeds or a signal comes.
+async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let backoff = ops_kit::Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(30),
+    };
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(error) => {
+                tracing::warn!(%error, attempt, "{what}; retrying");
+                tokio::time::sleep(backoff.delay(attempt)).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+struct Ops {
+    ready: AtomicBool,
+    devices: AtomicU64,
+    prepared: AtomicU64,
+    state: RwLock<String>,
+}
+
+impl ops_http::Endpoints for Ops {
+    fn metrics(&self) -> String {
+        format!(
+            "# HELP intel_gpu_dra_devices Devices published.\n# TYPE intel_gpu_dra_devices gauge\nintel_gpu_dra_devices {}\n# HELP intel_gpu_dra_prepared_devices Devices prepared for a claim.\n# TYPE intel_gpu_dra_prepared_devices gauge\nintel_gpu_dra_prepared_devices {}\n",
+            self.devices.load(Ordering::Relaxed),
+            self.prepared.load(Ordering::Relaxed)
+        )
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.ready.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err(self
+                .state
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone())
+        }
+    }
+}
+
+/// Runs until SIGTERM or SIGINT.
+///
+/// # Errors
+/// When the service cannot start or a required feature is missing.
+pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let ops = Arc::new(Ops {
+        ready: AtomicBool::new(false),
+        devices: AtomicU64::new(0),
+        prepared: AtomicU64::new(0),
+        state: RwLock::new("starting".to_owned()),
+    });
+    let set_state = |s: String| *ops.state.write().unwrap_or_else(PoisonError::into_inner) = s;
+    let _http = match config.http {
+        Some(addr) => {
+            let listener = ops_http::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve on {addr}"))?;
+            let endpoints: Arc<dyn ops_http::Endpoints> = ops.clone();
+            Some(tokio::spawn(ops_http::serve(listener, endpoints)))
+        }
+        None => None,
+    };
+    let driver_name = DriverName::new(DRIVER)?;
+    let client = client(config.kubeconfig.as_ref()).await?;
+
+    // One GPU, one owner: wait for the node's owner lock.
+    let who = format!("intel-gpu-dra pid {}", std::process::id());
+    let _lock = match &config.owner_lock {
+        Some(path) => {
+            let acquire = OwnerLock::acquire(path, &who, Duration::from_secs(2), |holder| {
+                let s = format!(
+                    "waiting for the GPU owner lock {}: held by {holder}",
+                    path.display()
+                );
+                tracing::warn!("{s}");
+                set_state(s);
+            });
+            tokio::select! {
+                lock = acquire => Some(lock?),
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+            }
+        }
+        None => None,
+    };
+
+    // The node's mode label: a node given to the device plugin is left
+    // alone.
+    let nodes: kube::Api<Node> = kube::Api::all(client.clone());
+    loop {
+        let node = retry("cannot read this node", || async {
+            nodes
+                .get(&config.node)
+                .await
+                .map_err(|e| ops_kit::Chain(&e).to_string())
+        });
+        let node = tokio::select! {
+            n = node => n,
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        };
+        let mode = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(MODE_LABEL))
+            .cloned();
+        if mode.as_deref() != Some("device-plugin") {
+            break;
+        }
+        let s = format!(
+            "node {} has {MODE_LABEL}=device-plugin: its GPUs are the device plugin's",
+            config.node
+        );
+        tracing::warn!("{s}");
+        set_state(s);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        }
+    }
+
+    // What the cluster keeps decides the mode.
+    let probe = retry("cannot probe the DRA API", || {
+        probe_once(&client, &driver_name, &config.node)
+    });
+    let features = tokio::select! {
+        f = probe => f,
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+    };
+    let mode = decide(features, config.sharing, config.sriov, config.taints)?;
+    tracing::info!(%features, ?mode, "DRA features of the cluster");
+
+    let watcher = InventoryWatcher::spawn(WatcherConfig::new(config.discovery.clone()))
+        .context("cannot start discovery")?;
+    let mut inventory = watcher.subscribe();
+    let current: Current = Arc::new(RwLock::new(BTreeMap::new()));
+    let gpus = Arc::new(GpuDriver::new(
+        &config.node,
+        &config.cdi_dir,
+        Arc::clone(&current),
+    ));
+    let endpoint = config.plugin_dir.join("dra.sock");
+    let server = DraServer::start(
+        DraConfig::new(
+            driver_name.clone(),
+            &endpoint,
+            config.plugin_dir.join("preparedClaims.json"),
+        ),
+        Arc::clone(&gpus),
+        Arc::new(KubeClaims::new(client.clone())),
+    )?;
+    gpus.restore(server.initial_claims());
+    let mut prepared_rx = gpus.watch_prepared();
+
+    let first = Arc::clone(&inventory.borrow_and_update());
+    let (set, health) = render(&first, &config, mode, &gpus, &current, &ops)?;
+    let publisher = SlicePublisher::start(
+        client.clone(),
+        PublisherConfig::new(driver_name.clone(), &config.node),
+        set,
+    );
+    server.publish_health(health);
+    let registrar = Registrar::start(
+        RegistrarConfig::new(driver_name, &config.registry_dir, &endpoint)
+            .extra_service(HEALTH_SERVICE),
+    )?;
+    let mut published = publisher.watch_status();
+    let mut registered = registrar.watch_status();
+    tracing::info!(endpoint = %endpoint.display(), "serving");
+    loop {
+        let ready = matches!(*published.borrow(), PublishState::Published { .. })
+            && matches!(*registered.borrow(), dra_api::RegistrationState::Registered);
+        ops.ready.store(ready, Ordering::Relaxed);
+        if !ready {
+            set_state(format!(
+                "slices: {:?}; registration: {:?}",
+                *published.borrow(),
+                *registered.borrow()
+            ));
+        }
+        tokio::select! {
+            changed = inventory.changed() => {
+                if changed.is_err() { break; }
+            }
+            changed = prepared_rx.changed() => {
+                if changed.is_err() { break; }
+            }
+            _ = published.changed() => continue,
+            _ = registered.changed() => continue,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        let inv = Arc::clone(&inventory.borrow_and_update());
+        prepared_rx.borrow_and_update();
+        match render(&inv, &config, mode, &gpus, &current, &ops) {
+            Ok((set, health)) => {
+                publisher.publish(set);
+                server.publish_health(health);
+            }
+            Err(error) => {
+                tracing::error!(%error, "the device set was refused; the last one stays published")
+            }
+        }
+    }
+    // The kubelet stops calling first; slices and the checkpoint stay.
+    registrar.stop().await;
+    server.stop().await;
+    publisher.stop().await;
+    Ok(())
+}
+
+async fn probe_once(
+    client: &kube::Client,
+    driver: &DriverName,
+    node: &str,
+) -> Result<Features, String> {
+    dra_api::slices::probe_features(client, driver, node).await
+}
+
+/// Publishes the inventory: the device set for the slices, the facts for
+/// prepare, the health for the kubelet.
+fn render(
+    inventory: &Inventory,
+    config: &RunConfig,
+    mode: Mode,
+    gpus: &GpuDriver,
+    current: &Current,
+    ops: &Ops,
+) -> anyhow::Result<(dra_api::slices::DeviceSet, Vec<HealthEntry>)> {
+    let prepared = gpus.prepared_devices();
+    let out = publish(inventory, &config.discovery, mode, &prepared)?;
+    for (device, why) in &out.withheld {
+        tracing::debug!(device, reason = %why, "not published");
+    }
+    let health = out
+        .set
+        .devices()
+        .iter()
+        .map(|d| {
+            let bad = !d.taints().is_empty() || out.withheld.contains_key(d.name());
+            HealthEntry {
+                pool: config.node.clone(),
+                device: d.name().to_owned(),
+                health: if bad {
+                    DeviceHealth::Unhealthy
+                } else {
+                    DeviceHealth::Healthy
+                },
+                message: d
+                    .taints()
+                    .first()
+                    .map(|t| t.key.clone())
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    ops.devices
+        .store(out.set.devices().len() as u64, Ordering::Relaxed);
+    ops.prepared.store(prepared.len() as u64, Ordering::Relaxed);
+    *current.write().unwrap_or_else(PoisonError::into_inner) = out.facts;
+    Ok((out.set, health))
+}
