@@ -1,0 +1,382 @@
+//! The driver end to end on the StarlingX edge node of the demo (iGPU,
+//! Flex 170 with 4 VFs, B580 on `xe`): the real binary against the
+//! emulated 1.34 kubelet and API server, allocation by the emulator's
+//! stand-in for the scheduler's allocator.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use apiserver_emulator::{ApiServer, DeviceRequest, DraApi};
+use fake_gpu_node::{FakeNode, GpuSpec, NodeSpec};
+use gpu_discovery::owner::OwnerLock;
+use kubelet_emulator::{ClaimId, KubeletVersion, PluginWatcher};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_intel-gpu-dra");
+const NODE: &str = "edge-0";
+const DRIVER: &str = "gpu.intel.com";
+const LIMIT: Duration = Duration::from_secs(15);
+const PF: &str = "0000-4d-00-0-0x56c0";
+const B580: &str = "0000-8a-00-0-0xe20b";
+
+struct Driver(Child);
+
+impl Driver {
+    fn start(dir: &Path, node: &FakeNode, extra: &[&str]) -> Self {
+        let child = Command::new(BIN)
+            .args([
+                "--node-name",
+                NODE,
+                "--http-address",
+                "none",
+                "--kubeconfig",
+            ])
+            .arg(dir.join("kubeconfig"))
+            .arg("--sysfs-root")
+            .arg(node.sysfs_root())
+            .arg("--devfs-root")
+            .arg(node.devfs_root())
+            .arg("--registry-dir")
+            .arg(dir.join("plugins_registry"))
+            .arg("--plugin-dir")
+            .arg(dir.join("plugins").join(DRIVER))
+            .arg("--cdi-dir")
+            .arg(dir.join("cdi"))
+            .arg("--owner-lock")
+            .arg(dir.join("owner.lock"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("E2E_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+
+    fn stop(mut self) {
+        let pid = self.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The devices of the newest published pool.
+fn published(api: &ApiServer) -> Vec<Value> {
+    api.resource_slices()
+        .values()
+        .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+fn device<'a>(devices: &'a [Value], name: &str) -> Option<&'a Value> {
+    devices.iter().find(|d| d["name"] == name)
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    node: FakeNode,
+    api: ApiServer,
+    kubelet: PluginWatcher,
+}
+
+async fn setup(release: DraApi) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let node = FakeNode::build(
+        &dir.path().join("node"),
+        &NodeSpec::starlingx_edge_with_arc(),
+    )
+    .unwrap();
+    let api = ApiServer::start().await.unwrap();
+    api.set_dra(release);
+    api.add_node(NODE);
+    std::fs::write(dir.path().join("kubeconfig"), api.kubeconfig()).unwrap();
+    let kubelet =
+        PluginWatcher::start(&dir.path().join("plugins_registry"), KubeletVersion::V1_34).unwrap();
+    Setup {
+        dir,
+        node,
+        api,
+        kubelet,
+    }
+}
+
+impl Setup {
+    async fn registered(&mut self) {
+        self.kubelet
+            .wait_until(LIMIT, |v| v.plugins.contains_key(DRIVER))
+            .await
+            .unwrap();
+    }
+
+    fn claim(&self, name: &str) -> ClaimId {
+        let uid = self.api.create_resource_claim("default", name, json!({}));
+        ClaimId {
+            namespace: "default".into(),
+            name: name.into(),
+            uid,
+        }
+    }
+
+    async fn prepare(&mut self, claim: &ClaimId) -> Result<Vec<String>, String> {
+        let answers = self
+            .kubelet
+            .prepare(DRIVER, std::slice::from_ref(claim))
+            .await
+            .unwrap();
+        answers[&claim.uid]
+            .clone()
+            .map(|ds| ds.into_iter().flat_map(|d| d.cdi_device_ids).collect())
+    }
+
+    fn spec(&self, claim: &ClaimId) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("cdi/{DRIVER}-claim_{}.json", claim.uid))
+    }
+}
+
+fn vf() -> DeviceRequest {
+    DeviceRequest::new("gpu", DRIVER).attribute("type", json!({"string": "vf"}))
+}
+
+fn bus(id: &str) -> DeviceRequest {
+    DeviceRequest::new("gpu", DRIVER)
+        .attribute("resource.kubernetes.io/pciBusID", json!({"string": id}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_1_34_with_the_gates_gpus_are_shared_and_sriov_never_double_booked() {
+    let mut s = setup(DraApi::V1_34.with_all_gates()).await;
+    let _driver = Driver::start(s.dir.path(), &s.node, &[]);
+    s.registered().await;
+    until("7 devices published", || published(&s.api).len() == 7).await;
+    let devices = published(&s.api);
+    let pf = device(&devices, PF).unwrap();
+    assert_eq!(pf["attributes"]["type"], json!({"string": "gpu"}));
+    assert!(pf["consumesCounters"].is_array(), "{pf}");
+    let b580 = device(&devices, B580).unwrap();
+    assert_eq!(b580["allowMultipleAllocations"], true);
+    assert_eq!(b580["attributes"]["model"], json!({"string": "B580"}));
+
+    // A VF is prepared: its nodes, links and environment in the claim's
+    // CDI spec.
+    let one = s.claim("vf-1");
+    let got = s.api.allocate("default", "vf-1", &[vf()]).unwrap();
+    let vf_name = got[0].device.clone();
+    let ids = s.prepare(&one).await.unwrap();
+    assert_eq!(ids, [format!("intel.com/gpu={}-{vf_name}", one.uid)]);
+    let text = std::fs::read_to_string(s.spec(&one)).unwrap();
+    for want in [
+        "/dev/dri/card",
+        "/dev/dri/renderD",
+        "RENDER_DEVICE=",
+        "by-path/pci-0000:4d:00.",
+    ] {
+        assert!(text.contains(want), "{want} missing: {text}");
+    }
+
+    // The PF cannot be allocated while a VF is.
+    let whole = s.claim("pf");
+    let err = s
+        .api
+        .allocate("default", "pf", &[bus("0000:4d:00.0")])
+        .unwrap_err();
+    assert!(err.contains("only 0 of 1"), "{err}");
+
+    // The B580 is shared by two claims of 500 millicores; a third that
+    // asks for the whole GPU does not fit.
+    let half = || {
+        DeviceRequest::new("gpu", DRIVER)
+            .attribute("model", json!({"string": "B580"}))
+            .capacity("millicores", "500")
+    };
+    let a = s.claim("share-a");
+    let b = s.claim("share-b");
+    let got_a = s.api.allocate("default", "share-a", &[half()]).unwrap();
+    let got_b = s.api.allocate("default", "share-b", &[half()]).unwrap();
+    assert_eq!(
+        (got_a[0].device.as_str(), got_b[0].device.as_str()),
+        (B580, B580)
+    );
+    assert_ne!(got_a[0].share_id, got_b[0].share_id);
+    assert_eq!(s.prepare(&a).await.unwrap().len(), 1);
+    assert_eq!(s.prepare(&b).await.unwrap().len(), 1);
+    s.claim("whole-b580");
+    assert!(
+        s.api
+            .allocate("default", "whole-b580", &[bus("0000:8a:00.0")])
+            .is_err()
+    );
+
+    // Unprepare removes exactly the claim's spec; then the PF fits.
+    let other = std::fs::read_dir(s.dir.path().join("cdi")).unwrap().count();
+    let done = s
+        .kubelet
+        .unprepare(DRIVER, std::slice::from_ref(&one))
+        .await
+        .unwrap();
+    assert_eq!(done[&one.uid], Ok(()));
+    assert!(!s.spec(&one).exists());
+    assert_eq!(
+        std::fs::read_dir(s.dir.path().join("cdi")).unwrap().count(),
+        other - 1
+    );
+    s.api.delete_resource_claim("default", "vf-1");
+    s.api
+        .allocate("default", "pf", &[bus("0000:4d:00.0")])
+        .unwrap();
+    assert_eq!(s.prepare(&whole).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_plain_1_34_gpus_are_whole_and_the_pf_hidden() {
+    let mut s = setup(DraApi::V1_34).await;
+    let driver = Driver::start(s.dir.path(), &s.node, &[]);
+    s.registered().await;
+    until("6 devices published", || published(&s.api).len() == 6).await;
+    let devices = published(&s.api);
+    assert!(device(&devices, PF).is_none(), "the PF has VFs");
+    assert!(
+        devices
+            .iter()
+            .all(|d| d.get("allowMultipleAllocations").is_none())
+    );
+    let a = s.claim("a");
+    s.api
+        .allocate("default", "a", &[bus("0000:8a:00.0")])
+        .unwrap();
+    s.claim("b");
+    assert!(
+        s.api
+            .allocate("default", "b", &[bus("0000:8a:00.0")])
+            .is_err(),
+        "one claim per GPU"
+    );
+    s.prepare(&a).await.unwrap();
+    driver.stop();
+    s.kubelet
+        .wait_until(LIMIT, |v| !v.plugins.contains_key(DRIVER))
+        .await
+        .unwrap();
+    // Restarted, it knows the claim (checkpoint) and answers the same.
+    let _driver = Driver::start(s.dir.path(), &s.node, &[]);
+    s.registered().await;
+    assert_eq!(s.prepare(&a).await.unwrap().len(), 1);
+
+    // Required features the cluster drops: refused at start, saying why.
+    let out = Command::new(BIN)
+        .args([
+            "--node-name",
+            NODE,
+            "--http-address",
+            "none",
+            "--owner-lock",
+            "none",
+            "--sharing",
+            "on",
+            "--kubeconfig",
+        ])
+        .arg(s.dir.path().join("kubeconfig"))
+        .arg("--sysfs-root")
+        .arg(s.node.sysfs_root())
+        .arg("--devfs-root")
+        .arg(s.node.devfs_root())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DRAConsumableCapacity"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_owner_per_node_by_lock_and_by_label() {
+    let mut s = setup(DraApi::V1_34).await;
+    // The device plugin holds the node's lock: the driver waits.
+    let held = OwnerLock::try_acquire(&s.dir.path().join("owner.lock"), "intel-gpu-plugin pid 1")
+        .unwrap()
+        .unwrap();
+    // And the node is labelled for the device plugin.
+    s.api.set_label(
+        NODE,
+        "admin",
+        "intel.com/gpu-allocation",
+        Some("device-plugin"),
+    );
+    let _driver = Driver::start(s.dir.path(), &s.node, &[]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!s.kubelet.view().plugins.contains_key(DRIVER));
+    assert!(s.api.resource_slices().is_empty());
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        !s.kubelet.view().plugins.contains_key(DRIVER),
+        "the label still says device-plugin"
+    );
+    s.api
+        .set_label(NODE, "admin", "intel.com/gpu-allocation", Some("dra"));
+    s.registered().await;
+    until("devices published", || !published(&s.api).is_empty()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_added_gpu_is_published_and_a_removed_one_withdrawn() {
+    let mut s = setup(DraApi::V1_34.with_all_gates()).await;
+    let _driver = Driver::start(s.dir.path(), &s.node, &["--sriov", "hide-pf"]);
+    s.registered().await;
+    until("6 devices", || published(&s.api).len() == 6).await;
+    s.node
+        .plug_gpu(
+            &GpuSpec::new(12)
+                .at("0000:b3:00.0")
+                .device("0xe20b")
+                .driver(Some("xe")),
+            |_| {},
+        )
+        .unwrap();
+    until("the new B580 published", || {
+        device(&published(&s.api), "0000-b3-00-0-0xe20b").is_some()
+    })
+    .await;
+    // A prepared GPU that leaves stays, tainted NoExecute, until its
+    // claim is unprepared.
+    let c = s.claim("on-b580");
+    s.api
+        .allocate("default", "on-b580", &[bus("0000:8a:00.0")])
+        .unwrap();
+    s.prepare(&c).await.unwrap();
+    s.node.unplug_gpu(8, |_| {}).unwrap();
+    until("the B580 tainted", || {
+        device(&published(&s.api), B580)
+            .is_some_and(|d| d["taints"][0]["key"] == "gpu.intel.com/gone")
+    })
+    .await;
+    s.kubelet
+        .unprepare(DRIVER, std::slice::from_ref(&c))
+        .await
+        .unwrap();
+    until("the B580 withdrawn", || {
+        device(&published(&s.api), B580).is_none()
+    })
+    .await;
+}
