@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use dra_api::health::{DeviceHealth, HEALTH_SERVICE, HealthEntry};
 use dra_api::slices::{Features, PublishState, PublisherConfig, SlicePublisher};
 use dra_api::{DraConfig, DraServer, DriverName, KubeClaims, Registrar, RegistrarConfig};
-use gpu_discovery::owner::OwnerLock;
+use gpu_discovery::owner::{MODE_DEVICE_PLUGIN, MODE_LABEL, OwnerLock};
 use gpu_discovery::{DiscoveryConfig, Inventory, InventoryWatcher, WatcherConfig};
 use k8s_openapi::api::core::v1::Node;
 use tokio::signal::unix::{SignalKind, signal};
@@ -19,10 +19,6 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::cli::{Sharing, Sriov, Taints};
 use crate::devices::{DRIVER, Mode, publish};
 use crate::prepare::{Current, GpuDriver};
-
-/// The node label choosing how a node's GPUs are handed out
-/// (`device-plugin` or `dra`; see `docs/dra.md`).
-pub const MODE_LABEL: &str = "intel.com/gpu-allocation";
 
 /// What [`run`] needs.
 #[derive(Debug)]
@@ -232,7 +228,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .as_ref()
             .and_then(|l| l.get(MODE_LABEL))
             .cloned();
-        if mode.as_deref() != Some("device-plugin") {
+        if mode.as_deref() != Some(MODE_DEVICE_PLUGIN) {
             break;
         }
         let s = format!(

@@ -63,6 +63,11 @@ pub struct Cli {
     /// Where CDI specs are written (and where `inspect` looks for them).
     #[arg(long, default_value = "/var/run/cdi", global = true)]
     pub cdi_dir: PathBuf,
+    /// The node's GPU owner lock, shared with the DRA driver
+    /// (`/run/intel-gpu/owner.lock` in the shipped manifests): nothing is
+    /// served until it is held. Default: no lock.
+    #[arg(long)]
+    pub owner_lock: Option<PathBuf>,
     /// How long a card missing from the inventory keeps its CDI spec, in
     /// milliseconds (the kubelet replays cached Allocate answers, CDI names
     /// included, when it restarts a container).

@@ -135,6 +135,7 @@ fn main() -> ExitCode {
         stall_limit: std::time::Duration::from_millis(cli.stall_limit_ms),
         ignored_flags: go_warnings.len(),
         http,
+        owner_lock: cli.owner_lock,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -57,6 +57,9 @@ pub struct RunConfig {
     pub ignored_flags: usize,
     /// The HTTP endpoint.
     pub http: Option<std::net::SocketAddr>,
+    /// The node's GPU owner lock, shared with the DRA driver (one GPU,
+    /// one owner): nothing is served until it is held.
+    pub owner_lock: Option<PathBuf>,
 }
 
 type Shared = Arc<RwLock<Arc<Plan>>>;
@@ -343,6 +346,25 @@ impl http::Endpoints for Endpoints {
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let _owner = match &config.owner_lock {
+        Some(path) => {
+            let who = format!("intel-gpu-plugin pid {}", std::process::id());
+            let acquire = gpu_discovery::owner::OwnerLock::acquire(
+                path,
+                &who,
+                Duration::from_secs(2),
+                |holder| {
+                    tracing::warn!(lock = %path.display(), holder, "the node's GPUs are owned by another process; waiting");
+                },
+            );
+            tokio::select! {
+                lock = acquire => Some(lock?),
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+            }
+        }
+        None => None,
+    };
     let watcher = Arc::new(
         InventoryWatcher::spawn(WatcherConfig::new(config.discovery.clone()))
             .context("cannot read the GPU inventory")?,

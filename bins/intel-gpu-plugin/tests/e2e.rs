@@ -922,3 +922,26 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
     };
     assert!(!text.contains('\x1b'), "{text}");
 }
+
+/// One GPU, one owner: while the DRA driver holds the node's owner lock
+/// the plugin registers nothing; when the lock is let go (the driver
+/// stopped or crashed), the plugin takes it and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_served_while_the_dra_driver_owns_the_gpus() {
+    let env = Env::new(&mixed()).await;
+    let lock = env.dir.path().join("owner.lock");
+    let dra = gpu_discovery::owner::OwnerLock::try_acquire(&lock, "intel-gpu-dra pid 7")
+        .unwrap()
+        .unwrap();
+    let _p = env.start(&["--owner-lock", lock.to_str().unwrap()]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let v = env.kubelet.view();
+    assert_eq!(v.registrations(I915) + v.registrations(XE), 0);
+    drop(dra);
+    env.until("both resources once the lock is free", |v| {
+        ids(v, I915).len() == 1 && ids(v, XE).len() == 1
+    })
+    .await;
+    let holder = std::fs::read_to_string(&lock).unwrap();
+    assert!(holder.starts_with("intel-gpu-plugin pid "), "{holder}");
+}

@@ -18,6 +18,17 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
+/// The node label choosing who hands out a node's GPUs: `dra` (the DRA
+/// driver) or `device-plugin` (the default). The labeller marks the node
+/// for the chosen DaemonSet only (`intelgpu=enabled` or
+/// `intelgpu-dra=enabled`); the DRA driver also reads it and stands by on
+/// a `device-plugin` node.
+pub const MODE_LABEL: &str = "intel.com/gpu-allocation";
+/// [`MODE_LABEL`]'s value for the DRA driver.
+pub const MODE_DRA: &str = "dra";
+/// [`MODE_LABEL`]'s value for the device plugin.
+pub const MODE_DEVICE_PLUGIN: &str = "device-plugin";
+
 /// The lock file the shipped manifests mount in both DaemonSets.
 pub const DEFAULT_OWNER_LOCK: &str = "/run/intel-gpu/owner.lock"; // tidy: allow-host-path
 

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use gpu_discovery::Inventory;
+use gpu_discovery::owner::{MODE_DRA, MODE_LABEL};
 
 use crate::desired::{Decision, discovery_labels, is_discovery_key};
 
@@ -140,8 +141,20 @@ pub fn reconcile(
     // The plugin label this decision wants, if any (a GPU is needed).
     let mut note = match decision {
         Decision::Enabled(label) if gpu_present => {
-            labels.insert(label.key().to_owned(), label.value().to_owned());
-            format!("{label}: the node has an advertisable GPU and the plugin is enabled")
+            // One GPU, one owner: a node given to the DRA driver gets
+            // its DaemonSet's label instead of the device plugin's.
+            let dra = view.labels.get(MODE_LABEL).map(String::as_str) == Some(MODE_DRA);
+            let key = if dra {
+                format!("{}-dra", label.key())
+            } else {
+                label.key().to_owned()
+            };
+            labels.insert(key.clone(), label.value().to_owned());
+            format!(
+                "{key}={}: the node has an advertisable GPU and the plugin is enabled{}",
+                label.value(),
+                if dra { " (for the DRA driver)" } else { "" }
+            )
         }
         Decision::Enabled(label) => format!("{label} not set: the node has no advertisable GPU"),
         Decision::Disabled => "plugin label not set: the GPU plugin is not enabled".to_owned(),

@@ -422,3 +422,27 @@ fn the_nfd_file_expires_and_is_refreshed_at_half_its_life() {
         "{text}"
     );
 }
+
+/// One GPU, one owner: `intel.com/gpu-allocation=dra` moves the node from
+/// the device plugin's DaemonSet label to the DRA driver's, and back.
+#[test]
+fn the_allocation_mode_label_picks_the_daemonset() {
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let mut view = NodeView::default();
+    view.labels
+        .insert("intel.com/gpu-allocation".into(), "dra".into());
+    let (labels, ..) = apply(reconcile(&view, &inv, &enabled(), &POLICY, 1000));
+    assert_eq!(
+        labels.get("intelgpu-dra").map(String::as_str),
+        Some("enabled")
+    );
+    assert!(!labels.contains_key("intelgpu"), "{labels:?}");
+    // Back to the device plugin: the DRA label is no longer applied (so
+    // server-side apply takes it back), the plugin's is.
+    owned(&mut view, &[("intelgpu-dra", "enabled")]);
+    view.labels
+        .insert("intel.com/gpu-allocation".into(), "device-plugin".into());
+    let (labels, ..) = apply(reconcile(&view, &inv, &enabled(), &POLICY, 1001));
+    assert_eq!(labels.get("intelgpu").map(String::as_str), Some("enabled"));
+    assert!(!labels.contains_key("intelgpu-dra"), "{labels:?}");
+}
