@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use crate::util::{cargo, run, target_dir};
 
 /// The lines a passing demo prints.
-pub(crate) const STEPS: usize = 6;
-pub(crate) const ALL_HELD: &str = "demo: all 6 steps held";
+pub(crate) const STEPS: usize = 7;
+pub(crate) const ALL_HELD: &str = "demo: all 7 steps held";
 
 /// What `cargo` builds for the demo: never `-q`, so a cold build shows
 /// its progress.
@@ -21,6 +21,8 @@ const BUILD_ARGS: &[&str] = &[
     "-p",
     "intel-gpu-labeler",
     "-p",
+    "intel-gpu-dra",
+    "-p",
     "demo",
 ];
 
@@ -28,7 +30,7 @@ const BUILD_ARGS: &[&str] = &[
 pub(crate) fn command(keep: bool) -> Result<Command> {
     // A cold build takes minutes: say so, and let cargo show its progress.
     eprintln!(
-        "demo: building the plugin, the labeller and the demo driver (a first build takes about 2 minutes on 2 cores; cargo's progress follows)"
+        "demo: building the plugin, the labeller, the DRA driver and the demo driver (a first build takes about 2 minutes on 2 cores; cargo's progress follows)"
     );
     run(cargo().args(BUILD_ARGS)).context("could not build the demo")?;
     let bin = target_dir().join("debug");
@@ -36,7 +38,9 @@ pub(crate) fn command(keep: bool) -> Result<Command> {
     cmd.arg("--plugin")
         .arg(bin.join("intel-gpu-plugin"))
         .arg("--labeler")
-        .arg(bin.join("intel-gpu-labeler"));
+        .arg(bin.join("intel-gpu-labeler"))
+        .arg("--dra")
+        .arg(bin.join("intel-gpu-dra"));
     if keep {
         cmd.arg("--keep");
     }

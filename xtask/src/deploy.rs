@@ -11,7 +11,8 @@ use anyhow::{Context, Result, bail};
 use crate::util::{project_root, run, succeeds};
 
 /// Overlays and the Kubernetes versions each is validated against (1.27:
-/// the oldest StarlingX release we target; the admission policy needs 1.30).
+/// the oldest StarlingX release we target; the admission policy needs 1.30;
+/// DRA's v1 API 1.34).
 pub(crate) const OVERLAYS: &[(&str, &[&str])] = &[
     ("starlingx", &["1.25.0", "1.34.0"]),
     ("starlingx-app", &["1.28.0", "1.34.0"]),
@@ -20,6 +21,8 @@ pub(crate) const OVERLAYS: &[(&str, &[&str])] = &[
     ("microk8s", &["1.27.0", "1.34.0"]),
     ("k0s", &["1.27.0", "1.34.0"]),
     ("admission-policy", &["1.30.0", "1.34.0"]),
+    // resource.k8s.io/v1 (DeviceClass, ResourceSlice) is GA from 1.34.
+    ("dra", &["1.34.0"]),
 ];
 
 /// `grpcio` and `grpcio-tools` are the independent gRPC peer of the

@@ -30,8 +30,11 @@ use sha2::{Digest, Sha256};
 use crate::util::{project_root, run, succeeds};
 
 /// The images: binary name and whether it needs CA certificates.
-pub(crate) const IMAGES: &[(&str, bool)] =
-    &[("intel-gpu-plugin", false), ("intel-gpu-labeler", true)];
+pub(crate) const IMAGES: &[(&str, bool)] = &[
+    ("intel-gpu-plugin", false),
+    ("intel-gpu-labeler", true),
+    ("intel-gpu-dra", true),
+];
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -277,7 +280,7 @@ fn revision() -> String {
 fn build(target_dir: &Path, src: &Path) -> Result<PathBuf> {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(src)
-        .args(["build", "--release", "--locked", "--target", TARGET, "-p", "intel-gpu-plugin", "-p", "intel-gpu-labeler"])
+        .args(["build", "--release", "--locked", "--target", TARGET, "-p", "intel-gpu-plugin", "-p", "intel-gpu-labeler", "-p", "intel-gpu-dra"])
         .env("CARGO_TARGET_DIR", target_dir)
         .env(
             "RUSTFLAGS",

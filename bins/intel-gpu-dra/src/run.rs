@@ -190,7 +190,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let who = format!("intel-gpu-dra pid {}", std::process::id());
     let _lock = match &config.owner_lock {
         Some(path) => {
-            let acquire = OwnerLock::acquire(path, &who, Duration::from_secs(2), |holder| {
+            let acquire = OwnerLock::acquire(path, &who, gpu_discovery::owner::POLL, |holder| {
                 let s = format!(
                     "waiting for the GPU owner lock {}: held by {holder}",
                     path.display()

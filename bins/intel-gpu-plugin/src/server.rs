@@ -352,7 +352,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             let acquire = gpu_discovery::owner::OwnerLock::acquire(
                 path,
                 &who,
-                Duration::from_secs(2),
+                gpu_discovery::owner::POLL,
                 |holder| {
                     tracing::warn!(lock = %path.display(), holder, "the node's GPUs are owned by another process; waiting");
                 },

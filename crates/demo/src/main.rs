@@ -1,19 +1,20 @@
 //! The demo driver behind `cargo xtask demo`: runs the real
-//! `intel-gpu-plugin` and `intel-gpu-labeler` against a simulated StarlingX
-//! edge server (fake sysfs/devfs, the kubelet emulator, the API-server
-//! emulator, an enabled-plugins file) and tells what happens, step by step.
+//! `intel-gpu-plugin`, `intel-gpu-labeler` and `intel-gpu-dra` against a
+//! simulated StarlingX edge server (fake sysfs/devfs, the kubelet
+//! emulator — device plugins and DRA —, the API-server emulator, an
+//! enabled-plugins file) and tells what happens, step by step.
 //!
-//! `demo --plugin PATH --labeler PATH [--keep]`. Exits 0 when every step
-//! held, 1 naming the step that did not.
+//! `demo --plugin PATH --labeler PATH --dra PATH [--keep]`. Exits 0 when
+//! every step held, 1 naming the step that did not.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use apiserver_emulator::ApiServer;
+use apiserver_emulator::{ApiServer, DeviceRequest, DraApi};
 use fake_gpu_node::{FakeNode, GpuSpec, NodeSpec};
-use kubelet_emulator::{KubeletEmulator, View};
+use kubelet_emulator::{ClaimId, KubeletEmulator, KubeletVersion, PluginWatcher, View};
 
 const NODE: &str = "controller-0";
 const I915: &str = "gpu.intel.com/i915";
@@ -40,6 +41,7 @@ struct Demo {
     plugins_file: PathBuf,
     plugin_bin: PathBuf,
     labeler_bin: PathBuf,
+    dra_bin: PathBuf,
 }
 
 fn ids(v: &View, r: &str) -> Vec<String> {
@@ -58,7 +60,12 @@ fn ms(d: Duration) -> String {
 }
 
 impl Demo {
-    async fn new(root: &Path, plugin_bin: PathBuf, labeler_bin: PathBuf) -> anyhow::Result<Self> {
+    async fn new(
+        root: &Path,
+        plugin_bin: PathBuf,
+        labeler_bin: PathBuf,
+        dra_bin: PathBuf,
+    ) -> anyhow::Result<Self> {
         let node = FakeNode::build(&root.join("node"), &NodeSpec::starlingx_edge_with_arc())?;
         std::fs::create_dir_all(root.join("kubelet"))?;
         let kubelet = KubeletEmulator::start(&root.join("kubelet")).await?;
@@ -85,6 +92,7 @@ impl Demo {
             plugins_file,
             plugin_bin,
             labeler_bin,
+            dra_bin,
         })
     }
 
@@ -144,7 +152,9 @@ impl Demo {
         c.arg("--kubelet-dir")
             .arg(self.kubelet.dir())
             .arg("--cdi-dir")
-            .arg(self.root.join("cdi"));
+            .arg(self.root.join("cdi"))
+            .arg("--owner-lock")
+            .arg(self.root.join("owner.lock"));
         c.args([
             "--shared-dev-num",
             "2",
@@ -156,6 +166,34 @@ impl Demo {
         c.stdout(Stdio::null()).stderr(Stdio::null());
         Ok(Proc(c.spawn().with_context(|| {
             format!("cannot start {}", self.plugin_bin.display())
+        })?))
+    }
+
+    /// The DRA driver, with the plugin's owner lock.
+    fn dra(&self) -> anyhow::Result<Proc> {
+        let mut c = Command::new(&self.dra_bin);
+        self.roots(&mut c);
+        c.arg("--kubeconfig")
+            .arg(self.root.join("kubeconfig"))
+            .arg("--registry-dir")
+            .arg(self.root.join("kubelet/plugins_registry"))
+            .arg("--plugin-dir")
+            .arg(self.root.join("kubelet/plugins/gpu.intel.com"))
+            .arg("--cdi-dir")
+            .arg(self.root.join("cdi"))
+            .arg("--owner-lock")
+            .arg(self.root.join("owner.lock"))
+            .args([
+                "--node-name",
+                NODE,
+                "--http-address",
+                "none",
+                "--log-level",
+                "warn",
+            ]);
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        Ok(Proc(c.spawn().with_context(|| {
+            format!("cannot start {}", self.dra_bin.display())
         })?))
     }
 
@@ -225,9 +263,10 @@ async fn steps(demo: &mut Demo) -> Result<Vec<Proc>, (usize, &'static str, anyho
         anyhow::Ok(())
     });
 
+    let mut plugin = None;
     step!(2, "plugin registers its resources", async {
         let start = Instant::now();
-        procs.push(demo.plugin()?);
+        plugin = Some(demo.plugin()?);
         let v = demo
             .wait_kubelet("both resources", |v| {
                 ids(v, I915).len() == 10 && ids(v, XE).len() == 2
@@ -337,16 +376,172 @@ async fn steps(demo: &mut Demo) -> Result<Vec<Proc>, (usize, &'static str, anyho
             anyhow::Ok(())
         }
     );
+
+    step!(7, "the node moves to DRA and a claim is prepared", async {
+        dra_step(demo, &mut plugin, &mut procs).await
+    });
     Ok(procs)
 }
 
-fn parse_args() -> anyhow::Result<(PathBuf, PathBuf, bool)> {
+/// Step 7: the node is given to the DRA driver (a 1.34 cluster with the
+/// DRA alpha gates on): the labeller moves its DaemonSet label, the
+/// driver waits for the plugin's owner lock, registers, publishes, and a
+/// claim on a share of the B580 is allocated, prepared and unprepared.
+async fn dra_step(
+    demo: &mut Demo,
+    plugin: &mut Option<Proc>,
+    procs: &mut Vec<Proc>,
+) -> anyhow::Result<()> {
+    const DRIVER: &str = "gpu.intel.com";
+    demo.api.set_dra(DraApi::V1_34.with_all_gates());
+    println!(
+        "  the cluster: Kubernetes 1.34 with DRAConsumableCapacity, DRAPartitionableDevices, DRADeviceTaints"
+    );
+    let tmp = demo.plugins_file.with_extension("new");
+    std::fs::write(&tmp, r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#)?;
+    std::fs::rename(&tmp, &demo.plugins_file)?;
+    demo.api
+        .set_label(NODE, "admin", "intel.com/gpu-allocation", Some("dra"));
+    let moved = demo
+        .api
+        .wait_node(NODE, LIMIT, |n| {
+            n.is_some_and(|n| {
+                n.labels.get("intelgpu-dra").is_some_and(|v| v == "enabled")
+                    && !n.labels.contains_key("intelgpu")
+            })
+        })
+        .await
+        .is_ok();
+    ensure!(
+        moved,
+        "the labeller did not move the node to intelgpu-dra=enabled"
+    );
+    println!(
+        "  intel.com/gpu-allocation=dra: the labeller set intelgpu-dra=enabled and took back intelgpu"
+    );
+    let kubelet = PluginWatcher::start(
+        &demo.root.join("kubelet/plugins_registry"),
+        KubeletVersion::V1_34,
+    )?;
+    procs.push(demo.dra()?);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    ensure!(
+        !kubelet.view().plugins.contains_key(DRIVER),
+        "the DRA driver registered while the device plugin held the node's GPUs"
+    );
+    println!("  the DRA driver waits: the device plugin holds the node's owner lock");
+    let start = Instant::now();
+    drop(plugin.take());
+    kubelet
+        .wait_until(LIMIT, |v| v.plugins.contains_key(DRIVER))
+        .await?;
+    println!(
+        "  the device plugin stopped (its DaemonSet no longer selects the node): the DRA driver registered {} later",
+        ms(start.elapsed())
+    );
+    let deadline = Instant::now() + LIMIT;
+    let devices = loop {
+        let devices: Vec<serde_json::Value> = demo
+            .api
+            .resource_slices()
+            .values()
+            .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+            .collect();
+        if devices.len() == 7 {
+            break devices;
+        }
+        ensure!(Instant::now() < deadline, "7 devices were not published");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!("  ResourceSlice devices:");
+    for d in &devices {
+        let a = &d["attributes"];
+        println!(
+            "    {} type={} driver={} model={}{}{}",
+            d["name"].as_str().unwrap_or_default(),
+            a["type"]["string"].as_str().unwrap_or("?"),
+            a["driver"]["string"].as_str().unwrap_or("?"),
+            a["model"]["string"].as_str().unwrap_or("-"),
+            if d["allowMultipleAllocations"] == true {
+                " shared"
+            } else {
+                ""
+            },
+            if d["consumesCounters"].is_array() {
+                " (SR-IOV counters)"
+            } else {
+                ""
+            },
+        );
+    }
+    let uid = demo
+        .api
+        .create_resource_claim("default", "media-0", serde_json::json!({}));
+    let got = demo
+        .api
+        .allocate(
+            "default",
+            "media-0",
+            &[DeviceRequest::new("gpu", DRIVER)
+                .attribute("model", serde_json::json!({"string": "B580"}))
+                .capacity("millicores", "250")],
+        )
+        .map_err(anyhow::Error::msg)?;
+    println!(
+        "  claim default/media-0 asks for 250 millicores of a B580: allocated {} (share {}, consumes {:?})",
+        got[0].device,
+        got[0].share_id.as_deref().unwrap_or("-"),
+        got[0].consumed
+    );
+    let claim = ClaimId {
+        namespace: "default".into(),
+        name: "media-0".into(),
+        uid: uid.clone(),
+    };
+    let answers = kubelet
+        .prepare(DRIVER, std::slice::from_ref(&claim))
+        .await?;
+    let prepared = answers[&uid].clone().map_err(anyhow::Error::msg)?;
+    for d in &prepared {
+        println!(
+            "  prepared {}: CDI {}",
+            d.device,
+            d.cdi_device_ids.join(", ")
+        );
+    }
+    let spec = demo.root.join(format!("cdi/{DRIVER}-claim_{uid}.json"));
+    let text = std::fs::read_to_string(&spec)
+        .with_context(|| format!("no CDI spec {}", spec.display()))?;
+    println!("  {}:", spec.display());
+    for line in text.lines() {
+        println!("    {line}");
+    }
+    ensure!(
+        text.contains("RENDER_DEVICE="),
+        "the spec names the render node"
+    );
+    let done = kubelet
+        .unprepare(DRIVER, std::slice::from_ref(&claim))
+        .await?;
+    ensure!(
+        done.get(&uid).is_some_and(Result::is_ok),
+        "unprepare failed: {done:?}"
+    );
+    ensure!(!spec.exists(), "unprepare left the CDI spec");
+    println!("  unprepared: the claim's CDI spec is removed, nothing else");
+    Ok(())
+}
+
+type Args = (PathBuf, PathBuf, PathBuf, bool);
+
+fn parse_args() -> anyhow::Result<Args> {
     let mut args = std::env::args().skip(1);
-    let (mut plugin, mut labeler, mut keep) = (None, None, false);
+    let (mut plugin, mut labeler, mut dra, mut keep) = (None, None, None, false);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--plugin" => plugin = args.next().map(PathBuf::from),
             "--labeler" => labeler = args.next().map(PathBuf::from),
+            "--dra" => dra = args.next().map(PathBuf::from),
             "--keep" => keep = true,
             other => bail!("unknown argument {other}"),
         }
@@ -354,13 +549,14 @@ fn parse_args() -> anyhow::Result<(PathBuf, PathBuf, bool)> {
     Ok((
         plugin.context("--plugin PATH is required")?,
         labeler.context("--labeler PATH is required")?,
+        dra.context("--dra PATH is required")?,
         keep,
     ))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
-    let (plugin, labeler, keep) = match parse_args() {
+    let (plugin, labeler, dra, keep) = match parse_args() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("demo: {e}");
@@ -374,7 +570,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut demo = match Demo::new(dir.path(), plugin, labeler).await {
+    let mut demo = match Demo::new(dir.path(), plugin, labeler, dra).await {
         Ok(d) => d,
         Err(e) => {
             eprintln!("demo: cannot build the simulated node: {e:#}");
@@ -390,7 +586,7 @@ async fn main() -> ExitCode {
     );
     match steps(&mut demo).await {
         Ok(procs) => {
-            println!("\ndemo: all 6 steps held");
+            println!("\ndemo: all 7 steps held");
             if keep {
                 let path = dir.keep();
                 println!("\nThe simulated node keeps running (Ctrl-C ends it). Poke at it:");

@@ -29,6 +29,10 @@ pub const MODE_DRA: &str = "dra";
 /// [`MODE_LABEL`]'s value for the device plugin.
 pub const MODE_DEVICE_PLUGIN: &str = "device-plugin";
 
+/// How often a waiting side tries the lock: an open and a `flock`, so a
+/// handover takes at most this long.
+pub const POLL: Duration = Duration::from_millis(200);
+
 /// The lock file the shipped manifests mount in both DaemonSets.
 pub const DEFAULT_OWNER_LOCK: &str = "/run/intel-gpu/owner.lock"; // tidy: allow-host-path
 
@@ -110,8 +114,9 @@ impl OwnerLock {
     }
 
     /// Waits for the lock, trying every `every` and calling `waiting`
-    /// with the holder's name each time it is held (so the caller can log
-    /// and report not-ready).
+    /// with the holder's name whenever it is found held by someone new
+    /// (so the caller can log and report not-ready without repeating
+    /// itself).
     ///
     /// # Errors
     /// As [`OwnerLock::try_acquire`].
@@ -121,10 +126,16 @@ impl OwnerLock {
         every: Duration,
         mut waiting: impl FnMut(&str),
     ) -> Result<Self, OwnerError> {
+        let mut last = None;
         loop {
             match Self::try_acquire(path, who)? {
                 Ok(lock) => return Ok(lock),
-                Err(holder) => waiting(&holder),
+                Err(holder) => {
+                    if last.as_ref() != Some(&holder) {
+                        waiting(&holder);
+                        last = Some(holder);
+                    }
+                }
             }
             tokio::time::sleep(every).await;
         }
