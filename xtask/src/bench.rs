@@ -65,6 +65,7 @@ pub(crate) const GOALS: &[(&str, Goal)] = &[
     ("plugin.startup_ms", Goal::AtMost(100.0)),
     ("plugin.rss_kib", Goal::AtMost(12.0 * 1024.0)),
     ("plugin.idle_cpu_ms_per_30s", Goal::AtMost(20.0)),
+    ("dra.gpu_hotplug_ms_p99", Goal::AtMost(5.0)),
 ];
 
 pub(crate) fn task(args: &[String]) -> Result<()> {

@@ -826,4 +826,31 @@ impl ApiServer {
             }
         }
     }
+
+    /// Waits until the ResourceSlices (by name) satisfy `f`, woken by
+    /// every change; returns them, or them as they are at the timeout.
+    ///
+    /// # Errors
+    /// The slices at the timeout.
+    pub async fn wait_resource_slices(
+        &self,
+        timeout: Duration,
+        f: impl Fn(&BTreeMap<String, Value>) -> bool,
+    ) -> Result<BTreeMap<String, Value>, BTreeMap<String, Value>> {
+        let mut rx = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            rx.borrow_and_update();
+            let now = self.resource_slices();
+            if f(&now) {
+                return Ok(now);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(self.resource_slices());
+            }
+        }
+    }
 }

@@ -792,6 +792,8 @@ struct Last {
     set: Option<Arc<DeviceSet>>,
     generation: i64,
     names: BTreeSet<String>,
+    /// The UIDs of the slices as last written.
+    uids: BTreeMap<String, String>,
 }
 
 async fn run(
@@ -804,9 +806,24 @@ async fn run(
     let mut node_uid: Option<String> = None;
     let mut last = Last::default();
     let mut attempt = 0u32;
+    // Woken by a new device set after a success: what is in the API is
+    // known (the slices last written), so the LIST is skipped — a hotplug
+    // reaches the API in one request per slice. Timers (the resync) and
+    // retries list, and put back what someone else deleted.
+    let mut changed_only = false;
     loop {
         let set = Arc::clone(&devices.borrow_and_update());
-        let wait = match sync(&client, &config, &set, &mut node_uid, &mut last).await {
+        let result = sync(
+            &client,
+            &config,
+            &set,
+            &mut node_uid,
+            &mut last,
+            changed_only,
+        )
+        .await;
+        changed_only = false;
+        let wait = match result {
             Ok(()) => {
                 attempt = 0;
                 status.send_replace(PublishState::Published {
@@ -825,7 +842,10 @@ async fn run(
         };
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
-            changed = devices.changed() => if changed.is_err() { break },
+            changed = devices.changed() => {
+                if changed.is_err() { break }
+                changed_only = attempt == 0;
+            }
             () = tokio::time::sleep(wait) => {}
         }
     }
@@ -838,6 +858,7 @@ async fn sync(
     set: &Arc<DeviceSet>,
     node_uid: &mut Option<String>,
     last: &mut Last,
+    changed_only: bool,
 ) -> Result<(), String> {
     let chain = |e: kube::Error| ops_kit::Chain(&e).to_string();
     let uid = match node_uid.clone() {
@@ -855,26 +876,31 @@ async fn sync(
         "spec.nodeName={},spec.driver={}",
         config.node, config.driver
     );
-    let existing = api
-        .list(&ListParams::default().fields(&selector))
-        .await
-        .map_err(chain)?;
     let chunks = set.chunks().map_err(|e| e.to_string())?;
     let wanted: BTreeSet<String> = (0..chunks.len()).map(|n| config.slice_name(n)).collect();
-    let present: BTreeMap<String, (String, i64)> = existing
-        .items
-        .iter()
-        .filter_map(|s| {
-            let name = s.metadata.name.clone()?;
-            Some((
-                name,
-                (
-                    s.metadata.uid.clone().unwrap_or_default(),
-                    s.spec.pool.generation,
-                ),
-            ))
-        })
-        .collect();
+    let present: BTreeMap<String, (String, i64)> = if changed_only && last.set.is_some() {
+        last.uids
+            .iter()
+            .map(|(n, u)| (n.clone(), (u.clone(), last.generation)))
+            .collect()
+    } else {
+        api.list(&ListParams::default().fields(&selector))
+            .await
+            .map_err(chain)?
+            .items
+            .iter()
+            .filter_map(|s| {
+                let name = s.metadata.name.clone()?;
+                Some((
+                    name,
+                    (
+                        s.metadata.uid.clone().unwrap_or_default(),
+                        s.spec.pool.generation,
+                    ),
+                ))
+            })
+            .collect()
+    };
     let unchanged = last
         .set
         .as_ref()
@@ -896,6 +922,7 @@ async fn sync(
         .unwrap_or(0)
         + 1;
     let params = PatchParams::apply(config.driver.as_str()).force();
+    let mut uids = BTreeMap::new();
     for (n, chunk) in chunks.iter().enumerate() {
         let name = config.slice_name(n);
         let mut slice = json!({
@@ -929,9 +956,11 @@ async fn sync(
         if !chunk.counters.is_empty() {
             slice["spec"]["sharedCounters"] = chunk.counters.iter().map(|c| c.to_json()).collect();
         }
-        api.patch(&name, &params, &Patch::Apply(&slice))
+        let written = api
+            .patch(&name, &params, &Patch::Apply(&slice))
             .await
             .map_err(chain)?;
+        uids.insert(name, written.metadata.uid.unwrap_or_default());
     }
     for (name, (uid, _)) in &present {
         if wanted.contains(name) {
@@ -955,6 +984,7 @@ async fn sync(
         set: Some(Arc::clone(set)),
         generation,
         names: wanted,
+        uids,
     };
     Ok(())
 }

@@ -632,6 +632,41 @@ pub fn run_hermetic(
         .map_err(|e| format!("could not run unshare: {e}"))
 }
 
+nix::ioctl_read_bad!(get_flags, nix::libc::SIOCGIFFLAGS, nix::libc::ifreq);
+nix::ioctl_write_ptr_bad!(set_flags, nix::libc::SIOCSIFFLAGS, nix::libc::ifreq);
+
+/// Brings up the loopback interface of the current network namespace (a
+/// new one starts with `lo` down, so nothing can connect to 127.0.0.1):
+/// for a hermetic child that also runs the API-server emulator. Needs
+/// CAP_NET_ADMIN there (root of the user namespace).
+///
+/// # Errors
+/// The OS error.
+pub fn loopback_up() -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: `ifreq` is plain old data (a name and a union of integers and
+    // addresses); all zeroes is a valid value of it.
+    let mut req: nix::libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = nix::libc::c_char::try_from(*src).unwrap_or(0);
+    }
+    // SAFETY: a valid socket and an `ifreq` naming an interface; the
+    // kernel writes the flags into the union.
+    unsafe { get_flags(sock.as_raw_fd(), &mut req) }?;
+    // SAFETY: SIOCGIFFLAGS filled `ifru_flags`, the union member read.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags | nix::libc::c_short::try_from(nix::libc::IFF_UP).unwrap_or(1);
+    // SAFETY: a valid socket and an `ifreq` with the name and the flags set.
+    unsafe { set_flags(sock.as_raw_fd(), &req) }?;
+    Ok(())
+}
+
 /// The card numbers under a PCI function's `drm/`.
 fn cards_of(dev: &Path) -> Vec<u32> {
     list(&dev.join("drm"))
