@@ -270,7 +270,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         DraConfig::new(
             driver_name.clone(),
             &endpoint,
-            config.plugin_dir.join("preparedClaims.json"),
+            config.plugin_dir.join("prepared-claims.json"),
         ),
         Arc::clone(&gpus),
         Arc::new(KubeClaims::new(client.clone())),
