@@ -69,6 +69,12 @@ pub struct DeviceFacts {
     pub render: Option<PathBuf>,
     /// Whether it may be allocated to several claims.
     pub shared: bool,
+    /// The SR-IOV family: the PF's device name, for the PF (with VFs)
+    /// and its VFs; a PF and a VF of one family are never prepared for
+    /// different claims.
+    pub family: Option<String>,
+    /// Whether it is the family's PF.
+    pub is_pf: bool,
 }
 
 /// The devices to publish and what prepare needs of each.
@@ -160,11 +166,64 @@ pub fn publish(
         .iter()
         .map(|g| (g.pci_address.as_str(), g))
         .collect();
-    let published: Vec<&Gpu> = inventory
+    let candidates: Vec<&Gpu> = inventory
         .gpus
         .iter()
         .filter(|g| {
-            let why = withheld_reason(config, g, mode);
+            let mut why = withheld_reason(config, g, mode);
+            // With counters a VF must name its PF's set: one whose PF
+            // cannot be resolved could be allocated beside the PF.
+            if why.is_none()
+                && mode.counters.is_some()
+                && g.sriov.role == SriovRole::Vf
+                && g.sriov
+                    .physfn
+                    .as_deref()
+                    .and_then(|a| by_address.get(a))
+                    .is_none()
+            {
+                why = Some(
+                    "SR-IOV VF whose PF cannot be resolved: it cannot draw from the PF's counters"
+                        .to_owned(),
+                );
+            }
+            if let Some(why) = &why {
+                out.withheld.insert(device_name(g), why.clone());
+            }
+            why.is_none()
+        })
+        .collect();
+    let candidate_addresses: BTreeSet<&str> =
+        candidates.iter().map(|g| g.pci_address.as_str()).collect();
+    let published: Vec<&Gpu> = candidates
+        .iter()
+        .copied()
+        .filter(|g| {
+            let pf_prepared = g.sriov.role == SriovRole::Vf
+                && g.sriov
+                    .physfn
+                    .as_deref()
+                    .and_then(|a| by_address.get(a))
+                    .is_some_and(|pf| prepared.contains(&device_name(pf)));
+            let why = if pf_prepared {
+                // Whatever the mode, a VF is never handed out while its
+                // PF is in use.
+                Some("SR-IOV VF whose PF is prepared for a claim".to_owned())
+            } else if mode.counters.is_some()
+                && g.sriov.role == SriovRole::Pf
+                && g.sriov.num_vfs.is_some_and(|n| n > 0)
+                && !g
+                    .sriov
+                    .vfs
+                    .iter()
+                    .any(|a| candidate_addresses.contains(a.as_str()))
+            {
+                // Its VFs are elsewhere (vfio-pci, filtered): nothing here
+                // would keep the PF from being handed out under them.
+                Some("SR-IOV PF whose VFs are enabled but none is published here".to_owned())
+            } else {
+                None
+            };
             if let Some(why) = &why {
                 out.withheld.insert(device_name(g), why.clone());
             }
@@ -291,6 +350,16 @@ pub fn publish(
             .iter()
             .find(|n| n.kind == gpu_discovery::NodeKind::Render)
             .map(|n| n.host_path.clone());
+        let family = match gpu.sriov.role {
+            SriovRole::Vf => gpu
+                .sriov
+                .physfn
+                .as_deref()
+                .and_then(|a| by_address.get(a))
+                .map(|pf| device_name(pf)),
+            SriovRole::Pf if !gpu.sriov.vfs.is_empty() => Some(name.clone()),
+            _ => None,
+        };
         out.facts.insert(
             name,
             DeviceFacts {
@@ -298,6 +367,8 @@ pub fn publish(
                 by_path: gpu.by_path.clone(),
                 render,
                 shared,
+                is_pf: gpu.sriov.role == SriovRole::Pf,
+                family,
             },
         );
         devices.push(d);

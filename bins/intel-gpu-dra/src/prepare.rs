@@ -136,58 +136,85 @@ impl Driver for GpuDriver {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let mut all = Vec::new();
-        {
-            let map = self.lock();
-            for (i, d) in devices.iter().enumerate() {
-                if d.pool != self.pool {
-                    return Err(DriverError(format!(
-                        "device {} is in pool {}, not this node's pool {}",
-                        d.device, d.pool, self.pool
-                    )));
+        // Checked and recorded under one lock: two claims prepared at once
+        // cannot both pass the checks.
+        let mut map = self.lock();
+        let mut distinct: Vec<(&str, ContainerEdits)> = Vec::new();
+        for d in devices {
+            if d.pool != self.pool {
+                return Err(DriverError(format!(
+                    "device {} is in pool {}, not this node's pool {}",
+                    d.device, d.pool, self.pool
+                )));
+            }
+            let Some(facts) = current.get(&d.device) else {
+                return Err(DriverError(format!(
+                    "device {} is not on this node (any more)",
+                    d.device
+                )));
+            };
+            // One GPU, one owner: a device published whole is never
+            // prepared for two claims, and a PF never beside one of its
+            // VFs prepared for another claim (the scheduler's counters
+            // keep them apart; this holds when the node's mode changed
+            // under running claims too).
+            let others = |device: &str| {
+                map.get(device)
+                    .and_then(|uids| uids.iter().find(|u| **u != claim.uid).cloned())
+            };
+            if !facts.shared
+                && let Some(other) = others(&d.device)
+            {
+                return Err(DriverError(format!(
+                    "device {} is prepared for claim {other} and is not shared",
+                    d.device
+                )));
+            }
+            if let Some(family) = &facts.family {
+                for (name, f) in &current {
+                    let related = name != &d.device
+                        && f.family.as_ref() == Some(family)
+                        && (f.is_pf || facts.is_pf);
+                    if related && let Some(other) = others(name) {
+                        return Err(DriverError(format!(
+                            "device {} shares SR-IOV PF {family} with device {name}, prepared for claim {other}",
+                            d.device
+                        )));
+                    }
                 }
-                let Some(facts) = current.get(&d.device) else {
-                    return Err(DriverError(format!(
-                        "device {} is not on this node (any more)",
-                        d.device
-                    )));
-                };
-                // One GPU, one owner: a device published whole is never
-                // prepared for two claims.
-                if !facts.shared
-                    && let Some(other) = map
-                        .get(&d.device)
-                        .and_then(|uids| uids.iter().find(|u| **u != claim.uid))
-                {
-                    return Err(DriverError(format!(
-                        "device {} is prepared for claim {other} and is not shared",
-                        d.device
-                    )));
-                }
-                all.push((d.device.as_str(), edits(facts, i)));
+            }
+            // A device twice in one claim (two requests on one shared
+            // GPU) is one CDI device.
+            if !distinct.iter().any(|(n, _)| *n == d.device) {
+                distinct.push((d.device.as_str(), edits(facts, distinct.len())));
             }
         }
         let ids = self
             .cdi
-            .write(&claim.uid, &all)
+            .write(&claim.uid, &distinct)
             .map_err(|e| DriverError(format!("could not write the CDI spec: {e}")))?;
-        {
-            let mut map = self.lock();
-            for d in devices {
-                map.entry(d.device.clone())
-                    .or_default()
-                    .insert(claim.uid.clone());
-            }
+        for d in devices {
+            map.entry(d.device.clone())
+                .or_default()
+                .insert(claim.uid.clone());
         }
+        drop(map);
         self.changed.send_modify(|n| *n += 1);
         Ok(devices
             .iter()
-            .zip(ids)
-            .map(|(d, id)| PreparedDevice {
-                requests: vec![d.request.clone()],
-                pool: d.pool.clone(),
-                device: d.device.clone(),
-                cdi_device_ids: vec![id],
+            .map(|d| {
+                let id = distinct
+                    .iter()
+                    .position(|(n, _)| *n == d.device)
+                    .and_then(|i| ids.get(i))
+                    .cloned()
+                    .unwrap_or_default();
+                PreparedDevice {
+                    requests: vec![d.request.clone()],
+                    pool: d.pool.clone(),
+                    device: d.device.clone(),
+                    cdi_device_ids: vec![id],
+                }
             })
             .collect())
     }

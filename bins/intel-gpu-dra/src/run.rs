@@ -186,63 +186,76 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let driver_name = DriverName::new(DRIVER)?;
     let client = client(config.kubeconfig.as_ref()).await?;
 
-    // One GPU, one owner: wait for the node's owner lock.
+    // One GPU, one owner. The node's mode label first: a node given to
+    // the device plugin is left alone, and its owner lock is not even
+    // tried (holding it would keep the plugin out). Then the lock, tried
+    // every 200 ms; the label is read again every 10 s meanwhile.
     let who = format!("intel-gpu-dra pid {}", std::process::id());
-    let _lock = match &config.owner_lock {
-        Some(path) => {
-            let acquire = OwnerLock::acquire(path, &who, gpu_discovery::owner::POLL, |holder| {
-                let s = format!(
-                    "waiting for the GPU owner lock {}: held by {holder}",
-                    path.display()
-                );
-                tracing::warn!("{s}");
-                set_state(s);
+    let nodes: kube::Api<Node> = kube::Api::all(client.clone());
+    let mut last_holder = None;
+    let mut mode: Option<(std::time::Instant, Option<String>)> = None;
+    let _lock = loop {
+        let stale = mode
+            .as_ref()
+            .is_none_or(|(read, _)| read.elapsed() >= Duration::from_secs(10));
+        if stale {
+            let node = retry("cannot read this node", || async {
+                nodes
+                    .get(&config.node)
+                    .await
+                    .map_err(|e| ops_kit::Chain(&e).to_string())
             });
-            tokio::select! {
-                lock = acquire => Some(lock?),
+            let node = tokio::select! {
+                n = node => n,
                 _ = term.recv() => return Ok(()),
                 _ = int.recv() => return Ok(()),
-            }
+            };
+            let label = node
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(MODE_LABEL))
+                .cloned();
+            mode = Some((std::time::Instant::now(), label));
         }
-        None => None,
-    };
-
-    // The node's mode label: a node given to the device plugin is left
-    // alone.
-    let nodes: kube::Api<Node> = kube::Api::all(client.clone());
-    loop {
-        let node = retry("cannot read this node", || async {
-            nodes
-                .get(&config.node)
-                .await
-                .map_err(|e| ops_kit::Chain(&e).to_string())
-        });
-        let node = tokio::select! {
-            n = node => n,
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-        };
-        let mode = node
-            .metadata
-            .labels
+        let device_plugin = mode
             .as_ref()
-            .and_then(|l| l.get(MODE_LABEL))
-            .cloned();
-        if mode.as_deref() != Some(MODE_DEVICE_PLUGIN) {
-            break;
-        }
-        let s = format!(
-            "node {} has {MODE_LABEL}=device-plugin: its GPUs are the device plugin's",
-            config.node
-        );
-        tracing::warn!("{s}");
-        set_state(s);
+            .is_some_and(|(_, l)| l.as_deref() == Some(MODE_DEVICE_PLUGIN));
+        let wait = if device_plugin {
+            mode = None;
+            let s = format!(
+                "node {} has {MODE_LABEL}={MODE_DEVICE_PLUGIN}: its GPUs are the device plugin's",
+                config.node
+            );
+            tracing::warn!("{s}");
+            set_state(s);
+            Duration::from_secs(10)
+        } else {
+            match &config.owner_lock {
+                None => break None,
+                Some(path) => match OwnerLock::try_acquire(path, &who)? {
+                    Ok(lock) => break Some(lock),
+                    Err(holder) => {
+                        let s = format!(
+                            "waiting for the GPU owner lock {}: held by {holder}",
+                            path.display()
+                        );
+                        if last_holder.as_ref() != Some(&holder) {
+                            tracing::warn!("{s}");
+                            last_holder = Some(holder);
+                        }
+                        set_state(s);
+                        gpu_discovery::owner::POLL
+                    }
+                },
+            }
+        };
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            () = tokio::time::sleep(wait) => {}
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
         }
-    }
+    };
 
     // What the cluster keeps decides the mode.
     let probe = retry("cannot probe the DRA API", || {
@@ -266,6 +279,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         Arc::clone(&current),
     ));
     let endpoint = config.plugin_dir.join("dra.sock");
+    // The devices present, known before the service answers a prepare.
+    let first = Arc::clone(&inventory.borrow_and_update());
+    render(&first, &config, mode, &gpus, &current, &ops)?;
     let server = DraServer::start(
         DraConfig::new(
             driver_name.clone(),
@@ -278,7 +294,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     gpus.restore(server.initial_claims());
     let mut prepared_rx = gpus.watch_prepared();
 
-    let first = Arc::clone(&inventory.borrow_and_update());
+    // Again, with the prepared devices the checkpoint named.
     let (set, health) = render(&first, &config, mode, &gpus, &current, &ops)?;
     let publisher = SlicePublisher::start(
         client.clone(),
@@ -311,8 +327,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             changed = prepared_rx.changed() => {
                 if changed.is_err() { break; }
             }
-            _ = published.changed() => continue,
-            _ = registered.changed() => continue,
+            changed = published.changed() => {
+                if changed.is_err() { bail!("the slice publisher stopped"); }
+                continue;
+            }
+            changed = registered.changed() => {
+                if changed.is_err() { bail!("the registrar stopped"); }
+                continue;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

@@ -235,3 +235,77 @@ fn edits_give_nodes_links_and_render_environment() {
     assert!(!second.contains("RENDER_DEVICE="), "{second}");
     assert!(second.contains("RENDER_DEVICE_1="), "{second}");
 }
+
+#[test]
+fn a_vf_is_never_published_while_its_pf_is_prepared() {
+    let (_dir, _node, config) = node();
+    let mode = Mode {
+        counters: Some(CounterLayout::SameSlice),
+        ..Mode::PLAIN
+    };
+    let prepared: BTreeSet<String> = [PF.to_owned()].into();
+    let p = publish(&inventory(&config), &config, mode, &prepared).unwrap();
+    assert_eq!(vfs(&p), 0, "{:?}", names(&p));
+    assert!(names(&p).contains(&PF.to_owned()));
+    assert!(p.withheld["0000-4d-00-1-0x56c0"].contains("PF is prepared"));
+}
+
+#[test]
+fn with_counters_a_pf_whose_vfs_are_elsewhere_stays_hidden() {
+    let (_dir, node, config) = node();
+    // The VFs lose their driver (given to VMs): none is published here.
+    for card in 2..=5 {
+        node.unbind_driver(card).unwrap();
+    }
+    let mode = Mode {
+        counters: Some(CounterLayout::OwnSlices),
+        ..Mode::PLAIN
+    };
+    let p = publish(&inventory(&config), &config, mode, &BTreeSet::new()).unwrap();
+    assert!(!names(&p).contains(&PF.to_owned()), "{:?}", names(&p));
+    assert!(
+        p.withheld[PF].contains("none is published"),
+        "{:?}",
+        p.withheld
+    );
+}
+
+#[test]
+fn prepare_keeps_a_pf_and_its_vfs_with_one_claim_and_names_a_twice_allocated_device_once() {
+    use dra_api::{Allocated, ClaimRef, Driver};
+    use std::sync::{Arc, RwLock};
+    let (dir, _node, config) = node();
+    let mode = Mode {
+        counters: Some(CounterLayout::SameSlice),
+        shared: true,
+        ..Mode::PLAIN
+    };
+    let p = publish(&inventory(&config), &config, mode, &BTreeSet::new()).unwrap();
+    let current = Arc::new(RwLock::new(p.facts));
+    let driver = intel_gpu_dra::prepare::GpuDriver::new("edge-0", &dir.path().join("cdi"), current);
+    let claim = |uid: &str| ClaimRef {
+        namespace: "default".into(),
+        name: uid.into(),
+        uid: uid.into(),
+    };
+    let on = |device: &str| Allocated {
+        request: "gpu".into(),
+        pool: "edge-0".into(),
+        device: device.into(),
+    };
+    driver
+        .prepare(&claim("a"), &[on("0000-4d-00-2-0x56c0")])
+        .unwrap();
+    let err = driver.prepare(&claim("b"), &[on(PF)]).unwrap_err();
+    assert!(err.0.contains("shares SR-IOV PF"), "{err}");
+    // Another VF of the same PF is fine.
+    driver
+        .prepare(&claim("c"), &[on("0000-4d-00-3-0x56c0")])
+        .unwrap();
+    // A shared B580 twice in one claim: one CDI device, named by both.
+    let twice = driver.prepare(&claim("d"), &[on(B580), on(B580)]).unwrap();
+    assert_eq!(twice[0].cdi_device_ids, twice[1].cdi_device_ids);
+    driver.unprepare(&claim("a"), None).unwrap();
+    driver.unprepare(&claim("c"), None).unwrap();
+    driver.prepare(&claim("b"), &[on(PF)]).unwrap();
+}

@@ -167,10 +167,22 @@ fn bus(id: &str) -> DeviceRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_1_34_with_the_gates_gpus_are_shared_and_sriov_never_double_booked() {
-    let mut s = setup(DraApi::V1_34.with_all_gates()).await;
+    shared_and_sriov(DraApi::V1_34.with_all_gates(), 1).await;
+}
+
+/// 1.35 refuses counter sets beside devices: they go into a slice of their
+/// own, and the rules hold across the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_1_35_with_the_gates_counters_live_in_their_own_slice() {
+    shared_and_sriov(DraApi::V1_35.with_all_gates(), 2).await;
+}
+
+async fn shared_and_sriov(release: DraApi, slices: usize) {
+    let mut s = setup(release).await;
     let _driver = Driver::start(s.dir.path(), &s.node, &[]);
     s.registered().await;
     until("7 devices published", || published(&s.api).len() == 7).await;
+    assert_eq!(s.api.resource_slices().len(), slices, "{release:?}");
     let devices = published(&s.api);
     let pf = device(&devices, PF).unwrap();
     assert_eq!(pf["attributes"]["type"], json!({"string": "gpu"}));
@@ -333,6 +345,14 @@ async fn one_owner_per_node_by_lock_and_by_label() {
         !s.kubelet.view().plugins.contains_key(DRIVER),
         "the label still says device-plugin"
     );
+    // Standing by, it leaves the lock to the device plugin.
+    let plugin_again =
+        OwnerLock::try_acquire(&s.dir.path().join("owner.lock"), "intel-gpu-plugin pid 2").unwrap();
+    assert!(
+        plugin_again.is_ok(),
+        "the DRA driver took the lock on a device-plugin node"
+    );
+    drop(plugin_again);
     s.api
         .set_label(NODE, "admin", "intel.com/gpu-allocation", Some("dra"));
     s.registered().await;

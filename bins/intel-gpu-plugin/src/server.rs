@@ -230,6 +230,8 @@ struct Endpoints {
     stall_limit: Duration,
     /// Set once the first inventory has been planned and served.
     started: Arc<std::sync::atomic::AtomicBool>,
+    /// Who holds the node's GPU owner lock while this plugin waits for it.
+    waiting_for: Arc<RwLock<Option<String>>>,
     ignored_flags: usize,
 }
 
@@ -322,6 +324,16 @@ impl http::Endpoints for Endpoints {
     }
 
     fn ready(&self) -> Result<(), String> {
+        if let Some(holder) = self
+            .waiting_for
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            return Err(format!(
+                "waiting for the node's GPU owner lock, held by {holder}"
+            ));
+        }
         if !self.started.load(std::sync::atomic::Ordering::Relaxed) {
             return Err("starting: the first inventory is not served yet".to_owned());
         }
@@ -346,25 +358,6 @@ impl http::Endpoints for Endpoints {
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let _owner = match &config.owner_lock {
-        Some(path) => {
-            let who = format!("intel-gpu-plugin pid {}", std::process::id());
-            let acquire = gpu_discovery::owner::OwnerLock::acquire(
-                path,
-                &who,
-                gpu_discovery::owner::POLL,
-                |holder| {
-                    tracing::warn!(lock = %path.display(), holder, "the node's GPUs are owned by another process; waiting");
-                },
-            );
-            tokio::select! {
-                lock = acquire => Some(lock?),
-                _ = term.recv() => return Ok(()),
-                _ = int.recv() => return Ok(()),
-            }
-        }
-        None => None,
-    };
     let watcher = Arc::new(
         InventoryWatcher::spawn(WatcherConfig::new(config.discovery.clone()))
             .context("cannot read the GPU inventory")?,
@@ -389,6 +382,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     progress.beat();
     let readings = Arc::new(RwLock::new(BTreeMap::new()));
     let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let waiting_for = Arc::new(RwLock::new(None));
     if let Some(addr) = config.http {
         let listener = http::bind(addr)
             .await
@@ -404,10 +398,41 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             readings: Arc::clone(&readings),
             stall_limit: config.stall_limit,
             started: Arc::clone(&started),
+            waiting_for: Arc::clone(&waiting_for),
             ignored_flags: config.ignored_flags,
         };
         tokio::spawn(http::serve(listener, Arc::new(endpoints)));
     }
+    // One GPU, one owner: nothing is registered until the node's owner
+    // lock is ours. The endpoint is up meanwhile: alive (the watchdog is
+    // fed), not ready, naming the holder.
+    let _owner = match &config.owner_lock {
+        Some(path) => {
+            let who = format!("intel-gpu-plugin pid {}", std::process::id());
+            loop {
+                progress.beat();
+                match gpu_discovery::owner::OwnerLock::try_acquire(path, &who)? {
+                    Ok(lock) => {
+                        *waiting_for.write().unwrap_or_else(PoisonError::into_inner) = None;
+                        break Some(lock);
+                    }
+                    Err(holder) => {
+                        let mut w = waiting_for.write().unwrap_or_else(PoisonError::into_inner);
+                        if w.as_ref() != Some(&holder) {
+                            tracing::warn!(lock = %path.display(), holder, "the node's GPUs are owned by another process; waiting");
+                            *w = Some(holder);
+                        }
+                    }
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(gpu_discovery::owner::POLL) => {}
+                    _ = term.recv() => return Ok(()),
+                    _ = int.recv() => return Ok(()),
+                }
+            }
+        }
+        None => None,
+    };
     let mut state = State {
         options: Arc::new(config.options.clone()),
         cdi,

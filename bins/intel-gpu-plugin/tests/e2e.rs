@@ -933,10 +933,23 @@ async fn nothing_is_served_while_the_dra_driver_owns_the_gpus() {
     let dra = gpu_discovery::owner::OwnerLock::try_acquire(&lock, "intel-gpu-dra pid 7")
         .unwrap()
         .unwrap();
-    let _p = env.start(&["--owner-lock", lock.to_str().unwrap()]);
+    let port = free_port();
+    let _p = env.start(&[
+        "--owner-lock",
+        lock.to_str().unwrap(),
+        "--http-address",
+        &format!("127.0.0.1:{port}"),
+    ]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let v = env.kubelet.view();
     assert_eq!(v.registrations(I915) + v.registrations(XE), 0);
+    // Waiting is alive (no restart by the liveness probe) and not ready,
+    // naming the holder.
+    let (status, _) = http_get(port, "/healthz");
+    assert!(status.contains("200"), "{status}");
+    let (status, body) = http_get(port, "/readyz");
+    assert!(status.contains("503"), "{status}");
+    assert!(body.contains("intel-gpu-dra pid 7"), "{body}");
     drop(dra);
     env.until("both resources once the lock is free", |v| {
         ids(v, I915).len() == 1 && ids(v, XE).len() == 1

@@ -278,11 +278,23 @@ pub(crate) fn allocate(
         return Err(format!("no ResourceClaim {namespace}/{name}"));
     }
     let api = st.dra;
-    if !api.consumable_capacity && requests.iter().any(|r| !r.capacity.is_empty()) {
-        return Err(format!(
-            "claim {namespace}/{name} has capacity requests, but the DRAConsumableCapacity feature is disabled"
-        ));
-    }
+    // With the gate off the API server drops `capacity` from a claim on
+    // write (`dropDisabledDRAResourceClaimConsumableCapacityFields`,
+    // `pkg/registry/resource/resourceclaim/strategy.go`): the request is
+    // allocated as if it asked for none.
+    let dropped: Vec<DeviceRequest>;
+    let requests = if api.consumable_capacity {
+        requests
+    } else {
+        dropped = requests
+            .iter()
+            .map(|r| DeviceRequest {
+                capacity: BTreeMap::new(),
+                ..r.clone()
+            })
+            .collect();
+        &dropped
+    };
     let (candidates, sets) = candidates(st, api);
     let mut usage = Usage::default();
     for (k, claim) in &st.resource_claims {

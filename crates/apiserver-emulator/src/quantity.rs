@@ -10,7 +10,7 @@ pub(crate) type Milli = i128;
 
 /// Parses `text`, or `None` when it is not a quantity.
 pub(crate) fn parse(text: &str) -> Option<Milli> {
-    let t = text.trim();
+    let t = text;
     let (sign, t) = match t.strip_prefix('-') {
         Some(rest) => (-1, rest),
         None => (1, t.strip_prefix('+').unwrap_or(t)),
@@ -55,7 +55,7 @@ pub(crate) fn parse(text: &str) -> Option<Milli> {
     let den = den.checked_mul(10i128.checked_pow(u32::try_from(scale).ok()?)?)?;
     let value = mantissa.checked_mul(num)?;
     // Round up, as the canonical form does for sub-milli fractions.
-    let milli = (value + den - 1) / den;
+    let milli = value.checked_add(den - 1)? / den;
     Some(sign * milli)
 }
 
@@ -95,7 +95,7 @@ mod tests {
         assert_eq!(parse("2k"), Some(2_000_000));
         assert_eq!(parse("1e3"), Some(1_000_000));
         assert_eq!(parse("0.0001"), Some(1), "rounded up");
-        for bad in ["", "Gi", "1X", "1.2.3", "."] {
+        for bad in ["", "Gi", "1X", "1.2.3", ".", " 1", &"9".repeat(45)] {
             assert_eq!(parse(bad), None, "{bad}");
         }
         assert_eq!(format(parse("16Gi").unwrap()), "16Gi");

@@ -638,7 +638,6 @@ impl DeviceSet {
                 if !current.devices.is_empty() {
                     out.push(current);
                 }
-                // Sets no device draws from go with the first slice.
                 let used: BTreeSet<&str> = out
                     .iter()
                     .flat_map(|c| c.counters.iter().map(|s| s.name.as_str()))
@@ -648,11 +647,20 @@ impl DeviceSet {
                     .iter()
                     .filter(|c| !used.contains(c.name.as_str()))
                     .collect();
-                if !idle.is_empty() {
-                    if out.is_empty() {
-                        out.push(Chunk::default());
+                // Sets no device draws from: slices of their own, within
+                // the 32 counters a slice may hold.
+                let mut spare = Chunk::default();
+                let mut n = 0;
+                for c in idle {
+                    if n + c.counters.len() > MAX_COUNTERS_PER_SLICE_1_34 {
+                        out.push(std::mem::take(&mut spare));
+                        n = 0;
                     }
-                    out[0].counters.extend(idle);
+                    n += c.counters.len();
+                    spare.counters.push(c);
+                }
+                if !spare.counters.is_empty() {
+                    out.push(spare);
                 }
             }
         }
@@ -810,18 +818,17 @@ async fn run(
     // known (the slices last written), so the LIST is skipped — a hotplug
     // reaches the API in one request per slice. Timers (the resync) and
     // retries list, and put back what someone else deleted.
+    // The LIST is never older than one resync period, however often sets
+    // change (each change restarts the timer).
     let mut changed_only = false;
+    let mut listed_at: Option<tokio::time::Instant> = None;
     loop {
         let set = Arc::clone(&devices.borrow_and_update());
-        let result = sync(
-            &client,
-            &config,
-            &set,
-            &mut node_uid,
-            &mut last,
-            changed_only,
-        )
-        .await;
+        let fast = changed_only && listed_at.is_some_and(|t| t.elapsed() < config.resync);
+        let result = sync(&client, &config, &set, &mut node_uid, &mut last, fast).await;
+        if result.is_ok() && !fast {
+            listed_at = Some(tokio::time::Instant::now());
+        }
         changed_only = false;
         let wait = match result {
             Ok(()) => {
