@@ -94,19 +94,6 @@ pub fn decide(
     })
 }
 
-async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await?
-        }
-        None => kube::Config::infer().await?,
-    };
-    Ok(kube::Client::try_from(config)?)
-}
-
 /// Retries `f` with backoff until it succeeds or a signal comes.
 async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
 where
@@ -184,7 +171,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         None => None,
     };
     let driver_name = DriverName::new(DRIVER)?;
-    let client = client(config.kubeconfig.as_ref()).await?;
+    let client = dra_api::kube_client(config.kubeconfig.as_deref()).await?;
 
     // One GPU, one owner. The node's mode label first: a node given to
     // the device plugin is left alone, and its owner lock is not even

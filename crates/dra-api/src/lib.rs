@@ -38,6 +38,7 @@ pub mod pb;
 
 pub mod cdi;
 pub mod checkpoint;
+mod client;
 pub mod health;
 mod names;
 mod registrar;
@@ -45,6 +46,7 @@ mod service;
 pub mod slices;
 
 pub use checkpoint::{PreparedClaim, PreparedDevice};
+pub use client::{ClientError, kube_client};
 pub use names::{DraService, DriverName, MAX_DRIVER_NAME, NameError};
 pub use registrar::{
     DRA_PLUGIN_TYPE, REGISTRY_DIR, Registrar, RegistrarConfig, RegistrarError, RegistrationState,

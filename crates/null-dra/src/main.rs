@@ -132,16 +132,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
         .plugin_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("/var/lib/kubelet/plugins").join(driver.as_str())); // tidy: allow-host-path
-    let config = match &a.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await?
-        }
-        None => kube::Config::infer().await?,
-    };
-    let client = kube::Client::try_from(config)?;
+    let client = dra_api::kube_client(a.kubeconfig.as_deref()).await?;
     let devices = DeviceSet::new(
         (0..a.devices)
             .map(|i| {
