@@ -293,6 +293,7 @@ impl Framework {
                 served: Arc::clone(&self.served),
                 resource: resource.clone(),
             }),
+            kubelet_new_since: None,
         };
         let task = tokio::spawn(runtime.run());
         Ok(ResourceHandle {

@@ -39,6 +39,11 @@ pub(crate) struct Runtime<P> {
     /// Releases the resource name when the task ends, however it ends
     /// (taken just before `Stopped` is announced).
     pub(crate) release: Option<Release>,
+    /// When a new kubelet was last noticed (a restart, or its socket
+    /// appearing after an absence): it starts the retry count afresh, and
+    /// while it is starting (its socket bound before it listens) a
+    /// refusal is retried soon.
+    pub(crate) kubelet_new_since: Option<tokio::time::Instant>,
 }
 
 /// Takes the resource name out of the framework's served set on drop: the
@@ -66,6 +71,11 @@ const REREGISTER_SETTLE: Duration = Duration::from_millis(20);
 /// A stream lost sooner than this after registering counts as a failed
 /// attempt: the retries back off instead of looping.
 const STABLE_AFTER: Duration = Duration::from_millis(250);
+/// How long a new kubelet socket counts as starting: a gRPC server binds
+/// its socket before it listens, so a dial in between is refused.
+const KUBELET_STARTING: Duration = Duration::from_secs(1);
+/// The retry interval while the kubelet is starting.
+const STARTING_RETRY: Duration = Duration::from_millis(20);
 
 /// What ended a wait.
 enum Wake {
@@ -143,6 +153,13 @@ impl<P: Plugin> Runtime<P> {
         self.set(RegistrationStatus::Stopped);
     }
 
+    /// A new kubelet: its own start, with the retry count from zero (the
+    /// last one's failures and lost streams say nothing about it).
+    fn new_kubelet(&mut self, attempt: &mut u32) {
+        self.kubelet_new_since = Some(tokio::time::Instant::now());
+        *attempt = 0;
+    }
+
     fn kubelet_socket(&self) -> PathBuf {
         self.config.kubelet_dir.join(KUBELET_SOCKET)
     }
@@ -200,6 +217,7 @@ impl<P: Plugin> Runtime<P> {
                 return;
             }
             ResourceMetrics::inc(&self.metrics.kubelet_restarts);
+            self.new_kubelet(&mut attempt);
             tracing::info!(resource = %self.resource, "kubelet restart noticed; serving a new socket");
         }
     }
@@ -310,11 +328,19 @@ impl<P: Plugin> Runtime<P> {
                 match self.wait(watch, self.config.check_interval, name).await {
                     Wake::Stop => return Registered::Stop,
                     // Looked at again at the top: our socket, the kubelet's.
-                    Wake::Changed | Wake::Timeout => continue,
+                    Wake::Changed | Wake::Timeout => {
+                        if kubelet.exists() {
+                            self.new_kubelet(attempt);
+                        }
+                        continue;
+                    }
                 }
             }
             // Taken before the call: a restart during it is not missed.
             let identity = inode(&kubelet);
+            let starting = self
+                .kubelet_new_since
+                .is_some_and(|since| since.elapsed() < KUBELET_STARTING);
             let delay = match self.register(&kubelet, name).await {
                 Ok(()) => {
                     ResourceMetrics::inc(&self.metrics.registrations);
@@ -339,9 +365,14 @@ impl<P: Plugin> Runtime<P> {
                         attempt: *attempt,
                         error,
                     });
-                    let d = self.config.backoff.delay(*attempt);
-                    *attempt = attempt.saturating_add(1);
-                    Some(d)
+                    if starting {
+                        // Not counted: the kubelet is not listening yet.
+                        Some(STARTING_RETRY)
+                    } else {
+                        let d = self.config.backoff.delay(*attempt);
+                        *attempt = attempt.saturating_add(1);
+                        Some(d)
+                    }
                 }
             };
             match delay {

@@ -804,3 +804,74 @@ async fn a_dropped_handle_frees_its_name_only_after_its_socket_is_gone() {
     );
     second.stop().await;
 }
+
+/// Streams lost right after they open count as failed attempts and back
+/// off; a new kubelet is a fresh start: its first lost stream is attempt
+/// 0 again, not the previous kubelet's count (which had grown to
+/// multi-second delays in soak runs that end streams and restart the
+/// kubelet at short intervals).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_kubelet_starts_the_retry_count_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kubelet = KubeletEmulator::start(dir.path()).await.unwrap();
+    let fw = Framework::new(config(dir.path()).backoff(Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_secs(10),
+    }));
+    let handle = fw
+        .serve(res(RES), Arc::new(Null::default()), list(1))
+        .unwrap();
+    let mut status = handle.watch_status();
+    let attempt_after_a_lost_stream = |status: &mut tokio::sync::watch::Receiver<_>| {
+        let status = status.clone();
+        async move {
+            let mut status = status;
+            let s = tokio::time::timeout(
+                LIMIT,
+                status.wait_for(|s| matches!(s, RegistrationStatus::Retrying { .. })),
+            )
+            .await
+            .unwrap()
+            .unwrap()
+            .clone();
+            match s {
+                RegistrationStatus::Retrying { attempt, .. } => attempt,
+                _ => unreachable!(),
+            }
+        }
+    };
+    let mut last = 0;
+    for round in 1..=4u32 {
+        kubelet
+            .wait_until(LIMIT, |v| {
+                v.registrations(RES) == round && v.is_connected(RES)
+            })
+            .await
+            .unwrap();
+        tokio::time::timeout(LIMIT, status.wait_for(RegistrationStatus::is_registered))
+            .await
+            .unwrap()
+            .unwrap();
+        // Lost at once: unstable.
+        assert!(kubelet.end_stream(RES));
+        last = attempt_after_a_lost_stream(&mut status).await;
+    }
+    assert!(last >= 3, "unstable losses back off: attempt {last}");
+    kubelet
+        .wait_until(LIMIT, |v| v.registrations(RES) == 5 && v.is_connected(RES))
+        .await
+        .unwrap();
+    kubelet.restart().await.unwrap();
+    kubelet
+        .wait_until(LIMIT, |v| v.registrations(RES) == 6 && v.is_connected(RES))
+        .await
+        .unwrap();
+    tokio::time::timeout(LIMIT, status.wait_for(RegistrationStatus::is_registered))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(kubelet.end_stream(RES));
+    let fresh = attempt_after_a_lost_stream(&mut status).await;
+    assert_eq!(fresh, 1, "the new kubelet's first lost stream");
+    handle.stop().await;
+}

@@ -154,7 +154,14 @@ pub(crate) async fn run(
         {
             Ok(_) => {
                 survived += 1;
-                reregister.push(served.elapsed());
+                let took = served.elapsed();
+                if took > Duration::from_millis(100) {
+                    println!(
+                        "plugin: restart {i} ({kind:?}) re-registered after {:.1} ms",
+                        took.as_secs_f64() * 1000.0
+                    );
+                }
+                reregister.push(took);
             }
             Err(e) => failures.push(format!(
                 "plugin: restart {i} ({kind:?}) not survived: {}",
