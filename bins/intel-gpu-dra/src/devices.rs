@@ -144,10 +144,10 @@ fn withheld_reason(config: &DiscoveryConfig, gpu: &Gpu, mode: Mode) -> Option<St
     }
 }
 
-/// The devices of `inventory` as `mode` publishes them. `gone` names
-/// devices prepared for a claim that are not published now (left the
-/// node, or withheld): they stay listed, tainted NoExecute (with taints
-/// on), so the pods using them are evicted, until unprepared.
+/// The devices of `inventory` as `mode` publishes them. `prepared` names
+/// the devices prepared for some claim: one of them that is not published
+/// now (left the node, or withheld) stays listed, tainted NoExecute (with
+/// taints on), so the pods using it are evicted, until unprepared.
 ///
 /// # Errors
 /// When the API would refuse the set (a bug, reported rather than
@@ -166,6 +166,13 @@ pub fn publish(
         .iter()
         .map(|g| (g.pci_address.as_str(), g))
         .collect();
+    // A VF's PF, when sysfs names one that is on the node.
+    let pf_of = |g: &Gpu| -> Option<&Gpu> {
+        g.sriov
+            .physfn
+            .as_deref()
+            .and_then(|a| by_address.get(a).copied())
+    };
     let candidates: Vec<&Gpu> = inventory
         .gpus
         .iter()
@@ -176,11 +183,7 @@ pub fn publish(
             if why.is_none()
                 && mode.counters.is_some()
                 && g.sriov.role == SriovRole::Vf
-                && g.sriov
-                    .physfn
-                    .as_deref()
-                    .and_then(|a| by_address.get(a))
-                    .is_none()
+                && pf_of(g).is_none()
             {
                 why = Some(
                     "SR-IOV VF whose PF cannot be resolved: it cannot draw from the PF's counters"
@@ -200,11 +203,7 @@ pub fn publish(
         .copied()
         .filter(|g| {
             let pf_prepared = g.sriov.role == SriovRole::Vf
-                && g.sriov
-                    .physfn
-                    .as_deref()
-                    .and_then(|a| by_address.get(a))
-                    .is_some_and(|pf| prepared.contains(&device_name(pf)));
+                && pf_of(g).is_some_and(|pf| prepared.contains(&device_name(pf)));
             let why = if pf_prepared {
                 // Whatever the mode, a VF is never handed out while its
                 // PF is in use.
@@ -295,7 +294,7 @@ pub fn publish(
         let mut draws = None;
         if mode.counters.is_some() {
             if vf {
-                if let Some(pf) = gpu.sriov.physfn.as_deref().and_then(|a| by_address.get(a)) {
+                if let Some(pf) = pf_of(gpu) {
                     let set = device_name(pf);
                     sets.entry(set.clone()).or_default();
                     draws = Some((set, 1));
@@ -321,6 +320,7 @@ pub fn publish(
                 "1000",
                 millicores_policy(),
             );
+            // The policy needs `min + step` (128Mi) within the capacity.
             if let Some(bytes) = gpu.vram_bytes.filter(|b| *b >= 128 << 20) {
                 d = d.consumable("memory", &format!("{}Mi", bytes >> 20), memory_policy());
             }
@@ -351,12 +351,7 @@ pub fn publish(
             .find(|n| n.kind == gpu_discovery::NodeKind::Render)
             .map(|n| n.host_path.clone());
         let family = match gpu.sriov.role {
-            SriovRole::Vf => gpu
-                .sriov
-                .physfn
-                .as_deref()
-                .and_then(|a| by_address.get(a))
-                .map(|pf| device_name(pf)),
+            SriovRole::Vf => pf_of(gpu).map(device_name),
             SriovRole::Pf if !gpu.sriov.vfs.is_empty() => Some(name.clone()),
             _ => None,
         };

@@ -189,10 +189,12 @@ impl Driver for GpuDriver {
                 distinct.push((d.device.as_str(), edits(facts, distinct.len())));
             }
         }
-        let ids = self
-            .cdi
-            .write(&claim.uid, &distinct)
-            .map_err(|e| DriverError(format!("could not write the CDI spec: {e}")))?;
+        let ids = self.cdi.write(&claim.uid, &distinct).map_err(|e| {
+            DriverError(format!(
+                "could not write the CDI spec: {}",
+                ops_kit::Chain(&e)
+            ))
+        })?;
         for d in devices {
             map.entry(d.device.clone())
                 .or_default()
@@ -222,9 +224,12 @@ impl Driver for GpuDriver {
     fn unprepare(&self, claim: &ClaimRef, _: Option<&PreparedClaim>) -> Result<(), DriverError> {
         // By the claim's UID: exactly what its prepare wrote, with or
         // without a record.
-        self.cdi
-            .remove(&claim.uid)
-            .map_err(|e| DriverError(format!("could not remove the CDI spec: {e}")))?;
+        self.cdi.remove(&claim.uid).map_err(|e| {
+            DriverError(format!(
+                "could not remove the CDI spec: {}",
+                ops_kit::Chain(&e)
+            ))
+        })?;
         let mut map = self.lock();
         map.retain(|_, uids| {
             uids.remove(&claim.uid);

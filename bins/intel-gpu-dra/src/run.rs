@@ -14,6 +14,7 @@ use dra_api::{DraConfig, DraServer, DriverName, KubeClaims, Registrar, Registrar
 use gpu_discovery::owner::{MODE_DEVICE_PLUGIN, MODE_LABEL, OwnerLock};
 use gpu_discovery::{DiscoveryConfig, Inventory, InventoryWatcher, WatcherConfig};
 use k8s_openapi::api::core::v1::Node;
+use ops_kit::prometheus::{Kind, Text};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::{Sharing, Sriov, Taints};
@@ -94,7 +95,8 @@ pub fn decide(
     })
 }
 
-/// Retries `f` with backoff until it succeeds or a signal comes.
+/// Retries `f` with backoff until it succeeds (callers race it against
+/// the signals).
 async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -126,11 +128,20 @@ struct Ops {
 
 impl ops_http::Endpoints for Ops {
     fn metrics(&self) -> String {
-        format!(
-            "# HELP intel_gpu_dra_devices Devices published.\n# TYPE intel_gpu_dra_devices gauge\nintel_gpu_dra_devices {}\n# HELP intel_gpu_dra_prepared_devices Devices prepared for a claim.\n# TYPE intel_gpu_dra_prepared_devices gauge\nintel_gpu_dra_prepared_devices {}\n",
+        let mut text = Text::new();
+        text.single(
+            "intel_gpu_dra_devices",
+            Kind::Gauge,
+            "Devices published.",
             self.devices.load(Ordering::Relaxed),
-            self.prepared.load(Ordering::Relaxed)
         )
+        .single(
+            "intel_gpu_dra_prepared_devices",
+            Kind::Gauge,
+            "Devices prepared for a claim.",
+            self.prepared.load(Ordering::Relaxed),
+        );
+        text.finish()
     }
 
     fn ready(&self) -> Result<(), String> {
@@ -246,7 +257,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     // What the cluster keeps decides the mode.
     let probe = retry("cannot probe the DRA API", || {
-        probe_once(&client, &driver_name, &config.node)
+        dra_api::slices::probe_features(&client, &driver_name, &config.node)
     });
     let features = tokio::select! {
         f = probe => f,
@@ -344,14 +355,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn probe_once(
-    client: &kube::Client,
-    driver: &DriverName,
-    node: &str,
-) -> Result<Features, String> {
-    dra_api::slices::probe_features(client, driver, node).await
-}
-
 /// Publishes the inventory: the device set for the slices, the facts for
 /// prepare, the health for the kubelet.
 fn render(
@@ -372,7 +375,8 @@ fn render(
         .devices()
         .iter()
         .map(|d| {
-            let bad = !d.taints().is_empty() || out.withheld.contains_key(d.name());
+            // Published devices are unhealthy exactly when tainted.
+            let bad = !d.taints().is_empty();
             HealthEntry {
                 pool: config.node.clone(),
                 device: d.name().to_owned(),

@@ -399,7 +399,12 @@ fn fits(
     if c.driver != req.driver || !req.attributes.iter().all(|(a, v)| d["attributes"][a] == *v) {
         return None;
     }
-    if api.device_taints && d["taints"].as_array().is_some_and(|t| !t.is_empty()) {
+    // `taintPreventsAllocation`: any taint but effect `None` (1.35).
+    if api.device_taints
+        && d["taints"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["effect"] != "None"))
+    {
         return None;
     }
     if d["consumesCounters"].is_array() && !api.partitionable_devices {

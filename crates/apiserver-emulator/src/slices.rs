@@ -4,10 +4,15 @@
 //! validation a DRA driver's slices must pass (`pkg/apis/resource/
 //! validation/validation.go` limits, 1.34: at most 128 devices, device
 //! names DNS labels unique in the slice, at most 32 attributes and
-//! capacities per device, string attributes at most 64 characters, at most
-//! 4 taints with effect `NoSchedule` or `NoExecute`, exactly one of
-//! `nodeName`, `nodeSelector`, `allNodes`, `perDeviceNodeSelection`, a
-//! positive `resourceSliceCount`).
+//! capacities per device, string attributes at most 64 bytes, at most
+//! 4 taints with effect `NoSchedule` or `NoExecute` (16, and `None`, from
+//! 1.35), exactly one of `nodeName`, `nodeSelector`, `allNodes`,
+//! `perDeviceNodeSelection`, a positive `resourceSliceCount`; on update
+//! `driver`, `pool.name` and `nodeName` immutable), with `field.Error`'s
+//! messages. DELETE answers a success Status, not the object
+//! (`Store.finalizeDelete`: ResourceSlices do not return deleted objects).
+//! Not checked: qualified attribute names, per-device and per-slice
+//! counter-consumption totals.
 //!
 //! By release and feature gate ([`crate::DraApi`]), as
 //! `pkg/registry/resource/resourceslice/strategy.go` and
@@ -47,9 +52,31 @@ fn dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// The validation errors of a slice's spec, empty when it is valid.
-pub(crate) fn validate(spec: &Value, api: DraApi) -> Vec<String> {
+/// The validation errors of a slice's spec (`old`: the stored one, for an
+/// update), empty when it is valid. Messages are `field.Error`'s:
+/// `<path>: Invalid value: …`, `Duplicate value: …`.
+pub(crate) fn validate(spec: &Value, old: Option<&Value>, api: DraApi) -> Vec<String> {
     let mut errors = Vec::new();
+    // `validateResourceSliceUpdate`: driver, pool name and node name are
+    // immutable.
+    if let Some(old) = old {
+        for (path, field) in [
+            ("spec.driver", &spec["driver"]),
+            ("spec.pool.name", &spec["pool"]["name"]),
+            ("spec.nodeName", &spec["nodeName"]),
+        ] {
+            let was = match path {
+                "spec.driver" => &old["driver"],
+                "spec.pool.name" => &old["pool"]["name"],
+                _ => &old["nodeName"],
+            };
+            if field != was {
+                errors.push(format!(
+                    "{path}: Invalid value: {field}: field is immutable"
+                ));
+            }
+        }
+    }
     let counter_sets = spec["sharedCounters"]
         .as_array()
         .cloned()
@@ -85,7 +112,7 @@ pub(crate) fn validate(spec: &Value, api: DraApi) -> Vec<String> {
     let max = if api.minor >= 35 && limited { 64 } else { 128 };
     if devices.len() > max {
         errors.push(format!(
-            "spec.devices: must have at most {max} items, has {}",
+            "spec.devices: Too many: {}: must have at most {max} items",
             devices.len()
         ));
     }
@@ -99,7 +126,7 @@ pub(crate) fn validate(spec: &Value, api: DraApi) -> Vec<String> {
             ));
         }
         if !names.insert(name.to_owned()) {
-            errors.push(format!("spec.devices[{i}].name: {name:?} is a duplicate"));
+            errors.push(format!("spec.devices[{i}].name: Duplicate value: {name:?}"));
         }
         let attributes = d["attributes"].as_object().map_or(0, serde_json::Map::len);
         let capacity = d["capacity"].as_object().map_or(0, serde_json::Map::len);
@@ -119,24 +146,33 @@ pub(crate) fn validate(spec: &Value, api: DraApi) -> Vec<String> {
                     "spec.devices[{i}].attributes[{key}]: exactly one of int, bool, string, version"
                 ));
             }
-            if value["string"]
-                .as_str()
-                .is_some_and(|s| s.chars().count() > 64)
-            {
+            // `len(...)` in Go: bytes, not characters.
+            if value["string"].as_str().is_some_and(|s| s.len() > 64) {
                 errors.push(format!(
-                    "spec.devices[{i}].attributes[{key}].string: at most 64 characters"
+                    "spec.devices[{i}].attributes[{key}].string: Too long: may not be more than 64 bytes"
                 ));
             }
         }
         errors.extend(validate_capacity(i, d));
         let taints = d["taints"].as_array().cloned().unwrap_or_default();
-        if taints.len() > 4 {
-            errors.push(format!("spec.devices[{i}].taints: at most 4"));
+        // `DeviceTaintsMaxLength`: 4 in 1.34, 16 from 1.35, which also
+        // adds the effect `None`.
+        let max_taints = if api.minor >= 35 { 16 } else { 4 };
+        if taints.len() > max_taints {
+            errors.push(format!(
+                "spec.devices[{i}].taints: Too many: {}: must have at most {max_taints} items",
+                taints.len()
+            ));
         }
-        for t in &taints {
-            if !matches!(t["effect"].as_str(), Some("NoSchedule" | "NoExecute")) {
+        for (j, t) in taints.iter().enumerate() {
+            let ok = match t["effect"].as_str() {
+                Some("NoSchedule" | "NoExecute") => true,
+                Some("None") => api.minor >= 35,
+                _ => false,
+            };
+            if !ok {
                 errors.push(format!(
-                    "spec.devices[{i}].taints: effect {} is not NoSchedule or NoExecute",
+                    "spec.devices[{i}].taints[{j}].effect: Unsupported value: {}",
                     t["effect"]
                 ));
             }
@@ -158,7 +194,7 @@ fn validate_counters(spec: &Value, sets: &[Value], api: DraApi) -> Vec<String> {
         }
         if sets.len() > 8 {
             errors.push(format!(
-                "spec.sharedCounters: must have at most 8 items, has {}",
+                "spec.sharedCounters: Too many: {}: must have at most 8 items",
                 sets.len()
             ));
         }
@@ -332,7 +368,11 @@ fn drop_disabled(spec: &mut Value, old: Option<&Value>, api: DraApi) {
     }
     let old_partitions = old.is_some_and(|o| {
         o.get("sharedCounters").is_some() || o.get("perDeviceNodeSelection").is_some()
-    }) || old_uses(&|d| d.get("consumesCounters").is_some());
+    }) || old_uses(&|d| {
+        ["consumesCounters", "nodeName", "nodeSelector", "allNodes"]
+            .iter()
+            .any(|f| d.get(*f).is_some())
+    });
     if !api.partitionable_devices && !old_partitions {
         if let Some(o) = spec.as_object_mut() {
             o.remove("sharedCounters");
@@ -357,7 +397,11 @@ fn drop_disabled(spec: &mut Value, old: Option<&Value>, api: DraApi) {
 
 /// `PATCH /apis/resource.k8s.io/v1/resourceslices/{name}` with
 /// `application/apply-patch+yaml`: created when missing (a new UID),
-/// otherwise its spec and owners replaced.
+/// otherwise its spec and owners replaced. Merge patches get 415: an
+/// emulator limit (the real server takes them). Every apply is a new
+/// resourceVersion, even one that changes nothing (the real server keeps
+/// it then): a driver that reapplies the same slice sees extra events here,
+/// never fewer.
 pub(crate) fn apply(shared: &Shared, req: &Request, name: &str) -> (u16, Value) {
     let is_apply = req
         .headers
@@ -389,60 +433,56 @@ pub(crate) fn apply(shared: &Shared, req: &Request, name: &str) -> (u16, Value) 
         );
     }
     let dry_run = req.query("dryRun").is_some_and(|d| d == "All");
-    let api = {
+    let (api, old) = {
         let st = shared.lock();
         let old = st.resource_slices.get(name).map(|o| o["spec"].clone());
         drop_disabled(&mut body["spec"], old.as_ref(), st.dra);
-        st.dra
+        (st.dra, old)
     };
-    let errors = validate(&body["spec"], api);
+    let errors = validate(&body["spec"], old.as_ref(), api);
     if !errors.is_empty() {
+        // `field.ErrorList.ToAggregate`: one error as it is, several in
+        // brackets.
+        let list = if let [one] = errors.as_slice() {
+            one.clone()
+        } else {
+            format!("[{}]", errors.join(", "))
+        };
         return (
             422,
             status(
                 422,
                 "Invalid",
-                &format!(
-                    "ResourceSlice.resource.k8s.io \"{name}\" is invalid: {}",
-                    errors.join("; ")
-                ),
+                &format!("ResourceSlice.resource.k8s.io \"{name}\" is invalid: {list}"),
             ),
         );
     }
     let out = {
         let mut st = shared.lock();
-        let created = !st.resource_slices.contains_key(name);
-        let rv = if dry_run { st.next_rv } else { st.bump() };
-        let uid = if created && dry_run {
-            String::new()
-        } else if created {
-            st.next_uid += 1;
-            format!("00000000-0000-4000-8000-{:012x}", st.next_uid)
-        } else {
-            st.resource_slices[name]["metadata"]["uid"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned()
+        let existing = st.resource_slices.get(name).map(|o| o["metadata"].clone());
+        // A dry run answers what would be stored (`registry/dryrun.go`):
+        // a create gets a uid and no resourceVersion, an update keeps the
+        // stored one.
+        let rv = match (&existing, dry_run) {
+            (_, false) => st.bump().to_string(),
+            (Some(m), true) => m["resourceVersion"].as_str().unwrap_or_default().to_owned(),
+            (None, true) => String::new(),
         };
-        if !created && st.resource_slices[name]["spec"]["driver"] != body["spec"]["driver"] {
-            return (
-                422,
-                status(
-                    422,
-                    "Invalid",
-                    &format!(
-                        "ResourceSlice.resource.k8s.io \"{name}\" is invalid: spec.driver: field is immutable"
-                    ),
-                ),
-            );
-        }
+        let created = existing.is_none();
+        let uid = match &existing {
+            Some(m) => m["uid"].as_str().unwrap_or_default().to_owned(),
+            None => {
+                st.next_uid += 1;
+                format!("00000000-0000-4000-8000-{:012x}", st.next_uid)
+            }
+        };
         let obj = json!({
             "apiVersion": "resource.k8s.io/v1",
             "kind": "ResourceSlice",
             "metadata": {
                 "name": name,
                 "uid": uid,
-                "resourceVersion": rv.to_string(),
+                "resourceVersion": rv,
                 "ownerReferences": body["metadata"]["ownerReferences"].clone(),
             },
             "spec": body["spec"].clone(),
@@ -530,20 +570,37 @@ pub(crate) fn delete(shared: &Shared, req: &Request, name: &str) -> (u16, Value)
                 ),
             );
         };
+        let have = existing["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         if let Some(want) = body["preconditions"]["uid"].as_str()
-            && existing["metadata"]["uid"].as_str() != Some(want)
+            && have != want
         {
             return (
                 409,
                 status(
                     409,
                     "Conflict",
-                    &format!("Precondition failed: UID in precondition: {want}"),
+                    &format!(
+                        "Operation cannot be fulfilled on resourceslices.resource.k8s.io \"{name}\": Precondition failed: UID in precondition: {want}, UID in object meta: {have}"
+                    ),
                 ),
             );
         }
-        let removed = st.resource_slices.remove(name).unwrap_or(Value::Null);
-        (200, removed)
+        st.resource_slices.remove(name);
+        // ResourceSlice storage does not return the deleted object: the
+        // answer is a success Status (`Store.finalizeDelete`).
+        (
+            200,
+            json!({
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Success",
+                "details": {"name": name, "group": "resource.k8s.io", "kind": "resourceslices", "uid": have},
+            }),
+        )
     };
     shared.notify();
     out

@@ -319,7 +319,13 @@ async fn resource_slices_are_validated_selected_and_deleted() {
     dup["spec"]["devices"][1]["name"] = json!("d0");
     let (code, s) = call(&api, "PATCH", &path("c"), APPLY, &dup).await;
     assert_eq!(code, 422);
-    assert!(s["message"].as_str().unwrap().contains("duplicate"), "{s}");
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap()
+            .contains(r#"spec.devices[1].name: Duplicate value: "d0""#),
+        "{s}"
+    );
     let (code, list) = call(
         &api,
         "GET",

@@ -875,3 +875,47 @@ async fn a_new_kubelet_starts_the_retry_count_afresh() {
     assert_eq!(fresh, 1, "the new kubelet's first lost stream");
     handle.stop().await;
 }
+
+/// A new kubelet binds its socket before it listens: a dial in between is
+/// refused. While a new kubelet is starting, refusals are retried every
+/// 20 ms and not counted, instead of waiting out the backoff (2 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_kubelet_that_refuses_is_retried_soon() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kubelet = KubeletEmulator::start(dir.path()).await.unwrap();
+    let fw = Framework::new(config(dir.path()).backoff(Backoff {
+        initial: Duration::from_secs(2),
+        max: Duration::from_secs(2),
+    }));
+    let handle = fw
+        .serve(res(RES), Arc::new(Null::default()), list(1))
+        .unwrap();
+    registered(&handle).await;
+    kubelet.stop().await;
+    // A new kubelet cleans the directory (`CleanupPluginDirectory`), then
+    // its socket exists but does not listen yet.
+    for e in std::fs::read_dir(dir.path()).unwrap().flatten() {
+        if e.file_name().to_string_lossy().ends_with(".sock") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    drop(std::os::unix::net::UnixListener::bind(dir.path().join(KUBELET_SOCKET)).unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let failures = handle.metrics().registration_failures();
+    assert!(
+        failures >= 3,
+        "{failures} refused dials in 300 ms: the 2 s backoff was waited out"
+    );
+    assert!(
+        matches!(
+            handle.status(),
+            RegistrationStatus::Retrying { attempt: 0, .. }
+        ),
+        "{:?}: a starting kubelet's refusals are not counted",
+        handle.status()
+    );
+    // It listens: registered.
+    kubelet.resume().await.unwrap();
+    registered(&handle).await;
+    handle.stop().await;
+}

@@ -35,14 +35,15 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, Clie
                 path: path.to_owned(),
                 reason,
             };
-            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| bad(e.to_string()))?;
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| bad(ops_kit::Chain(&e).to_string()))?;
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
-                .map_err(|e| bad(e.to_string()))?
+                .map_err(|e| bad(ops_kit::Chain(&e).to_string()))?
         }
         None => kube::Config::infer()
             .await
-            .map_err(|e| ClientError::NoConfig(e.to_string()))?,
+            .map_err(|e| ClientError::NoConfig(ops_kit::Chain(&e).to_string()))?,
     };
-    kube::Client::try_from(config).map_err(|e| ClientError::Build(e.to_string()))
+    kube::Client::try_from(config).map_err(|e| ClientError::Build(ops_kit::Chain(&e).to_string()))
 }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use devplugin_api::MAX_SOCKET_PATH;
 use dir_watch::{DirWatch, Mask};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
@@ -29,8 +30,6 @@ use crate::pb::pluginregistration as reg;
 pub const REGISTRY_DIR: &str = "/var/lib/kubelet/plugins_registry"; // tidy: allow-host-path
 /// `PluginInfo.type` of a DRA driver.
 pub const DRA_PLUGIN_TYPE: &str = "DRAPlugin";
-/// The longest socket path (`sun_path` holds 108 bytes with the NUL).
-const MAX_SOCKET_PATH: usize = 107;
 /// How often the socket's presence is checked besides inotify.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 
@@ -291,16 +290,21 @@ async fn run(
     let socket = config.registry_dir.join(&name);
     let _ = std::fs::create_dir_all(&config.registry_dir);
     remove_stale(&config.registry_dir, &config.driver).await;
-    let mut watch = DirWatch::new().and_then(|mut w| {
+    let mut watch = match DirWatch::new().and_then(|mut w| {
         w.add(
             &config.registry_dir,
             Mask::IN_DELETE | Mask::IN_MOVED_FROM | Mask::IN_CREATE | Mask::IN_MOVED_TO,
         )
         .map(|_| w)
-    });
-    if let Err(error) = &watch {
-        tracing::warn!(dir = %config.registry_dir.display(), %error, "cannot watch the registration directory; checking it every {CHECK_EVERY:?}");
-    }
+    }) {
+        Ok(w) => Some(w),
+        Err(error) => {
+            tracing::warn!(dir = %config.registry_dir.display(), %error, "cannot watch the registration directory; checking it every {CHECK_EVERY:?}");
+            None
+        }
+    };
+    // The socket this task last served, to remove on the way out.
+    let mut served = None;
     let mut attempt = 0u32;
     loop {
         if *stop.borrow() {
@@ -323,7 +327,7 @@ async fn run(
             }
         };
         attempt = 0;
-        let served = identity(&socket);
+        served = identity(&socket);
         status.send_replace(RegistrationState::Waiting);
         let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
         let service = Service {
@@ -340,21 +344,23 @@ async fn run(
         // Until stopped or the socket is gone (deleted, or replaced by
         // someone else's file).
         let stopped = loop {
-            let woke = match &mut watch {
-                Ok(w) => tokio::select! {
-                    _ = stop.wait_for(|s| *s) => true,
-                    () = tokio::time::sleep(CHECK_EVERY) => false,
-                    events = w.next() => {
-                        if events.is_err() {
-                            tracing::warn!("the registration directory's watch failed; checking it every {CHECK_EVERY:?}");
-                        }
-                        false
+            let events = async {
+                match &mut watch {
+                    Some(w) => w.next().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let woke = tokio::select! {
+                _ = stop.wait_for(|s| *s) => true,
+                () = tokio::time::sleep(CHECK_EVERY) => false,
+                ok = events => {
+                    if !ok {
+                        // A failed watch fails again at once: drop it.
+                        tracing::warn!("the registration directory's watch failed; checking it every {CHECK_EVERY:?}");
+                        watch = None;
                     }
-                },
-                Err(_) => tokio::select! {
-                    _ = stop.wait_for(|s| *s) => true,
-                    () = tokio::time::sleep(CHECK_EVERY) => false,
-                },
+                    false
+                }
             };
             if woke {
                 break true;
@@ -378,7 +384,7 @@ async fn run(
         status.send_replace(RegistrationState::Starting);
     }
     // Ours only: a socket someone else put at the path since is theirs.
-    if identity(&socket).is_some() {
+    if served.is_some() && identity(&socket) == served {
         let _ = std::fs::remove_file(&socket);
     }
     status.send_replace(RegistrationState::Stopped);

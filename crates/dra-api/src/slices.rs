@@ -38,7 +38,7 @@ pub enum Attribute {
     Int(i64),
     /// `bool`.
     Bool(bool),
-    /// `string`, at most 64 characters.
+    /// `string`, at most 64 bytes.
     String(String),
     /// `version`, semantic versioning 2.0.0.
     Version(String),
@@ -337,10 +337,11 @@ impl SliceDevice {
             return bad(format!("{n} attributes and capacities, at most 32"));
         }
         for (k, v) in &self.attributes {
+            // The API counts bytes (Go's `len`), not characters.
             if let Attribute::String(s) | Attribute::Version(s) = v
-                && s.chars().count() > 64
+                && s.len() > 64
             {
-                return bad(format!("attribute {k} is longer than 64 characters"));
+                return bad(format!("attribute {k} is longer than 64 bytes"));
             }
         }
         if self.taints.len() > 4 {

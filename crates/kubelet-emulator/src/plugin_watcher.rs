@@ -15,9 +15,10 @@
 //!   with `NotifyRegistrationStatus` (5 s), with the kubelet's error texts
 //!   (`operationexecutor/operation_generator.go`); a failed attempt is
 //!   retried with a backoff doubling from 500 ms (`goroutinemap`'s
-//!   exponential backoff; the cap of 2 min 2 s is not reached here);
-//! - the DRA handler exists from 1.32 (before, the DRA plugin type has no
-//!   handler); 1.32–1.33 take `v1beta1.DRAPlugin` when listed, whatever the
+//!   exponential backoff, capped at 2 min 2 s);
+//! - the DRA handler is emulated from 1.32 (1.26–1.31 had one behind the
+//!   DynamicResourceAllocation gate, off by default; the emulated 1.24 and
+//!   1.25 have none); 1.32–1.33 take `v1beta1.DRAPlugin` when listed, whatever the
 //!   order, and fall back to the removed v1alpha4 otherwise; 1.34+ take the
 //!   first listed service they know (`v1.DRAPlugin`, `v1beta1.DRAPlugin`)
 //!   and refuse when none is (`dra_plugin_manager.go`, `dra_plugin.go`);
@@ -48,6 +49,8 @@ const GET_INFO_TIMEOUT: Duration = Duration::from_secs(1);
 const NOTIFY_TIMEOUT: Duration = Duration::from_secs(5);
 /// `goroutinemap/exponentialbackoff`: the first delay after a failure.
 const FIRST_RETRY: Duration = Duration::from_millis(500);
+/// `goroutinemap/exponentialbackoff`'s `maxDurationBeforeRetry`.
+const MAX_RETRY: Duration = Duration::from_secs(122);
 
 /// The DRA services a kubelet of each version knows, in its own terms.
 const V1: &str = "v1.DRAPlugin";
@@ -587,7 +590,9 @@ async fn run(
                     );
                 }
                 None => {
-                    let delay = backoff.get(path).map_or(FIRST_RETRY, |(_, d)| *d * 2);
+                    let delay = backoff
+                        .get(path)
+                        .map_or(FIRST_RETRY, |(_, d)| (*d * 2).min(MAX_RETRY));
                     backoff.insert(path.clone(), (tokio::time::Instant::now() + delay, delay));
                 }
             }
@@ -688,9 +693,9 @@ async fn register(path: &Path, version: KubeletVersion, shared: &Shared) -> Opti
         }),
     )
     .await;
-    // A refusal is a verdict: the kubelet does not ask again until the
-    // socket changes (it is in the actual state only when registered; a
-    // refused socket is retried with backoff, as a failed operation).
+    // A refused socket is not in the actual state (only registered ones
+    // are): the reconciler tries it again, with backoff, as any failed
+    // operation.
     verdict.ok().map(|_| info.name)
 }
 

@@ -102,10 +102,12 @@ impl Driver for Null {
                 (d.device.as_str(), edits)
             })
             .collect();
-        let ids = self
-            .cdi
-            .write(&claim.uid, &edits)
-            .map_err(|e| DriverError(format!("could not write the CDI spec: {e}")))?;
+        let ids = self.cdi.write(&claim.uid, &edits).map_err(|e| {
+            DriverError(format!(
+                "could not write the CDI spec: {}",
+                ops_kit::Chain(&e)
+            ))
+        })?;
         Ok(devices
             .iter()
             .zip(ids)
@@ -120,9 +122,12 @@ impl Driver for Null {
 
     fn unprepare(&self, claim: &ClaimRef, _: Option<&PreparedClaim>) -> Result<(), DriverError> {
         // By the claim's UID: works without a record too.
-        self.cdi
-            .remove(&claim.uid)
-            .map_err(|e| DriverError(format!("could not remove the CDI spec: {e}")))
+        self.cdi.remove(&claim.uid).map_err(|e| {
+            DriverError(format!(
+                "could not remove the CDI spec: {}",
+                ops_kit::Chain(&e)
+            ))
+        })
     }
 }
 
@@ -152,9 +157,8 @@ async fn run(a: Args) -> anyhow::Result<()> {
         devices,
     );
     let endpoint = plugin_dir.join("dra.sock");
-    let null = Null {
-        cdi: ClaimSpecs::new(&a.cdi_dir, CDI_KIND, &format!("{driver}-claim_")),
-    };
+    let cdi = ClaimSpecs::new(&a.cdi_dir, CDI_KIND, &format!("{driver}-claim_"));
+    let null = Null { cdi: cdi.clone() };
     let server = DraServer::start(
         DraConfig::new(
             driver.clone(),
@@ -164,6 +168,15 @@ async fn run(a: Args) -> anyhow::Result<()> {
         Arc::new(null),
         Arc::new(KubeClaims::new(client)),
     )?;
+    // Specs of claims the checkpoint does not hold (a prepare killed
+    // before its record) are nobody's: removed before the kubelet calls.
+    match cdi.retain(server.initial_claims().keys()) {
+        Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "stale CDI specs removed"),
+        Ok(_) => {}
+        Err(error) => {
+            tracing::warn!(error = %ops_kit::Chain(&error), "could not tidy the CDI directory")
+        }
+    }
     let registrar = Registrar::start(RegistrarConfig::new(driver, &a.registry_dir, &endpoint))?;
     tracing::info!(endpoint = %endpoint.display(), "serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

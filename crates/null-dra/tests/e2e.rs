@@ -140,12 +140,20 @@ async fn registers_publishes_prepares_and_survives_restarts() {
             .await
             .unwrap();
         api.delete_resource_claim("default", "pod-gpu");
+        // A spec no checkpointed claim owns (a prepare killed before its
+        // record): removed at start; the prepared claim's stays.
+        let stale = dir
+            .path()
+            .join(format!("cdi/{DRIVER}-claim_stale-uid.json"));
+        std::fs::write(&stale, "{}").unwrap();
         let _driver = Driver::start(dir.path());
         kubelet
             .wait_until(LIMIT, |v| v.plugins.contains_key(DRIVER))
             .await
             .unwrap();
         until("slices put back", || !api.resource_slices().is_empty()).await;
+        assert!(!stale.exists(), "the stale spec is removed");
+        assert!(spec.exists(), "the prepared claim's spec stays");
         let done = kubelet
             .unprepare(DRIVER, std::slice::from_ref(&claim))
             .await
