@@ -4,15 +4,14 @@
 //! A [`Spec`] holds the devices of one kind (`vendor/class`);
 //! [`Spec::to_json`] renders it with the lowest `cdiVersion` whose features
 //! it uses (runtimes refuse a spec that claims less). [`SpecDir`] writes
-//! specs atomically (a temporary file whose name does not end in `.yaml` or
-//! `.json`, then a rename; mode 0644) and removes the specs it owns that are
+//! specs with `ops_kit::fs::write_atomic` (a random temporary name that
+//! ends in `.tmp`, so runtimes skip it, created without following a link
+//! planted in the shared directory, then a rename; mode 0644) and removes the specs it owns that are
 //! no longer wanted. Specs are never deleted on shutdown: running containers
 //! and checkpointed allocations still name them. JSON is valid YAML, so a
 //! spec may be written under a `.yaml` name.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -220,10 +219,22 @@ pub enum CdiError {
         #[source]
         source: std::io::Error,
     },
+    /// Writing a spec failed (the old one, if any, is left as it was).
+    #[error("could not write CDI spec {}", path.display())]
+    Write {
+        /// The spec file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: ops_kit::fs::FsError,
+    },
     /// A file name that cannot be used.
     #[error("CDI spec file name {0:?} must end in .yaml or .json and contain no '/'")]
     BadName(String),
 }
+
+/// The largest spec file compared or read back (specs are a few KiB).
+pub const MAX_SPEC_SIZE: u64 = 1 << 20;
 
 /// A directory of specs, of which this plugin owns those whose file names
 /// start with a prefix.
@@ -263,34 +274,19 @@ impl SpecDir {
         }
         let content = spec.to_json();
         let path = self.dir.join(file_name);
-        if std::fs::read(&path).is_ok_and(|c| c == content.as_bytes()) {
+        // Compared without following a link at the name, and capped: a
+        // plant there is replaced, never read through.
+        if ops_kit::fs::read_capped(&self.dir, file_name, MAX_SPEC_SIZE)
+            .is_ok_and(|c| c == content.as_bytes())
+        {
             return Ok(false);
         }
-        let io = |action, path: &Path| {
-            let path = path.to_owned();
-            move |source| CdiError::Io {
-                action,
-                path,
-                source,
-            }
-        };
-        std::fs::create_dir_all(&self.dir).map_err(io("create the directory of", &path))?;
-        // Runtimes read only *.yaml and *.json: the temporary name is neither.
-        let tmp = self.dir.join(format!(".{file_name}.tmp"));
-        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-        f.write_all(content.as_bytes()).map_err(io("write", &tmp))?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(io("set the mode of", &tmp))?;
-        f.sync_all().map_err(io("sync", &tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(|source| {
-            let _ = std::fs::remove_file(&tmp);
-            CdiError::Io {
-                action: "rename into place",
+        ops_kit::fs::write_atomic(&self.dir, file_name, content.as_bytes(), 0o644).map_err(
+            |source| CdiError::Write {
                 path: path.clone(),
                 source,
-            }
-        })?;
+            },
+        )?;
         Ok(true)
     }
 
@@ -351,6 +347,7 @@ pub struct Retained {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     fn spec(name: &str) -> Spec {
         Spec {

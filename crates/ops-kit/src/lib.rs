@@ -1,6 +1,9 @@
 //! What every daemon in the workspace shares, so each thing is done one
 //! way: [`Backoff`] for retry delays and [`Chain`] to show an error with its
-//! causes.
+//! causes; [`fs`] for files we own in directories other root processes
+//! share (one atomic writer, capped reads that never follow a link).
+
+pub mod fs;
 
 use std::error::Error;
 use std::fmt;
