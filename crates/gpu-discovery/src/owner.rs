@@ -10,7 +10,7 @@
 //! `docs/dra.md`); the lock is what makes the rule hold while a node
 //! changes mode or when both were started by hand.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,13 +41,13 @@ pub const DEFAULT_OWNER_LOCK: &str = "/run/intel-gpu/owner.lock"; // tidy: allow
 #[non_exhaustive]
 pub enum OwnerError {
     /// The file cannot be opened or created.
-    #[error("cannot open the GPU owner lock {}: {source}", path.display())]
+    #[error("cannot open the GPU owner lock {}", path.display())]
     Open {
         /// The lock file.
         path: PathBuf,
         /// The cause.
         #[source]
-        source: std::io::Error,
+        source: ops_kit::fs::FsError,
     },
     /// `flock` failed for another reason than contention.
     #[error("cannot lock {}: {errno}", path.display())]
@@ -74,16 +74,21 @@ impl OwnerLock {
     /// When the file cannot be opened or locked for another reason than
     /// someone else holding it.
     pub fn try_acquire(path: &Path, who: &str) -> Result<Result<Self, String>, OwnerError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|source| OwnerError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+        // Never through a link planted at the name, never a FIFO: the
+        // directory is a hostPath other processes may write.
+        let open_error = |source| OwnerError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let (dir, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+            (Some(dir), Some(name)) => (dir, name),
+            _ => {
+                return Err(open_error(ops_kit::fs::FsError::BadName {
+                    name: path.display().to_string(),
+                }));
+            }
+        };
+        let file = ops_kit::fs::open_owned(dir, name, 0o644).map_err(open_error)?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(mut lock) => {
                 // The holder's name, for the other side's log; the lock
@@ -98,7 +103,8 @@ impl OwnerLock {
             }
             Err((mut file, Errno::EWOULDBLOCK)) => {
                 let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
+                // A name, not a file to read whole: capped.
+                let _ = (&mut file).take(4096).read_to_string(&mut text);
                 let holder = text.trim();
                 Ok(Err(if holder.is_empty() {
                     "another process".to_owned()
@@ -173,6 +179,31 @@ mod tests {
             std::fs::read_to_string(dra.path()).unwrap(),
             "intel-gpu-dra pid 2\n"
         );
+    }
+
+    #[test]
+    fn a_link_or_fifo_planted_at_the_lock_name_is_refused_and_not_touched() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("kubelet-state");
+        std::fs::write(&victim, "precious").unwrap();
+        let path = dir.path().join("owner.lock");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let mode = std::fs::metadata(&victim).unwrap().mode();
+        let err = OwnerLock::try_acquire(&path, "x").unwrap_err();
+        assert!(
+            ops_kit::Chain(&err)
+                .to_string()
+                .contains("not a regular file"),
+            "{}",
+            ops_kit::Chain(&err)
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::metadata(&victim).unwrap().mode(), mode);
+        std::fs::remove_file(&path).unwrap();
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Returns at once (a plain open of a FIFO would wait for a writer).
+        assert!(OwnerLock::try_acquire(&path, "x").is_err());
     }
 
     #[test]

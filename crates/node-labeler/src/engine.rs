@@ -2,7 +2,6 @@
 //! read the Node (or the NFD feature file), decide what to own, write it.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use enabled_plugins::{EnabledPlugins, ParseError, ReadError, parse, read_file};
@@ -322,7 +321,10 @@ pub fn read_features_file(dir: &Path) -> NodeView {
 fn read_features(dir: &Path) -> (NodeView, Option<i64>) {
     let mut view = NodeView::default();
     let mut expiry = None;
-    let Ok(text) = std::fs::read_to_string(dir.join(NFD_FILE)) else {
+    // Capped and never through a link: a plant reads as no file.
+    let Ok(text) = ops_kit::fs::read_capped(dir, NFD_FILE, 1 << 20)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+    else {
         return (view, expiry);
     };
     for line in text.lines() {
@@ -356,7 +358,6 @@ pub fn write_features_file(
     annotations: &BTreeMap<String, String>,
     expires: i64,
 ) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
     let mut text = String::from("# Written by intel-gpu-labeler. Do not edit.\n");
     if let Ok(at) = k8s_openapi::jiff::Timestamp::from_second(expires) {
         text.push_str(&format!("{EXPIRY_DIRECTIVE}{at}\n"));
@@ -367,11 +368,9 @@ pub fn write_features_file(
     for (k, v) in labels {
         text.push_str(&format!("{k}={v}\n"));
     }
-    let tmp = dir.join(format!(".{NFD_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(NFD_FILE))
+    // NFD's features.d is shared with other feature sources: written
+    // without following anything planted there.
+    ops_kit::fs::write_atomic(dir, NFD_FILE, text.as_bytes(), 0o644).map_err(std::io::Error::other)
 }
 
 /// Reconciles the NFD feature file once. The file expires `ttl` after it

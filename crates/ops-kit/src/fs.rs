@@ -251,8 +251,8 @@ pub fn read_capped(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>, FsErro
     Ok(out)
 }
 
-/// Opens (creating it, mode `mode`, if missing) the regular file
-/// `dir/name` for reading and writing, never through a link at `name` and
+/// Opens (creating it, mode `mode`, if missing; the directory must
+/// exist) the regular file `dir/name` for reading and writing, never through a link at `name` and
 /// never a FIFO or device: for lock files in shared directories.
 ///
 /// # Errors
@@ -260,11 +260,6 @@ pub fn read_capped(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>, FsErro
 pub fn open_owned(dir: &Path, name: &str, mode: u32) -> Result<std::fs::File, FsError> {
     check_name(name)?;
     let path = dir.join(name);
-    std::fs::create_dir_all(dir).map_err(|source| FsError::Io {
-        action: "create the directory of",
-        path: path.clone(),
-        source,
-    })?;
     let dirfd = open_dir(dir)?;
     let fd = match openat(
         &dirfd,
