@@ -16,11 +16,14 @@ fn path(p: &std::path::Path) -> String {
 
 /// Where a card's CDI spec stands on disk.
 fn cdi_state(cdi_dir: &std::path::Path, card: &plan::Card, options: &Options) -> &'static str {
-    let path = cdi_dir.join(plan::cdi_file_name(card));
-    match std::fs::read_to_string(&path) {
-        Ok(text) if text == plan::cdi_spec(card, options.bypath).to_json() => "written",
+    // The CDI directory is shared with every CDI producer on the node: read
+    // capped, never through a link, never blocking on a planted FIFO.
+    match ops_kit::fs::read_capped(cdi_dir, &plan::cdi_file_name(card), 1 << 20) {
+        Ok(bytes) if bytes == plan::cdi_spec(card, options.bypath).to_json().as_bytes() => {
+            "written"
+        }
         Ok(_) => "stale",
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "missing",
+        Err(e) if e.is_not_found() => "missing",
         Err(_) => "unreadable",
     }
 }

@@ -35,27 +35,26 @@ pub fn read(inventory: &Inventory) -> BTreeMap<u32, Reading> {
         let Some(first) = gpu.temperature_inputs.first() else {
             continue;
         };
+        // Read as sysfs is read everywhere: capped, and never blocking on
+        // a FIFO or device planted at the name.
         let status = device_of(first)
-            .and_then(|d| std::fs::read_to_string(d.join("power/runtime_status")).ok());
-        if matches!(
-            status.as_deref().map(str::trim),
-            Some("suspended" | "suspending")
-        ) {
+            .and_then(|d| gpu_discovery::read_attribute(&d.join("power/runtime_status")).ok());
+        if matches!(status.as_deref(), Some("suspended" | "suspending")) {
             out.insert(gpu.index, Reading::Suspended);
             continue;
         }
         let mut hottest: Option<f64> = None;
         let mut last_error = String::new();
         for input in &gpu.temperature_inputs {
-            match std::fs::read_to_string(input) {
-                Ok(text) => match text.trim().parse::<f64>() {
+            match gpu_discovery::read_attribute(input) {
+                Ok(text) => match text.parse::<f64>() {
                     Ok(milli) => {
                         let c = milli / 1000.0;
                         hottest = Some(hottest.map_or(c, |h| h.max(c)));
                     }
-                    Err(_) => last_error = format!("{} holds {:?}", input.display(), text.trim()),
+                    Err(_) => last_error = format!("{} holds {text:?}", input.display()),
                 },
-                Err(e) => last_error = format!("{}: {e}", input.display()),
+                Err(e) => last_error = e.to_string(),
             }
         }
         out.insert(
@@ -116,5 +115,48 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(celsius(&r), BTreeMap::from([(0, 71.5)]));
+    }
+
+    /// A FIFO planted at a hwmon input or at `power/runtime_status` is
+    /// refused, naming it, instead of blocking the reader (the old
+    /// `read_to_string` waited for a writer for ever).
+    #[test]
+    fn a_fifo_at_an_input_is_refused_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hot = GpuSpec::new(0);
+        hot.temperature_mdeg = Some(71_500);
+        let node = FakeNode::build(
+            dir.path(),
+            &NodeSpec {
+                name: "t".into(),
+                gpus: vec![hot],
+            },
+        )
+        .unwrap();
+        let inv = scan(&DiscoveryConfig::new(node.sysfs_root(), node.devfs_root())).unwrap();
+        let input = inv.card("card0").unwrap().temperature_inputs[0].clone();
+        let status = device_of(&input).unwrap().join("power/runtime_status");
+        for fifo in [&status, &input] {
+            let _ = std::fs::remove_file(fifo);
+            std::fs::create_dir_all(fifo.parent().unwrap()).unwrap();
+            // coreutils' mkfifo(1): no new dependency for one test.
+            let made = std::process::Command::new("mkfifo")
+                .arg(fifo)
+                .status()
+                .unwrap();
+            assert!(made.success());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(read(&inv));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("reading hwmon blocked on a FIFO");
+        assert!(
+            matches!(&r[&0], Reading::Unreadable(why) if why.contains("not a regular file")
+                && why.contains(&*input.to_string_lossy())),
+            "{r:?}"
+        );
     }
 }

@@ -477,6 +477,59 @@ fn inspect_explains_every_card() {
     assert!(text.contains("card1 0000:4d:00.0 0x56c0 driver=i915 state=usable — NOT advertised: SR-IOV physical function"), "{text}");
 }
 
+/// FIFOs planted at a CDI spec's name and at a card's sysfs `vendor`:
+/// `inspect` finishes, reports the spec unreadable and the card not
+/// advertised (on the old code it waited for a writer for ever).
+#[test]
+fn inspect_never_blocks_on_a_planted_fifo() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = FakeNode::build(dir.path(), &NodeSpec::starlingx_edge()).unwrap();
+    let cdi = dir.path().join("cdi");
+    std::fs::create_dir_all(&cdi).unwrap();
+    let vendor = node.sysfs_root().join("class/drm/card2/device/vendor");
+    std::fs::remove_file(&vendor).unwrap();
+    for fifo in [&cdi.join("intel.cdi.k8s.io-gpu-card0.yaml"), &vendor] {
+        assert!(Command::new("mkfifo").arg(fifo).status().unwrap().success());
+    }
+    let mut child = Command::new(BIN)
+        .args(["inspect", "--json", "--sysfs-root"])
+        .arg(node.sysfs_root())
+        .arg("--devfs-root")
+        .arg(node.devfs_root())
+        .arg("--cdi-dir")
+        .arg(&cdi)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + LIMIT;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("inspect blocked on a FIFO");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let card = |name: &str| {
+        v["cards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["card"] == name)
+            .cloned()
+    };
+    assert_eq!(card("card0").unwrap()["cdi_spec"], "unreadable", "{v:#}");
+    // Skipped (not a card at all) or not advertised, never advertised.
+    assert!(
+        card("card2").is_none_or(|c| c["advertised"] == false),
+        "{v:#}"
+    );
+    assert!(v.to_string().contains("is not a regular file"), "{v:#}");
+}
+
 fn http_get(port: u16, path: &str) -> (String, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -42,5 +42,5 @@ pub use products::{Product, product};
 pub use scan::{
     DiscoveryError, INTEL_VENDOR, not_advertised_reason, not_published_reason_keeping_pfs, scan,
 };
-pub use sysfs::AttrError;
+pub use sysfs::{AttrError, read_attribute};
 pub use watch::{InventoryWatcher, Source, WatcherConfig};

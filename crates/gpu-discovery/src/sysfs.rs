@@ -1,7 +1,11 @@
 //! Careful reads of sysfs and devfs: every read is capped, every failure
-//! carries the path, nothing panics on garbage.
+//! carries the path, nothing panics on garbage, and nothing blocks: a
+//! file is opened with `O_NONBLOCK` and refused unless it is a regular
+//! file (a FIFO planted where an attribute belongs would otherwise hold
+//! `inspect` or the scanner for ever).
 
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 /// The most bytes read from one attribute file.
@@ -17,6 +21,10 @@ pub enum AttrError {
     /// Reading it failed (the OS error's text).
     #[error("{path} could not be read: {1}", path = .0.display())]
     Unreadable(PathBuf, String),
+    /// It is not a regular file (a FIFO, a socket, a device, a directory):
+    /// not read, since reading it could block or never end.
+    #[error("{} is not a regular file", .0.display())]
+    NotRegular(PathBuf),
     /// It is larger than any attribute we read.
     #[error("{} is larger than {MAX_ATTR} bytes", .0.display())]
     TooLarge(PathBuf),
@@ -29,22 +37,57 @@ pub enum AttrError {
     Garbage(PathBuf, String, &'static str),
 }
 
-/// The trimmed text of an attribute file.
-pub(crate) fn read_attr(path: &Path) -> Result<String, AttrError> {
-    let file = std::fs::File::open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            AttrError::Missing(path.to_owned())
-        } else {
-            AttrError::Unreadable(path.to_owned(), e.to_string())
-        }
-    })?;
+/// The bytes of the regular file at `path`, at most `limit` of them.
+/// Opened with `O_NONBLOCK` (opening a FIFO for reading does not wait for
+/// a writer) and checked with `fstat` on the open descriptor before
+/// anything is read; links are followed (sysfs is made of them).
+///
+/// # Errors
+/// [`AttrError::Missing`], [`AttrError::NotRegular`],
+/// [`AttrError::TooLarge`] or [`AttrError::Unreadable`], naming `path`.
+pub(crate) fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, AttrError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                AttrError::Missing(path.to_owned())
+            } else {
+                AttrError::Unreadable(path.to_owned(), e.to_string())
+            }
+        })?;
+    // fstat of what was opened, not a second look at the path.
+    let meta = file
+        .metadata()
+        .map_err(|e| AttrError::Unreadable(path.to_owned(), e.to_string()))?;
+    if !meta.file_type().is_file() {
+        return Err(AttrError::NotRegular(path.to_owned()));
+    }
     let mut bytes = Vec::new();
-    file.take(MAX_ATTR + 1)
+    file.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(|e| AttrError::Unreadable(path.to_owned(), e.to_string()))?;
-    if bytes.len() as u64 > MAX_ATTR {
+    if bytes.len() as u64 > limit {
         return Err(AttrError::TooLarge(path.to_owned()));
     }
+    Ok(bytes)
+}
+
+/// The trimmed text of an attribute file: at most 4096 bytes of UTF-8 in
+/// a regular file, opened without blocking (a FIFO or device planted at
+/// `path` is refused, never waited on). For callers outside the scan that
+/// read sysfs by name (hwmon temperatures, `power/runtime_status`).
+///
+/// # Errors
+/// Each [`AttrError`] names `path`.
+pub fn read_attribute(path: &Path) -> Result<String, AttrError> {
+    read_attr(path)
+}
+
+/// The trimmed text of an attribute file.
+pub(crate) fn read_attr(path: &Path) -> Result<String, AttrError> {
+    let bytes = read_capped(path, MAX_ATTR)?;
     let text = String::from_utf8(bytes).map_err(|_| AttrError::NotUtf8(path.to_owned()))?;
     Ok(text.trim().to_owned())
 }
@@ -185,7 +228,59 @@ mod tests {
         ));
         assert!(matches!(
             read_attr(dir.path()),
-            Err(AttrError::Unreadable(..))
+            Err(AttrError::NotRegular(_))
         ));
+    }
+
+    /// A FIFO planted where an attribute belongs: refused at once, naming
+    /// the path, instead of blocking (on the old code `File::open` waits
+    /// for a writer for ever, so this test would hang; the thread and the
+    /// timeout turn that into a failure).
+    #[test]
+    fn a_fifo_is_refused_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("vendor");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_hex(&p, 0xffff));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("reading a FIFO blocked");
+        let err = got.unwrap_err();
+        assert_eq!(err, AttrError::NotRegular(fifo.clone()));
+        assert!(err.to_string().contains(&*fifo.to_string_lossy()), "{err}");
+        // /dev/null: a character device, refused the same way.
+        assert!(matches!(
+            read_attr(Path::new("/dev/null")),
+            Err(AttrError::NotRegular(_))
+        ));
+    }
+
+    /// The scanner over a tree with a FIFO where card0's `vendor` belongs:
+    /// it finishes, and the card is not advertised, for that reason.
+    #[test]
+    fn a_fifo_in_the_tree_does_not_stop_the_scan() {
+        use fake_gpu_node::{FakeNode, NodeSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let node = FakeNode::build(dir.path(), &NodeSpec::starlingx_edge()).unwrap();
+        let vendor = node.sysfs_root().join("class/drm/card0/device/vendor");
+        std::fs::remove_file(&vendor).unwrap();
+        nix::unistd::mkfifo(&vendor, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let config = crate::DiscoveryConfig::new(node.sysfs_root(), node.devfs_root());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(crate::scan(&config));
+        });
+        let inventory = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the scan blocked on a FIFO")
+            .unwrap();
+        let shown = serde_json::to_string(&inventory).unwrap();
+        assert!(inventory.advertised().all(|g| g.card != "card0"), "{shown}");
+        assert!(shown.contains("is not a regular file"), "{shown}");
+        assert!(inventory.advertised().count() > 0, "{shown}");
     }
 }
