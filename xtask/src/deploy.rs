@@ -10,16 +10,19 @@ use anyhow::{Context, Result, bail};
 
 use crate::util::{project_root, run, succeeds};
 
-/// Overlays and the Kubernetes versions each is validated against (1.27:
-/// the oldest StarlingX release we target; the admission policy needs 1.30;
-/// DRA's v1 API 1.34).
+/// Overlays and the Kubernetes versions each is validated against: the
+/// base (and so every overlay on it) needs 1.30 (the labeller's admission
+/// policy, `recursiveReadOnly`); `before-1.30` and the StarlingX overlays
+/// leave both out, for 1.27 and the oldest StarlingX releases we target;
+/// DRA's v1 API needs 1.34.
 pub(crate) const OVERLAYS: &[(&str, &[&str])] = &[
     ("starlingx", &["1.25.0", "1.34.0"]),
     ("starlingx-app", &["1.28.0", "1.34.0"]),
-    ("nfd", &["1.27.0", "1.34.0"]),
-    ("monitoring", &["1.27.0", "1.34.0"]),
-    ("microk8s", &["1.27.0", "1.34.0"]),
-    ("k0s", &["1.27.0", "1.34.0"]),
+    ("before-1.30", &["1.27.0", "1.34.0"]),
+    ("nfd", &["1.30.0", "1.34.0"]),
+    ("monitoring", &["1.30.0", "1.34.0"]),
+    ("microk8s", &["1.30.0", "1.34.0"]),
+    ("k0s", &["1.30.0", "1.34.0"]),
     ("admission-policy", &["1.30.0", "1.34.0"]),
     // resource.k8s.io/v1 (DeviceClass, ResourceSlice) is GA from 1.34.
     ("dra", &["1.34.0"]),

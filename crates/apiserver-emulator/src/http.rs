@@ -48,7 +48,7 @@ impl Request {
     }
 }
 
-fn unescape(s: &str) -> String {
+pub(crate) fn unescape(s: &str) -> String {
     let mut out = Vec::new();
     let b = s.as_bytes();
     let mut i = 0;
@@ -134,14 +134,22 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Reque
 async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
     let mut buf = Vec::new();
     while let Some(req) = read_request(&mut stream, &mut buf).await {
-        let fault = {
+        let (fault, seen) = {
             let mut st = shared.lock();
             st.requests.push(Seen {
                 method: req.method.clone(),
                 target: req.target.clone(),
                 content_type: req.headers.get("content-type").cloned(),
+                status: 0,
             });
-            st.fault()
+            (st.fault(), st.requests.len() - 1)
+        };
+        // What was answered, for RBAC's view of the request (an apply that
+        // created its object is authorized as `create` too).
+        let answered = |code: u16| {
+            if let Some(s) = shared.lock().requests.get_mut(seen) {
+                s.status = code;
+            }
         };
         let close = req
             .headers
@@ -169,6 +177,7 @@ async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
             None => None,
         };
         if let Some((code, body, header)) = injected {
+            answered(code);
             let extra: Vec<(&str, &str)> = header.into_iter().collect();
             if write(&mut stream, code, &body, &extra).await.is_err() || close {
                 return;
@@ -209,11 +218,13 @@ async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
                 _ => None,
             };
             if let Some((kind, ns)) = target {
+                answered(200);
                 watch(stream, &shared, &req, kind, ns).await;
                 return;
             }
         }
         let (code, body) = route(&shared, &req);
+        answered(code);
         let close = req
             .headers
             .get("connection")

@@ -20,6 +20,7 @@
 mod allocate;
 mod http;
 mod quantity;
+pub mod rbac;
 mod slices;
 mod store;
 
@@ -114,6 +115,9 @@ pub struct Seen {
     pub target: String,
     /// The `Content-Type`, if any.
     pub content_type: Option<String>,
+    /// The status code answered (0 while unanswered or when the connection
+    /// was dropped; 200 for a watch).
+    pub status: u16,
 }
 
 /// One write through the API that changed a Node (a server-side apply or a
