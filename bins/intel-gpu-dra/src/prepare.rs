@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use devplugin_api::cdi::{ContainerEdits, DeviceNode, SpecMount};
 use dra_api::cdi::ClaimSpecs;
-use dra_api::{Allocated, ClaimRef, Driver, DriverError, PreparedClaim, PreparedDevice};
+use dra_api::{Allocated, ClaimRef, DevicePrepared, Driver, DriverError, PreparedClaim};
 use tokio::sync::watch;
 
 use crate::devices::{CDI_KIND, DRIVER, DeviceFacts};
@@ -29,7 +29,6 @@ pub type Current = Arc<RwLock<BTreeMap<String, DeviceFacts>>>;
 #[derive(Debug)]
 pub struct GpuDriver {
     pool: String,
-    cdi: ClaimSpecs,
     current: Current,
     /// Device → claim UIDs prepared with it.
     prepared: Mutex<BTreeMap<String, BTreeSet<String>>>,
@@ -38,22 +37,26 @@ pub struct GpuDriver {
 }
 
 impl GpuDriver {
-    /// A driver for the pool `pool` (the node's name), writing CDI specs
-    /// into `cdi_dir`.
+    /// A driver for the pool `pool` (the node's name).
     #[must_use]
-    pub fn new(pool: &str, cdi_dir: &Path, current: Current) -> Self {
+    pub fn new(pool: &str, current: Current) -> Self {
         Self {
             pool: pool.to_owned(),
-            cdi: ClaimSpecs::new(cdi_dir, CDI_KIND, &format!("{DRIVER}-claim_")),
             current,
             prepared: Mutex::new(BTreeMap::new()),
             changed: watch::channel(0).0,
         }
     }
 
-    /// Starts from the claims a checkpoint held, and removes CDI specs of
-    /// claims it does not hold (written by a prepare whose record was
-    /// never made).
+    /// The CDI specs of this driver's claims in `cdi_dir` (the framework
+    /// writes them).
+    #[must_use]
+    pub fn specs(cdi_dir: &Path) -> ClaimSpecs {
+        ClaimSpecs::new(cdi_dir, CDI_KIND, &format!("{DRIVER}-claim_"))
+    }
+
+    /// Starts from the claims the checkpoint held (or the framework
+    /// rebuilt from their CDI specs).
     pub fn restore(&self, claims: &BTreeMap<String, PreparedClaim>) {
         {
             let mut map = self.lock();
@@ -62,13 +65,6 @@ impl GpuDriver {
                     map.entry(d.device.clone()).or_default().insert(uid.clone());
                 }
             }
-        }
-        match self.cdi.retain(claims.keys()) {
-            Ok(removed) if !removed.is_empty() => {
-                tracing::info!(?removed, "CDI specs of claims not prepared removed");
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "could not tidy the CDI directory"),
         }
         self.changed.send_modify(|n| *n += 1);
     }
@@ -130,7 +126,7 @@ impl Driver for GpuDriver {
         &self,
         claim: &ClaimRef,
         devices: &[Allocated],
-    ) -> Result<Vec<PreparedDevice>, DriverError> {
+    ) -> Result<Vec<DevicePrepared>, DriverError> {
         let current = self
             .current
             .read()
@@ -189,12 +185,6 @@ impl Driver for GpuDriver {
                 distinct.push((d.device.as_str(), edits(facts, distinct.len())));
             }
         }
-        let ids = self.cdi.write(&claim.uid, &distinct).map_err(|e| {
-            DriverError(format!(
-                "could not write the CDI spec: {}",
-                ops_kit::Chain(&e)
-            ))
-        })?;
         for d in devices {
             map.entry(d.device.clone())
                 .or_default()
@@ -202,34 +192,26 @@ impl Driver for GpuDriver {
         }
         drop(map);
         self.changed.send_modify(|n| *n += 1);
+        // The framework writes the claim's CDI spec: one CDI device per
+        // distinct device.
         Ok(devices
             .iter()
-            .map(|d| {
-                let id = distinct
+            .map(|d| DevicePrepared {
+                requests: vec![d.request.clone()],
+                pool: d.pool.clone(),
+                device: d.device.clone(),
+                edits: distinct
                     .iter()
-                    .position(|(n, _)| *n == d.device)
-                    .and_then(|i| ids.get(i))
-                    .cloned()
-                    .unwrap_or_default();
-                PreparedDevice {
-                    requests: vec![d.request.clone()],
-                    pool: d.pool.clone(),
-                    device: d.device.clone(),
-                    cdi_device_ids: vec![id],
-                }
+                    .find(|(n, _)| *n == d.device)
+                    .map(|(_, e)| e.clone())
+                    .unwrap_or_default(),
             })
             .collect())
     }
 
     fn unprepare(&self, claim: &ClaimRef, _: Option<&PreparedClaim>) -> Result<(), DriverError> {
-        // By the claim's UID: exactly what its prepare wrote, with or
-        // without a record.
-        self.cdi.remove(&claim.uid).map_err(|e| {
-            DriverError(format!(
-                "could not remove the CDI spec: {}",
-                ops_kit::Chain(&e)
-            ))
-        })?;
+        // By the claim's UID, with or without a record; the framework
+        // removes the CDI spec.
         let mut map = self.lock();
         map.retain(|_, uids| {
             uids.remove(&claim.uid);

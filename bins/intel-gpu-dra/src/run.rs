@@ -271,11 +271,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .context("cannot start discovery")?;
     let mut inventory = watcher.subscribe();
     let current: Current = Arc::new(RwLock::new(BTreeMap::new()));
-    let gpus = Arc::new(GpuDriver::new(
-        &config.node,
-        &config.cdi_dir,
-        Arc::clone(&current),
-    ));
+    let gpus = Arc::new(GpuDriver::new(&config.node, Arc::clone(&current)));
     let endpoint = config.plugin_dir.join("dra.sock");
     // The devices present, known before the service answers a prepare.
     let first = Arc::clone(&inventory.borrow_and_update());
@@ -285,6 +281,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             driver_name.clone(),
             &endpoint,
             config.plugin_dir.join("prepared-claims.json"),
+            GpuDriver::specs(&config.cdi_dir),
         ),
         Arc::clone(&gpus),
         Arc::new(KubeClaims::new(client.clone())),

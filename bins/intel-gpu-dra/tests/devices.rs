@@ -274,7 +274,7 @@ fn with_counters_a_pf_whose_vfs_are_elsewhere_stays_hidden() {
 fn prepare_keeps_a_pf_and_its_vfs_with_one_claim_and_names_a_twice_allocated_device_once() {
     use dra_api::{Allocated, ClaimRef, Driver};
     use std::sync::{Arc, RwLock};
-    let (dir, _node, config) = node();
+    let (_dir, _node, config) = node();
     let mode = Mode {
         counters: Some(CounterLayout::SameSlice),
         shared: true,
@@ -282,7 +282,7 @@ fn prepare_keeps_a_pf_and_its_vfs_with_one_claim_and_names_a_twice_allocated_dev
     };
     let p = publish(&inventory(&config), &config, mode, &BTreeSet::new()).unwrap();
     let current = Arc::new(RwLock::new(p.facts));
-    let driver = intel_gpu_dra::prepare::GpuDriver::new("edge-0", &dir.path().join("cdi"), current);
+    let driver = intel_gpu_dra::prepare::GpuDriver::new("edge-0", current);
     let claim = |uid: &str| ClaimRef {
         namespace: "default".into(),
         name: uid.into(),
@@ -302,9 +302,11 @@ fn prepare_keeps_a_pf_and_its_vfs_with_one_claim_and_names_a_twice_allocated_dev
     driver
         .prepare(&claim("c"), &[on("0000-4d-00-3-0x56c0")])
         .unwrap();
-    // A shared B580 twice in one claim: one CDI device, named by both.
+    // A shared B580 twice in one claim: the same edits for both (the
+    // framework makes them one CDI device).
     let twice = driver.prepare(&claim("d"), &[on(B580), on(B580)]).unwrap();
-    assert_eq!(twice[0].cdi_device_ids, twice[1].cdi_device_ids);
+    assert_eq!(twice[0].edits, twice[1].edits);
+    assert!(!twice[0].edits.device_nodes.is_empty());
     driver.unprepare(&claim("a"), None).unwrap();
     driver.unprepare(&claim("c"), None).unwrap();
     driver.prepare(&claim("b"), &[on(PF)]).unwrap();

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A fully qualified CDI device name, `vendor.com/class=name`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -67,8 +67,8 @@ impl std::fmt::Display for CdiName {
 }
 
 /// Edits applied to a container.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct ContainerEdits {
     /// `KEY=value` environment entries.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -88,21 +88,21 @@ impl ContainerEdits {
 }
 
 /// A device node in the container.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceNode {
     /// Path in the container.
     pub path: String,
     /// Path on the host, when it differs (needs CDI 0.5.0).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_path: Option<String>,
     /// Cgroup permissions (`rw`, `rwm`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permissions: Option<String>,
 }
 
 /// A mount in the container.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SpecMount {
     /// Path on the host.
@@ -110,23 +110,24 @@ pub struct SpecMount {
     /// Path in the container.
     pub container_path: String,
     /// Mount options (`ro`, `bind`, …).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub options: Vec<String>,
     /// Filesystem type (needs CDI 0.4.0).
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
 }
 
 /// One device of a spec.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SpecDevice {
     /// The name after `kind=`.
     pub name: String,
     /// Annotations (need CDI 0.6.0).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
     /// What the device adds to a container.
+    #[serde(default)]
     pub container_edits: ContainerEdits,
 }
 
@@ -187,6 +188,32 @@ impl Spec {
             return "0.4.0";
         }
         "0.3.0"
+    }
+
+    /// Reads a spec written as JSON (by [`Spec::to_json`] or any CDI
+    /// producer that writes JSON).
+    ///
+    /// # Errors
+    /// When the text is not a JSON CDI spec.
+    pub fn from_json(text: &[u8]) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Read {
+            kind: String,
+            #[serde(default)]
+            annotations: BTreeMap<String, String>,
+            #[serde(default)]
+            devices: Vec<SpecDevice>,
+            #[serde(default)]
+            container_edits: ContainerEdits,
+        }
+        let r: Read = serde_json::from_slice(text)?;
+        Ok(Self {
+            kind: r.kind,
+            devices: r.devices,
+            container_edits: r.container_edits,
+            annotations: r.annotations,
+        })
     }
 
     /// The spec as JSON (which is also YAML), with its minimum version.

@@ -48,16 +48,19 @@ struct Null;
 impl Driver for Null {
     fn prepare(
         &self,
-        claim: &ClaimRef,
+        _claim: &ClaimRef,
         devices: &[Allocated],
-    ) -> Result<Vec<PreparedDevice>, DriverError> {
+    ) -> Result<Vec<DevicePrepared>, DriverError> {
         Ok(devices
             .iter()
-            .map(|d| PreparedDevice {
+            .map(|d| DevicePrepared {
                 requests: vec![d.request.clone()],
                 pool: d.pool.clone(),
                 device: d.device.clone(),
-                cdi_device_ids: vec![format!("example.com/null={}-{}", claim.uid, d.device)],
+                edits: devplugin_api::cdi::ContainerEdits {
+                    env: vec![format!("NULL={}", d.device)],
+                    ..Default::default()
+                },
             })
             .collect())
     }
@@ -79,6 +82,11 @@ async fn prepare(report: &mut Report) {
             name.clone(),
             &endpoint,
             dir.path().join("plugins/prepared-claims.json"),
+            dra_api::cdi::ClaimSpecs::new(
+                dir.path().join("cdi"),
+                "example.com/null",
+                "null.example.com-claim_",
+            ),
         ),
         Arc::new(Null),
         Arc::clone(&claims),
@@ -96,7 +104,7 @@ async fn prepare(report: &mut Report) {
         .unwrap();
     let mut samples = Samples::new();
     for i in 0..300 {
-        let uid = format!("uid-{i}");
+        let uid = format!("00000000-0000-4000-8000-{i:012x}");
         claims
             .0
             .lock()

@@ -1,17 +1,46 @@
 //! CDI specs for prepared claims, on `devplugin-api`'s spec writer
-//! (atomic, mode 0644, unchanged content not rewritten, only files with
-//! the driver's prefix ever removed).
+//! (atomic through `ops_kit::fs`, mode 0644, unchanged content not
+//! rewritten, only files with the driver's prefix ever removed). The
+//! [`crate::DraServer`] owns them: it writes a claim's spec before it
+//! answers, writes it again wherever a claim is answered from the record,
+//! and rebuilds the record from them when the checkpoint is lost.
 //!
 //! One spec file per claim, `<prefix><claim uid>.json`, whose devices are
 //! named `<claim uid>-<device>`: CDI names unique per claim (the DRA
 //! helper's guidance, so a runtime's cache never hands one claim another
 //! claim's edits), and a claim's spec written and removed on its own,
 //! without rewriting a file other claims share while the kubelet prepares
-//! them concurrently.
+//! them concurrently. The spec names its claim (file name) and its devices
+//! (device names), which is what lets a lost checkpoint be rebuilt.
+//!
+//! Every UID is checked ([`crate::check_uid`]) before it becomes part of a
+//! file name.
 
 use std::collections::BTreeMap;
 
-use devplugin_api::cdi::{CdiError, ContainerEdits, Spec, SpecDevice, SpecDir};
+use devplugin_api::cdi::{CdiError, ContainerEdits, MAX_SPEC_SIZE, Spec, SpecDevice, SpecDir};
+
+use crate::names::{ClaimRefError, check_uid};
+
+/// Why a claim's spec could not be written, read or removed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClaimSpecError {
+    /// The claim's UID cannot name a file.
+    #[error(transparent)]
+    Uid(#[from] ClaimRefError),
+    /// The spec writer failed.
+    #[error(transparent)]
+    Cdi(#[from] CdiError),
+    /// A spec on disk is not ours to read.
+    #[error("the CDI spec {file} cannot be read back: {reason}")]
+    Unreadable {
+        /// Its file name.
+        file: String,
+        /// Why.
+        reason: String,
+    },
+}
 
 /// The CDI specs of a driver's claims.
 #[derive(Debug, Clone)]
@@ -35,46 +64,85 @@ impl ClaimSpecs {
         }
     }
 
-    fn file(&self, uid: &str) -> String {
-        format!("{}{uid}.json", self.prefix)
+    /// The directory.
+    #[must_use]
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.dir()
+    }
+
+    fn file(&self, uid: &str) -> Result<String, ClaimRefError> {
+        check_uid(uid)?;
+        Ok(format!("{}{uid}.json", self.prefix))
+    }
+
+    /// The CDI device of `device` in claim `uid`'s spec: `<uid>-<device>`.
+    #[must_use]
+    pub fn device_name(uid: &str, device: &str) -> String {
+        format!("{uid}-{device}")
+    }
+
+    /// The fully qualified CDI name of a spec device.
+    #[must_use]
+    pub fn qualified(&self, spec_device: &str) -> String {
+        format!("{}={spec_device}", self.kind)
     }
 
     /// Writes the spec of claim `uid` with one CDI device per `(device,
     /// edits)`, and returns their fully qualified names, in order.
     ///
     /// # Errors
-    /// When the spec cannot be written (nothing is half written).
+    /// When the UID is invalid or the spec cannot be written (nothing is
+    /// half written).
     pub fn write(
         &self,
         uid: &str,
         devices: &[(&str, ContainerEdits)],
-    ) -> Result<Vec<String>, CdiError> {
+    ) -> Result<Vec<String>, ClaimSpecError> {
+        let spec_devices: Vec<SpecDevice> = devices
+            .iter()
+            .map(|(name, edits)| SpecDevice {
+                name: Self::device_name(uid, name),
+                annotations: BTreeMap::new(),
+                container_edits: edits.clone(),
+            })
+            .collect();
+        self.write_devices(uid, &spec_devices)?;
+        Ok(spec_devices
+            .iter()
+            .map(|d| self.qualified(&d.name))
+            .collect())
+    }
+
+    /// Writes the spec of claim `uid` with exactly these devices (as
+    /// recorded); returns whether the file had to be written (it was
+    /// missing or different).
+    ///
+    /// # Errors
+    /// When the UID is invalid or the spec cannot be written.
+    pub fn write_devices(&self, uid: &str, devices: &[SpecDevice]) -> Result<bool, ClaimSpecError> {
         let spec = Spec {
             kind: self.kind.clone(),
-            devices: devices
-                .iter()
-                .map(|(name, edits)| SpecDevice {
-                    name: format!("{uid}-{name}"),
-                    annotations: BTreeMap::new(),
-                    container_edits: edits.clone(),
-                })
-                .collect(),
+            devices: devices.to_vec(),
             container_edits: ContainerEdits::default(),
             annotations: BTreeMap::new(),
         };
-        self.dir.write(&self.file(uid), &spec)?;
-        Ok(devices
-            .iter()
-            .map(|(name, _)| format!("{}={uid}-{name}", self.kind))
-            .collect())
+        Ok(self.dir.write(&self.file(uid)?, &spec)?)
+    }
+
+    /// Whether claim `uid`'s spec is on disk (a link there does not count).
+    #[must_use]
+    pub fn exists(&self, uid: &str) -> bool {
+        self.file(uid).is_ok_and(|f| {
+            std::fs::symlink_metadata(self.dir.dir().join(f)).is_ok_and(|m| m.is_file())
+        })
     }
 
     /// Removes the spec of claim `uid`; a missing one is not an error.
     ///
     /// # Errors
-    /// When it exists and cannot be removed.
-    pub fn remove(&self, uid: &str) -> Result<(), CdiError> {
-        let path = self.dir.dir().join(self.file(uid));
+    /// When the UID is invalid, or the spec exists and cannot be removed.
+    pub fn remove(&self, uid: &str) -> Result<(), ClaimSpecError> {
+        let path = self.dir.dir().join(self.file(uid)?);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -82,28 +150,90 @@ impl ClaimSpecs {
                 action: "remove",
                 path,
                 source,
-            }),
+            }
+            .into()),
         }
     }
 
     /// Removes the specs of claims not in `prepared` (after a crash between
-    /// writing a spec and recording the claim, or a lost checkpoint).
-    /// Returns the files removed.
+    /// writing a spec and recording the claim). Only ever called with a
+    /// checkpoint that was read whole: a lost record is rebuilt from the
+    /// specs, never swept. Returns the files removed.
     ///
     /// # Errors
     /// When the directory cannot be listed.
     pub fn retain<'a>(
         &self,
         prepared: impl IntoIterator<Item = &'a String>,
-    ) -> Result<Vec<String>, CdiError> {
-        let keep = prepared.into_iter().map(|uid| self.file(uid)).collect();
+    ) -> Result<Vec<String>, ClaimSpecError> {
+        let keep = prepared
+            .into_iter()
+            .filter_map(|uid| self.file(uid).ok())
+            .collect();
         Ok(self.dir.retain(&keep)?.removed)
+    }
+
+    /// Every claim spec of this driver on disk, by claim UID: its devices,
+    /// or why it cannot be read back (a link, a file too large, not our
+    /// format). Files whose name does not hold a valid UID are skipped.
+    ///
+    /// # Errors
+    /// When the directory cannot be listed (a missing one holds nothing).
+    pub fn list(
+        &self,
+    ) -> Result<BTreeMap<String, Result<Vec<SpecDevice>, String>>, ClaimSpecError> {
+        let entries = match std::fs::read_dir(self.dir.dir()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(source) => {
+                return Err(CdiError::Io {
+                    action: "list the directory of",
+                    path: self.dir.dir().to_owned(),
+                    source,
+                }
+                .into());
+            }
+        };
+        let mut out = BTreeMap::new();
+        for entry in entries.flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let Some(uid) = name
+                .strip_prefix(&self.prefix)
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            if check_uid(uid).is_err() {
+                continue;
+            }
+            out.insert(uid.to_owned(), self.read_devices(uid, &name));
+        }
+        Ok(out)
+    }
+
+    fn read_devices(&self, uid: &str, file: &str) -> Result<Vec<SpecDevice>, String> {
+        let bytes = ops_kit::fs::read_capped(self.dir.dir(), file, MAX_SPEC_SIZE)
+            .map_err(|e| ops_kit::Chain(&e).to_string())?;
+        let spec = Spec::from_json(&bytes).map_err(|e| e.to_string())?;
+        if spec.kind != self.kind {
+            return Err(format!("its kind is {}, not {}", spec.kind, self.kind));
+        }
+        let own = format!("{uid}-");
+        if let Some(d) = spec.devices.iter().find(|d| !d.name.starts_with(&own)) {
+            return Err(format!("device {} is not named for claim {uid}", d.name));
+        }
+        Ok(spec.devices)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const UID1: &str = "11111111-1111-4111-8111-111111111111";
+    const UID2: &str = "22222222-2222-4222-8222-222222222222";
 
     #[test]
     fn a_spec_per_claim_names_unique_per_claim_removed_on_its_own() {
@@ -114,28 +244,72 @@ mod tests {
             ..ContainerEdits::default()
         };
         let ids = specs
-            .write(
-                "uid-1",
-                &[("gpu-0", edits.clone()), ("gpu-1", edits.clone())],
-            )
+            .write(UID1, &[("gpu-0", edits.clone()), ("gpu-1", edits.clone())])
             .unwrap();
         assert_eq!(
             ids,
-            ["example.com/gpu=uid-1-gpu-0", "example.com/gpu=uid-1-gpu-1"]
+            [
+                format!("example.com/gpu={UID1}-gpu-0"),
+                format!("example.com/gpu={UID1}-gpu-1")
+            ]
         );
-        specs.write("uid-2", &[("gpu-0", edits)]).unwrap();
-        let text =
-            std::fs::read_to_string(dir.path().join("gpu.example.com-claim_uid-1.json")).unwrap();
+        specs.write(UID2, &[("gpu-0", edits)]).unwrap();
+        let file1 = dir
+            .path()
+            .join(format!("gpu.example.com-claim_{UID1}.json"));
+        let text = std::fs::read_to_string(&file1).unwrap();
         assert!(
-            text.contains("\"uid-1-gpu-1\"") && text.contains("GPU=1"),
+            text.contains(&format!("\"{UID1}-gpu-1\"")) && text.contains("GPU=1"),
             "{text}"
         );
-        specs.remove("uid-1").unwrap();
-        specs.remove("uid-1").unwrap();
-        assert!(!dir.path().join("gpu.example.com-claim_uid-1.json").exists());
+        let listed = specs.list().unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[UID1].as_ref().unwrap().len(), 2);
+        specs.remove(UID1).unwrap();
+        specs.remove(UID1).unwrap();
+        assert!(!file1.exists());
         std::fs::write(dir.path().join("other-vendor.json"), "{}").unwrap();
-        let removed = specs.retain(&["uid-9".to_owned()]).unwrap();
-        assert_eq!(removed, ["gpu.example.com-claim_uid-2.json"]);
+        let removed = specs
+            .retain(&["33333333-3333-4333-8333-333333333333".to_owned()])
+            .unwrap();
+        assert_eq!(removed, [format!("gpu.example.com-claim_{UID2}.json")]);
         assert!(dir.path().join("other-vendor.json").exists(), "not ours");
+    }
+
+    #[test]
+    fn a_uid_that_is_not_a_uuid_never_becomes_a_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let cdi = dir.path().join("cdi");
+        let victim = dir.path().join("victim.json");
+        std::fs::write(&victim, "precious").unwrap();
+        let specs = ClaimSpecs::new(&cdi, "example.com/gpu", "p_");
+        for uid in ["x/../../victim", "../victim", ""] {
+            assert!(matches!(specs.remove(uid), Err(ClaimSpecError::Uid(_))));
+            assert!(matches!(
+                specs.write(uid, &[("gpu-0", ContainerEdits::default())]),
+                Err(ClaimSpecError::Uid(_))
+            ));
+        }
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    }
+
+    #[test]
+    fn specs_that_cannot_be_read_back_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = ClaimSpecs::new(dir.path(), "example.com/gpu", "p_");
+        std::fs::write(dir.path().join(format!("p_{UID1}.json")), "{not json").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join(format!("p_{UID2}.json")))
+            .unwrap();
+        std::fs::write(dir.path().join("p_not-a-uid.json"), "{}").unwrap();
+        let listed = specs.list().unwrap();
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert!(listed[UID1].is_err());
+        assert!(
+            listed[UID2]
+                .as_ref()
+                .unwrap_err()
+                .contains("not a regular file")
+        );
+        assert!(!specs.exists(UID2), "a link is not a spec");
     }
 }

@@ -4,21 +4,29 @@
 //! each driver).
 //!
 //! The file is JSON, `{"version": 1, "claims": {UID: {"namespace", "name",
-//! "devices": [{"requests", "pool", "device", "cdiDeviceIds"}]}}}`, written
-//! whole to a temporary file in the same directory, synced, then renamed
-//! over the old one: a crash leaves the old file or the new one, never a
-//! half. A file that cannot be read as that is never overwritten: it is
-//! moved aside (`<name>.corrupt`) and reported, and the driver starts from
-//! an empty record.
+//! "devices": [{"requests", "pool", "device", "cdiDeviceIds"}],
+//! "cdiDevices": [CDI spec devices], "rebuilt"}}}`, written whole with
+//! `ops_kit::fs::write_atomic` (mode 0600): a crash leaves the old file or
+//! the new one, never a half. `cdiDevices` (the claim's CDI spec, so it
+//! can be written again after a reboot empties the CDI directory) and
+//! `rebuilt` were added within version 1: older records lack them and
+//! older readers ignore them. A file that cannot be read as that is never
+//! overwritten: it is moved aside (`<name>.corrupt`) and reported; the
+//! server then rebuilds the record from the claims' CDI specs (see
+//! [`crate::DraServer`]). The file is read capped at
+//! [`MAX_CHECKPOINT_SIZE`] and never through a link.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use devplugin_api::cdi::SpecDevice;
 use serde::{Deserialize, Serialize};
 
 /// The checkpoint format this code writes.
 pub const CHECKPOINT_VERSION: u32 = 1;
+
+/// The largest checkpoint read (a node's claims take a few KiB each).
+pub const MAX_CHECKPOINT_SIZE: u64 = 64 << 20;
 
 /// One device prepared for a claim, and what the container runtime is
 /// told about it.
@@ -37,13 +45,23 @@ pub struct PreparedDevice {
 
 /// A claim this driver prepared.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PreparedClaim {
-    /// The claim's namespace.
+    /// The claim's namespace (empty in a record rebuilt from its spec).
     pub namespace: String,
-    /// The claim's name.
+    /// The claim's name (empty in a record rebuilt from its spec).
     pub name: String,
     /// What was prepared.
     pub devices: Vec<PreparedDevice>,
+    /// The devices of the claim's CDI spec, as written (empty in records
+    /// of older versions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cdi_devices: Vec<SpecDevice>,
+    /// Rebuilt from the CDI spec after the checkpoint was lost: the
+    /// devices in use are known, the requests and pool are not, so the
+    /// claim's next prepare is done in full (and the record completed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rebuilt: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -66,6 +84,17 @@ pub enum CheckpointError {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// Reading or writing the file failed.
+    #[error("could not {action} the checkpoint {}", path.display())]
+    File {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: ops_kit::fs::FsError,
     },
 }
 
@@ -101,21 +130,28 @@ impl Checkpoint {
     /// When the file exists but cannot be read, or a corrupt one cannot be
     /// moved aside.
     pub fn load(path: &Path) -> Result<(Self, Loaded), CheckpointError> {
-        let io = |action, source| CheckpointError::Io {
-            action,
-            path: path.to_owned(),
-            source,
-        };
         let empty = || Self {
             path: path.to_owned(),
             claims: BTreeMap::new(),
         };
-        let bytes = match std::fs::read(path) {
+        let (dir, name) = split(path);
+        let bytes = match ops_kit::fs::read_capped(dir, &name, MAX_CHECKPOINT_SIZE) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok((empty(), Loaded::Fresh));
+            Err(e) if e.is_not_found() => return Ok((empty(), Loaded::Fresh)),
+            // A link, a FIFO, a file too large: not a checkpoint of ours.
+            Err(
+                e @ (ops_kit::fs::FsError::NotRegular { .. }
+                | ops_kit::fs::FsError::TooLarge { .. }),
+            ) => {
+                return Self::aside(path, e.to_string());
             }
-            Err(e) => return Err(io("read", e)),
+            Err(source) => {
+                return Err(CheckpointError::File {
+                    action: "read",
+                    path: path.to_owned(),
+                    source,
+                });
+            }
         };
         let reason = match serde_json::from_slice::<File>(&bytes) {
             Ok(f) if f.version == CHECKPOINT_VERSION => {
@@ -133,11 +169,23 @@ impl Checkpoint {
             ),
             Err(e) => e.to_string(),
         };
+        Self::aside(path, reason)
+    }
+
+    fn aside(path: &Path, reason: String) -> Result<(Self, Loaded), CheckpointError> {
         let mut aside = path.as_os_str().to_owned();
         aside.push(".corrupt");
         let aside = PathBuf::from(aside);
-        std::fs::rename(path, &aside).map_err(|e| io("move aside", e))?;
-        Ok((empty(), Loaded::Corrupt { reason, aside }))
+        std::fs::rename(path, &aside).map_err(|source| CheckpointError::Io {
+            action: "move aside",
+            path: path.to_owned(),
+            source,
+        })?;
+        let empty = Self {
+            path: path.to_owned(),
+            claims: BTreeMap::new(),
+        };
+        Ok((empty, Loaded::Corrupt { reason, aside }))
     }
 
     /// The claim prepared under `uid`, if any.
@@ -179,34 +227,50 @@ impl Checkpoint {
         })
     }
 
+    /// Records claims rebuilt from their CDI specs (those already
+    /// recorded are kept as they are); on disk before it returns.
+    ///
+    /// # Errors
+    /// When the file cannot be written (the record is unchanged then).
+    pub fn rebuild(
+        &mut self,
+        rebuilt: BTreeMap<String, PreparedClaim>,
+    ) -> Result<(), CheckpointError> {
+        let before = self.claims.clone();
+        for (uid, claim) in rebuilt {
+            self.claims.entry(uid).or_insert(claim);
+        }
+        self.save().inspect_err(|_| self.claims = before)
+    }
+
     fn save(&self) -> Result<(), CheckpointError> {
-        let io = |action, path: &Path, source| CheckpointError::Io {
-            action,
-            path: path.to_owned(),
-            source,
-        };
         let file = File {
             version: CHECKPOINT_VERSION,
             claims: self.claims.clone(),
         };
-        let text = serde_json::to_vec_pretty(&file)
-            .map_err(|e| io("encode", &self.path, std::io::Error::other(e)))?;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| io("create the directory of", &self.path, e))?;
-        let name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
-        f.write_all(&text).map_err(|e| io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| io("sync", &tmp, e))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io("rename into place", &self.path, e)
+        let text = serde_json::to_vec_pretty(&file).map_err(|e| CheckpointError::Io {
+            action: "encode",
+            path: self.path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        let (dir, name) = split(&self.path);
+        ops_kit::fs::write_atomic(dir, &name, &text, 0o600).map_err(|source| {
+            CheckpointError::File {
+                action: "write",
+                path: self.path.clone(),
+                source,
+            }
         })
     }
+}
+
+fn split(path: &Path) -> (&Path, String) {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    (dir.unwrap_or(Path::new(".")), name)
 }
 
 #[cfg(test)]
@@ -223,7 +287,30 @@ mod tests {
                 device: "gpu-0".into(),
                 cdi_device_ids: vec!["example.com/gpu=gpu-0".into()],
             }],
+            cdi_devices: Vec::new(),
+            rebuilt: false,
         }
+    }
+
+    #[test]
+    fn a_link_or_fifo_at_the_checkpoint_is_set_aside_never_read_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "{\"version\": 1, \"claims\": {}}").unwrap();
+        let path = dir.path().join("prepared-claims.json");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let (mut c, how) = Checkpoint::load(&path).unwrap();
+        assert!(matches!(how, Loaded::Corrupt { .. }), "{how:?}");
+        c.insert("uid-1", claim("a")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&victim).unwrap(),
+            "{\"version\": 1, \"claims\": {}}"
+        );
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        let fifo = dir.path().join("fifo.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (_, how) = Checkpoint::load(&fifo).unwrap();
+        assert!(matches!(how, Loaded::Corrupt { .. }), "{how:?}");
     }
 
     #[test]

@@ -47,11 +47,13 @@ pub mod slices;
 
 pub use checkpoint::{PreparedClaim, PreparedDevice};
 pub use client::{ClientError, kube_client};
-pub use names::{DraService, DriverName, MAX_DRIVER_NAME, NameError};
+pub use names::{
+    ClaimRefError, DraService, DriverName, MAX_DRIVER_NAME, NameError, check_claim_ref, check_uid,
+};
 pub use registrar::{
     DRA_PLUGIN_TYPE, REGISTRY_DIR, Registrar, RegistrarConfig, RegistrarError, RegistrationState,
 };
 pub use service::{
-    Allocated, AllocationResult, ClaimError, ClaimRef, ClaimSource, DraConfig, DraError, DraServer,
-    Driver, DriverError, KubeClaims,
+    Allocated, AllocationResult, ClaimError, ClaimRef, ClaimSource, DevicePrepared, DraConfig,
+    DraError, DraServer, Driver, DriverError, KubeClaims, StartReport,
 };

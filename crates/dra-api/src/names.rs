@@ -139,3 +139,140 @@ mod tests {
         assert!(DraService::V1.grpc_service().ends_with(".dra.v1.DRAPlugin"));
     }
 }
+
+/// Why a claim reference from the kubelet is refused before it reaches a
+/// path (the CDI spec's file name), a URL (the claim's GET) or the
+/// checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("claim {field} {value:?} is invalid: {reason}")]
+pub struct ClaimRefError {
+    /// Which part: `uid`, `namespace` or `name`.
+    pub field: &'static str,
+    /// What was given (cut at 80 bytes).
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// Checks a claim's UID: an object UID as the API server makes them, a
+/// lowercase RFC 4122 UUID (`8-4-4-4-12` hexadecimal digits; apimachinery
+/// `types.UID` from `uuid.NewUUID`). Anything else — a `/`, `..`, a NUL —
+/// never becomes part of a file name.
+///
+/// # Errors
+/// When it is not such a UUID.
+pub fn check_uid(uid: &str) -> Result<(), ClaimRefError> {
+    let groups: Vec<&str> = uid.split('-').collect();
+    let lengths = [8, 4, 4, 4, 12];
+    let ok = groups.len() == lengths.len()
+        && groups.iter().zip(lengths).all(|(g, n)| {
+            g.len() == n
+                && g.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(claim_error(
+            "uid",
+            uid,
+            "not a lowercase UUID (8-4-4-4-12 hexadecimal digits)",
+        ))
+    }
+}
+
+fn claim_error(field: &'static str, value: &str, reason: &'static str) -> ClaimRefError {
+    let mut cut = value.len().min(80);
+    while !value.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    ClaimRefError {
+        field,
+        value: value.get(..cut).unwrap_or_default().to_owned(),
+        reason,
+    }
+}
+
+fn dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    match (b.first(), b.last()) {
+        (Some(f), Some(l)) => {
+            b.len() <= 63
+                && f.is_ascii_alphanumeric()
+                && l.is_ascii_alphanumeric()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        }
+        _ => false,
+    }
+}
+
+/// Checks what the kubelet says of a claim: the UID ([`check_uid`]), the
+/// namespace a DNS label (RFC 1123, at most 63 characters), the name a DNS
+/// subdomain (at most 253 characters; ResourceClaim names are validated
+/// as such by the API server).
+///
+/// # Errors
+/// The first part that is invalid.
+pub fn check_claim_ref(namespace: &str, name: &str, uid: &str) -> Result<(), ClaimRefError> {
+    check_uid(uid)?;
+    if !dns_label(namespace) {
+        return Err(claim_error(
+            "namespace",
+            namespace,
+            "not a DNS label (lowercase letters, digits, '-', at most 63)",
+        ));
+    }
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(dns_label) {
+        return Err(claim_error(
+            "name",
+            name,
+            "not a DNS subdomain (lowercase letters, digits, '-', '.', at most 253)",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod claim_ref_tests {
+    use super::*;
+
+    #[test]
+    fn claim_references_are_checked_before_they_reach_a_path_or_url() {
+        let uid = "0b5e8c7a-1f2d-4c3b-9a8e-7d6c5b4a3f21";
+        assert_eq!(check_claim_ref("default", "gpu-claim.a", uid), Ok(()));
+        for (ns, name, uid, field) in [
+            ("default", "c", "x/../../victim", "uid"),
+            (
+                "default",
+                "c",
+                "0B5E8C7A-1F2D-4C3B-9A8E-7D6C5B4A3F21",
+                "uid",
+            ),
+            ("default", "c", "0b5e8c7a-1f2d-4c3b-9a8e-7d6c5b4a3f2", "uid"),
+            (
+                "default",
+                "c",
+                "0b5e8c7a-1f2d-4c3b-9a8e-7d6c5b4a3f2/",
+                "uid",
+            ),
+            ("default", "c", "", "uid"),
+            ("../kube-system", "c", uid, "namespace"),
+            ("default", "a/b", uid, "name"),
+            ("default", "..", uid, "name"),
+            ("default", "", uid, "name"),
+            ("default", "a?x=1", uid, "name"),
+        ] {
+            let err = check_claim_ref(ns, name, uid).unwrap_err();
+            assert_eq!(err.field, field, "{ns} {name} {uid}");
+        }
+        let long = "é".repeat(100);
+        assert!(
+            check_claim_ref("default", &long, uid)
+                .unwrap_err()
+                .value
+                .len()
+                <= 80
+        );
+    }
+}

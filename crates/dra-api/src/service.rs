@@ -7,7 +7,12 @@
 //! the claim up by namespace and name, insists on the UID the kubelet gave
 //! (a claim deleted and re-created under the same name is not the one
 //! allocated), takes the allocation results of this driver only, asks the
-//! driver, and records the result in the checkpoint before answering.
+//! driver, writes the claim's CDI spec and records both in the checkpoint
+//! before answering. A claim answered from the record has its spec
+//! written again first, wherever it is missing or different (a reboot
+//! empties `/var/run/cdi`, a tmpfs, and keeps the checkpoint on disk).
+//! Namespace, name and UID are checked ([`crate::check_claim_ref`]) before
+//! they reach a path or a URL.
 //! Both calls are idempotent: a claim prepared before answers from the
 //! record, a claim not prepared unprepares as a success. A failure of one
 //! claim is that claim's `error`; the others are answered as usual.
@@ -24,8 +29,11 @@ use tokio::net::UnixListener;
 use tokio::sync::{Mutex, watch};
 use tonic::{Request, Response, Status};
 
+use devplugin_api::cdi::{ContainerEdits, SpecDevice};
+
+use crate::cdi::ClaimSpecs;
 use crate::checkpoint::{Checkpoint, CheckpointError, Loaded, PreparedClaim, PreparedDevice};
-use crate::names::DriverName;
+use crate::names::{DriverName, check_claim_ref};
 use crate::pb::{dra_v1 as v1, dra_v1beta1 as v1beta1};
 
 /// A ResourceClaim as the kubelet names it.
@@ -125,6 +133,22 @@ pub struct Allocated {
     pub device: String,
 }
 
+/// One allocated device as the driver prepared it: what the kubelet is
+/// told and what the container gets. Devices of one claim with the same
+/// `device` share one CDI device (the first one's edits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicePrepared {
+    /// The claim's requests the device serves.
+    pub requests: Vec<String>,
+    /// The pool.
+    pub pool: String,
+    /// The device.
+    pub device: String,
+    /// What the container runtime adds for it (device nodes, mounts,
+    /// environment), written by the framework into the claim's CDI spec.
+    pub edits: ContainerEdits,
+}
+
 /// A driver's own failure, shown to the kubelet (and in the pod's events).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -133,8 +157,11 @@ pub struct DriverError(pub String);
 /// What a DRA driver does; the framework does the rest.
 pub trait Driver: Send + Sync + 'static {
     /// Prepares the devices allocated to `claim` (this driver's only) and
-    /// says, per device, what the container runtime is to add. Called once
-    /// per claim: a claim prepared before is answered from the checkpoint.
+    /// says, per device, what the container runtime is to add; the
+    /// framework writes the claim's CDI spec. Called once per claim: a
+    /// claim prepared before is answered from the checkpoint (a claim
+    /// whose record was rebuilt from its spec is prepared again in full,
+    /// under the same UID).
     ///
     /// # Errors
     /// The claim's failure, for the kubelet.
@@ -142,11 +169,12 @@ pub trait Driver: Send + Sync + 'static {
         &self,
         claim: &ClaimRef,
         devices: &[Allocated],
-    ) -> Result<Vec<PreparedDevice>, DriverError>;
+    ) -> Result<Vec<DevicePrepared>, DriverError>;
 
-    /// Undoes `prepare`. `prepared` is what was recorded, or `None` when
-    /// there is no record (a lost checkpoint): clean up by the claim's UID
-    /// then, or do nothing.
+    /// Undoes `prepare` (the framework removes the CDI spec after it).
+    /// `prepared` is what was recorded, or `None` when there is no record:
+    /// clean up by the claim's UID then, or do nothing. Also called to
+    /// undo a prepare whose spec or record could not be written.
     ///
     /// # Errors
     /// The claim's failure, for the kubelet (it will call again).
@@ -163,23 +191,27 @@ pub struct DraConfig {
     driver: DriverName,
     endpoint: PathBuf,
     checkpoint: PathBuf,
+    specs: ClaimSpecs,
 }
 
 impl DraConfig {
     /// `driver`'s DRA service on the socket `endpoint` (the path its
     /// registration gives the kubelet), remembering prepared claims in the
     /// file `checkpoint` (normally in the plugin's data directory,
-    /// `/var/lib/kubelet/plugins/<driver>/`).
+    /// `/var/lib/kubelet/plugins/<driver>/`, on disk) and writing each
+    /// claim's CDI spec with `specs` (normally in `/var/run/cdi`, a tmpfs).
     #[must_use]
     pub fn new(
         driver: DriverName,
         endpoint: impl Into<PathBuf>,
         checkpoint: impl Into<PathBuf>,
+        specs: ClaimSpecs,
     ) -> Self {
         Self {
             driver,
             endpoint: endpoint.into(),
             checkpoint: checkpoint.into(),
+            specs,
         }
     }
 }
@@ -206,21 +238,105 @@ struct Core<D, S> {
     driver_name: DriverName,
     driver: Arc<D>,
     claims: Arc<S>,
+    specs: ClaimSpecs,
     checkpoint: Mutex<Checkpoint>,
+}
+
+/// What the framework did with the checkpoint and the CDI specs at start:
+/// a driver reports it (log, metric, an Event on its Node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartReport {
+    /// What loading the checkpoint found.
+    pub loaded: Loaded,
+    /// Claims whose record was rebuilt from their CDI spec (the
+    /// checkpoint was missing or corrupt while specs were on disk).
+    pub rebuilt: Vec<String>,
+    /// Claims whose CDI spec was missing or different and was written
+    /// again from the record (after a reboot, typically).
+    pub rewritten: Vec<String>,
+    /// Spec files of claims not in a checkpoint read whole (a crash
+    /// between writing a spec and recording it), removed.
+    pub removed: Vec<String>,
+    /// What could not be done, one sentence each (the rest went on).
+    pub problems: Vec<String>,
+}
+
+impl StartReport {
+    /// Whether the record had to be rebuilt or specs written again or
+    /// anything failed: worth an operator's attention.
+    #[must_use]
+    pub fn recovered(&self) -> bool {
+        !self.rebuilt.is_empty()
+            || !self.rewritten.is_empty()
+            || !self.problems.is_empty()
+            || matches!(self.loaded, Loaded::Corrupt { .. })
+    }
 }
 
 /// One claim's answer.
 type Answer = Result<Vec<PreparedDevice>, String>;
 
+/// Where a claim's answer comes from.
+enum Found {
+    /// Looked up: its allocation results.
+    Allocation(Vec<AllocationResult>),
+    /// Prepared before: the record.
+    Recorded(PreparedClaim),
+}
+
 impl<D: Driver, S: ClaimSource> Core<D, S> {
+    /// Whether a record can answer a prepare: not rebuilt, and its spec
+    /// can be written again (or, for an older record, is still there).
+    fn answerable(&self, uid: &str, p: &PreparedClaim) -> bool {
+        !p.rebuilt && (!p.cdi_devices.is_empty() || self.specs.exists(uid))
+    }
+
+    /// The record's answer, after its spec is on disk with the recorded
+    /// content.
+    fn answer_recorded(&self, uid: &str, p: PreparedClaim) -> Answer {
+        if !p.cdi_devices.is_empty() {
+            match self.specs.write_devices(uid, &p.cdi_devices) {
+                Ok(true) => {
+                    tracing::warn!(
+                        claim = uid,
+                        "the claim's CDI spec was missing or changed; written again from the record"
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    return Err(format!(
+                        "could not write the claim's CDI spec again: {}",
+                        ops_kit::Chain(&e)
+                    ));
+                }
+            }
+        }
+        Ok(p.devices)
+    }
+
     async fn prepare(&self, claims: Vec<ClaimRef>) -> Vec<(String, Answer)> {
         // Lookups first, outside the lock (they wait on the API server).
         let mut looked = Vec::with_capacity(claims.len());
         for claim in claims {
-            let known = self.checkpoint.lock().await.get(&claim.uid).cloned();
+            if let Err(e) = check_claim_ref(&claim.namespace, &claim.name, &claim.uid) {
+                looked.push((claim, Err(e.to_string())));
+                continue;
+            }
+            let known = self
+                .checkpoint
+                .lock()
+                .await
+                .get(&claim.uid)
+                .filter(|p| self.answerable(&claim.uid, p))
+                .cloned();
             let found = match known {
-                Some(p) => Ok(Err(p)),
-                None => self.claims.allocation(&claim).await.map(Ok),
+                Some(p) => Ok(Found::Recorded(p)),
+                None => self
+                    .claims
+                    .allocation(&claim)
+                    .await
+                    .map(Found::Allocation)
+                    .map_err(|e| e.to_string()),
             };
             looked.push((claim, found));
         }
@@ -228,10 +344,12 @@ impl<D: Driver, S: ClaimSource> Core<D, S> {
         let mut checkpoint = self.checkpoint.lock().await;
         for (claim, found) in looked {
             let answer = match found {
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e),
                 // Prepared before: the same answer again.
-                Ok(Err(prepared)) => Ok(prepared.devices),
-                Ok(Ok(results)) => self.prepare_one(&mut checkpoint, &claim, &results).await,
+                Ok(Found::Recorded(prepared)) => self.answer_recorded(&claim.uid, prepared),
+                Ok(Found::Allocation(results)) => {
+                    self.prepare_one(&mut checkpoint, &claim, &results).await
+                }
             };
             if let Err(e) = &answer {
                 tracing::warn!(claim = %claim, error = %e, "could not prepare");
@@ -247,9 +365,12 @@ impl<D: Driver, S: ClaimSource> Core<D, S> {
         claim: &ClaimRef,
         results: &[AllocationResult],
     ) -> Answer {
-        // Another instance may have prepared it meanwhile.
-        if let Some(p) = checkpoint.get(&claim.uid) {
-            return Ok(p.devices.clone());
+        // Another call may have prepared it meanwhile.
+        let before = checkpoint.get(&claim.uid).cloned();
+        if let Some(p) = &before
+            && self.answerable(&claim.uid, p)
+        {
+            return self.answer_recorded(&claim.uid, p.clone());
         }
         let ours: Vec<Allocated> = results
             .iter()
@@ -269,27 +390,80 @@ impl<D: Driver, S: ClaimSource> Core<D, S> {
         }
         let driver = Arc::clone(&self.driver);
         let (c, o) = (claim.clone(), ours);
-        let devices = tokio::task::spawn_blocking(move || driver.prepare(&c, &o))
+        let prepared = tokio::task::spawn_blocking(move || driver.prepare(&c, &o))
             .await
             .map_err(|e| format!("the driver's prepare did not finish: {e}"))?
             .map_err(|e| e.0)?;
-        let record = PreparedClaim {
+        let record = self.record(claim, &prepared);
+        // Spec and record written before it is answered: an answer the
+        // kubelet acts on names a spec on disk, and is never one the next
+        // instance has forgotten.
+        let saved = self
+            .specs
+            .write_devices(&claim.uid, &record.cdi_devices)
+            .map_err(|e| {
+                format!(
+                    "could not write the claim's CDI spec: {}",
+                    ops_kit::Chain(&e)
+                )
+            })
+            .and_then(|_| {
+                checkpoint
+                    .insert(&claim.uid, record.clone())
+                    .map_err(|e| format!("{}", ops_kit::Chain(&e)))
+            });
+        if let Err(e) = saved {
+            // Undone, unless a running container may still use it (a
+            // record rebuilt from its spec).
+            if before.is_none() {
+                let driver = Arc::clone(&self.driver);
+                let (c, r) = (claim.clone(), record);
+                let _ = tokio::task::spawn_blocking(move || driver.unprepare(&c, Some(&r))).await;
+                let _ = self.specs.remove(&claim.uid);
+            }
+            return Err(e);
+        }
+        Ok(record.devices)
+    }
+
+    /// The record of a prepared claim: one CDI device per distinct device.
+    fn record(&self, claim: &ClaimRef, prepared: &[DevicePrepared]) -> PreparedClaim {
+        let mut cdi_devices: Vec<SpecDevice> = Vec::new();
+        let mut devices = Vec::with_capacity(prepared.len());
+        for d in prepared {
+            let name = ClaimSpecs::device_name(&claim.uid, &d.device);
+            if !cdi_devices.iter().any(|s| s.name == name) {
+                cdi_devices.push(SpecDevice {
+                    name: name.clone(),
+                    annotations: BTreeMap::new(),
+                    container_edits: d.edits.clone(),
+                });
+            }
+            devices.push(PreparedDevice {
+                requests: d.requests.clone(),
+                pool: d.pool.clone(),
+                device: d.device.clone(),
+                cdi_device_ids: vec![self.specs.qualified(&name)],
+            });
+        }
+        PreparedClaim {
             namespace: claim.namespace.clone(),
             name: claim.name.clone(),
-            devices: devices.clone(),
-        };
-        // Recorded before it is answered: an answer the kubelet acts on is
-        // never one the next instance has forgotten.
-        checkpoint
-            .insert(&claim.uid, record)
-            .map_err(|e| format!("{}", ops_kit::Chain(&e)))?;
-        Ok(devices)
+            devices,
+            cdi_devices,
+            rebuilt: false,
+        }
     }
 
     async fn unprepare(&self, claims: Vec<ClaimRef>) -> Vec<(String, Result<(), String>)> {
         let mut checkpoint = self.checkpoint.lock().await;
         let mut out = Vec::with_capacity(claims.len());
         for claim in claims {
+            if let Err(e) = check_claim_ref(&claim.namespace, &claim.name, &claim.uid) {
+                tracing::warn!(error = %e, "unprepare refused");
+                out.push((claim.uid, Err(e.to_string())));
+                continue;
+            }
             let prepared = checkpoint.get(&claim.uid).cloned();
             let driver = Arc::clone(&self.driver);
             let c = claim.clone();
@@ -298,6 +472,14 @@ impl<D: Driver, S: ClaimSource> Core<D, S> {
                 .await
                 .map_err(|e| format!("the driver's unprepare did not finish: {e}"))
                 .and_then(|r| r.map_err(|e| e.0))
+                .and_then(|()| {
+                    self.specs.remove(&claim.uid).map_err(|e| {
+                        format!(
+                            "could not remove the claim's CDI spec: {}",
+                            ops_kit::Chain(&e)
+                        )
+                    })
+                })
                 .and_then(|()| {
                     checkpoint
                         .remove(&claim.uid)
@@ -310,6 +492,98 @@ impl<D: Driver, S: ClaimSource> Core<D, S> {
         }
         out
     }
+}
+
+/// Brings the record and the CDI specs in step at start (see
+/// [`StartReport`]): a record read whole has every claim's spec written
+/// again where missing or different, and specs of claims it does not hold
+/// removed; a missing or corrupt record is rebuilt from the specs on disk
+/// and nothing is removed.
+fn reconcile(
+    checkpoint: &mut Checkpoint,
+    loaded: Loaded,
+    specs: &ClaimSpecs,
+) -> Result<StartReport, CheckpointError> {
+    let mut report = StartReport {
+        loaded: loaded.clone(),
+        rebuilt: Vec::new(),
+        rewritten: Vec::new(),
+        removed: Vec::new(),
+        problems: Vec::new(),
+    };
+    if loaded == Loaded::Read {
+        for (uid, claim) in checkpoint.claims() {
+            if claim.cdi_devices.is_empty() {
+                if !specs.exists(uid) {
+                    report.problems.push(format!(
+                        "claim {uid}: its CDI spec is missing and its record (an older version's) does not hold it; its next prepare is done in full"
+                    ));
+                }
+                continue;
+            }
+            match specs.write_devices(uid, &claim.cdi_devices) {
+                Ok(true) => report.rewritten.push(uid.clone()),
+                Ok(false) => {}
+                Err(e) => report.problems.push(format!(
+                    "claim {uid}: could not write its CDI spec again: {}",
+                    ops_kit::Chain(&e)
+                )),
+            }
+        }
+        match specs.retain(checkpoint.claims().keys()) {
+            Ok(removed) => report.removed = removed,
+            Err(e) => report.problems.push(format!(
+                "could not tidy the CDI directory: {}",
+                ops_kit::Chain(&e)
+            )),
+        }
+        return Ok(report);
+    }
+    // Missing or corrupt: the specs on disk are the truth; never swept.
+    let found = match specs.list() {
+        Ok(found) => found,
+        Err(e) => {
+            report.problems.push(format!(
+                "could not list the CDI directory to rebuild the record: {}",
+                ops_kit::Chain(&e)
+            ));
+            return Ok(report);
+        }
+    };
+    let mut rebuilt = BTreeMap::new();
+    for (uid, devices) in found {
+        let devices = match devices {
+            Ok(d) => d,
+            Err(why) => {
+                report.problems.push(format!(
+                    "claim {uid}: its CDI spec cannot be read back ({why}); left as it is"
+                ));
+                continue;
+            }
+        };
+        let own = format!("{uid}-");
+        let claim = PreparedClaim {
+            namespace: String::new(),
+            name: String::new(),
+            devices: devices
+                .iter()
+                .map(|d| PreparedDevice {
+                    requests: Vec::new(),
+                    pool: String::new(),
+                    device: d.name.strip_prefix(&own).unwrap_or(&d.name).to_owned(),
+                    cdi_device_ids: vec![specs.qualified(&d.name)],
+                })
+                .collect(),
+            cdi_devices: devices,
+            rebuilt: true,
+        };
+        rebuilt.insert(uid, claim);
+    }
+    if !rebuilt.is_empty() {
+        report.rebuilt = rebuilt.keys().cloned().collect();
+        checkpoint.rebuild(rebuilt)?;
+    }
+    Ok(report)
 }
 
 macro_rules! dra_service {
@@ -405,7 +679,7 @@ pub struct DraServer {
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
     socket: PathBuf,
-    loaded: Loaded,
+    report: StartReport,
     initial: BTreeMap<String, PreparedClaim>,
 }
 
@@ -422,20 +696,9 @@ impl DraServer {
         driver: Arc<D>,
         claims: Arc<S>,
     ) -> Result<Self, DraError> {
-        let (checkpoint, loaded) = Checkpoint::load(&config.checkpoint)?;
-        match &loaded {
-            Loaded::Corrupt { reason, aside } => tracing::error!(
-                checkpoint = %config.checkpoint.display(),
-                aside = %aside.display(),
-                %reason,
-                "the checkpoint is not readable; moved aside, starting with no prepared claims"
-            ),
-            Loaded::Read => tracing::info!(
-                claims = checkpoint.claims().len(),
-                "prepared claims read from the checkpoint"
-            ),
-            Loaded::Fresh => {}
-        }
+        let (mut checkpoint, loaded) = Checkpoint::load(&config.checkpoint)?;
+        let report = reconcile(&mut checkpoint, loaded, &config.specs)?;
+        log_start(&config.checkpoint, &report, checkpoint.claims().len());
         let listen = |source| DraError::Listen {
             path: config.endpoint.clone(),
             source,
@@ -450,6 +713,7 @@ impl DraServer {
             driver_name: config.driver.clone(),
             driver,
             claims,
+            specs: config.specs.clone(),
             checkpoint: Mutex::new(checkpoint),
         });
         let (stop, mut stop_rx) = watch::channel(false);
@@ -480,7 +744,7 @@ impl DraServer {
             stop,
             task: Some(task),
             socket,
-            loaded,
+            report,
             initial,
         })
     }
@@ -502,7 +766,14 @@ impl DraServer {
     /// What loading the checkpoint found.
     #[must_use]
     pub fn checkpoint_loaded(&self) -> &Loaded {
-        &self.loaded
+        &self.report.loaded
+    }
+
+    /// What was done at start to bring the record and the CDI specs in
+    /// step.
+    #[must_use]
+    pub fn start_report(&self) -> &StartReport {
+        &self.report
     }
 
     /// The endpoint socket.
@@ -531,6 +802,35 @@ impl DraServer {
 impl Drop for DraServer {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+    }
+}
+
+fn log_start(path: &Path, report: &StartReport, claims: usize) {
+    let checkpoint = path.display();
+    match &report.loaded {
+        Loaded::Corrupt { reason, aside } => tracing::error!(
+            %checkpoint,
+            aside = %aside.display(),
+            %reason,
+            rebuilt = report.rebuilt.len(),
+            "the checkpoint is not readable; moved aside, the record rebuilt from the claims' CDI specs, nothing removed"
+        ),
+        Loaded::Fresh if !report.rebuilt.is_empty() => tracing::error!(
+            %checkpoint,
+            rebuilt = report.rebuilt.len(),
+            "the checkpoint is missing while claims' CDI specs are on disk; the record rebuilt from them, nothing removed"
+        ),
+        Loaded::Read => tracing::info!(claims, "prepared claims read from the checkpoint"),
+        Loaded::Fresh => {}
+    }
+    if !report.rewritten.is_empty() {
+        tracing::warn!(claims = ?report.rewritten, "CDI specs missing or changed (a reboot?); written again from the record");
+    }
+    if !report.removed.is_empty() {
+        tracing::info!(files = ?report.removed, "CDI specs of claims never recorded removed");
+    }
+    for problem in &report.problems {
+        tracing::error!(%problem, "at start");
     }
 }
 

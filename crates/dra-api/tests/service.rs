@@ -66,7 +66,7 @@ impl Driver for NullDriver {
         &self,
         claim: &ClaimRef,
         devices: &[Allocated],
-    ) -> Result<Vec<PreparedDevice>, DriverError> {
+    ) -> Result<Vec<DevicePrepared>, DriverError> {
         if devices.iter().any(|d| d.device == "broken") {
             return Err(DriverError("device broken is on fire".into()));
         }
@@ -76,11 +76,14 @@ impl Driver for NullDriver {
         ));
         Ok(devices
             .iter()
-            .map(|d| PreparedDevice {
+            .map(|d| DevicePrepared {
                 requests: vec![d.request.clone()],
                 pool: d.pool.clone(),
                 device: d.device.clone(),
-                cdi_device_ids: vec![format!("example.com/null={}-{}", claim.uid, d.device)],
+                edits: devplugin_api::cdi::ContainerEdits {
+                    env: vec![format!("NULL={}", d.device)],
+                    ..Default::default()
+                },
             })
             .collect())
     }
@@ -142,6 +145,18 @@ impl Node {
             .join("dra.sock")
     }
 
+    fn cdi_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("cdi")
+    }
+
+    fn specs(&self) -> dra_api::cdi::ClaimSpecs {
+        dra_api::cdi::ClaimSpecs::new(
+            self.cdi_dir(),
+            "example.com/null",
+            "null.example.com-claim_",
+        )
+    }
+
     fn checkpoint(&self) -> std::path::PathBuf {
         self.dir
             .path()
@@ -155,7 +170,12 @@ impl Node {
     async fn start_driver(&self) -> (DraServer, Registrar) {
         let name = DriverName::new(DRIVER).unwrap();
         let server = DraServer::start(
-            DraConfig::new(name.clone(), self.endpoint(), self.checkpoint()),
+            DraConfig::new(
+                name.clone(),
+                self.endpoint(),
+                self.checkpoint(),
+                self.specs(),
+            ),
             Arc::clone(&self.driver),
             Arc::clone(&self.claims),
         )
@@ -193,7 +213,7 @@ async fn prepare_and_unprepare_through_each_service_version_idempotently() {
         let node = Node::new(version);
         node.claims.put(
             "gpu",
-            "uid-1",
+            "00000000-0000-4000-8000-000000000001",
             Some(vec![
                 result(DRIVER, "gpus/fast", "dev-0"),
                 result("other.example.com", "nic", "nic-0"),
@@ -203,10 +223,12 @@ async fn prepare_and_unprepare_through_each_service_version_idempotently() {
         let (server, registrar) = node.start_driver().await;
         let answers = node
             .watcher
-            .prepare(DRIVER, &[id("gpu", "uid-1")])
+            .prepare(DRIVER, &[id("gpu", "00000000-0000-4000-8000-000000000001")])
             .await
             .unwrap();
-        let devices = answers["uid-1"].as_ref().unwrap();
+        let devices = answers["00000000-0000-4000-8000-000000000001"]
+            .as_ref()
+            .unwrap();
         let names: Vec<&str> = devices.iter().map(|d| d.device.as_str()).collect();
         assert_eq!(
             names,
@@ -215,16 +237,16 @@ async fn prepare_and_unprepare_through_each_service_version_idempotently() {
         );
         assert_eq!(devices[0].requests, ["gpus"], "a subrequest's main request");
         assert_eq!(
-            cdi(&answers["uid-1"]),
+            cdi(&answers["00000000-0000-4000-8000-000000000001"]),
             [
-                "example.com/null=uid-1-dev-0",
-                "example.com/null=uid-1-dev-1"
+                "example.com/null=00000000-0000-4000-8000-000000000001-dev-0",
+                "example.com/null=00000000-0000-4000-8000-000000000001-dev-1"
             ]
         );
         // Again: the same answer, the driver not asked twice.
         let again = node
             .watcher
-            .prepare(DRIVER, &[id("gpu", "uid-1")])
+            .prepare(DRIVER, &[id("gpu", "00000000-0000-4000-8000-000000000001")])
             .await
             .unwrap();
         assert_eq!(again, answers);
@@ -232,19 +254,22 @@ async fn prepare_and_unprepare_through_each_service_version_idempotently() {
         // Unprepared with what was recorded; again: still a success.
         let done = node
             .watcher
-            .unprepare(DRIVER, &[id("gpu", "uid-1")])
+            .unprepare(DRIVER, &[id("gpu", "00000000-0000-4000-8000-000000000001")])
             .await
             .unwrap();
-        assert_eq!(done["uid-1"], Ok(()));
+        assert_eq!(done["00000000-0000-4000-8000-000000000001"], Ok(()));
         let done = node
             .watcher
-            .unprepare(DRIVER, &[id("gpu", "uid-1")])
+            .unprepare(DRIVER, &[id("gpu", "00000000-0000-4000-8000-000000000001")])
             .await
             .unwrap();
-        assert_eq!(done["uid-1"], Ok(()));
+        assert_eq!(done["00000000-0000-4000-8000-000000000001"], Ok(()));
         assert_eq!(
             *node.driver.unprepared.lock().unwrap(),
-            [("uid-1".to_owned(), true), ("uid-1".to_owned(), false)]
+            [
+                ("00000000-0000-4000-8000-000000000001".to_owned(), true),
+                ("00000000-0000-4000-8000-000000000001".to_owned(), false)
+            ]
         );
         registrar.stop().await;
         server.stop().await;
@@ -254,22 +279,26 @@ async fn prepare_and_unprepare_through_each_service_version_idempotently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_bad_claim_gets_its_own_error_and_the_rest_are_prepared() {
     let node = Node::new(KubeletVersion::V1_34);
-    node.claims
-        .put("good", "uid-good", Some(vec![result(DRIVER, "r", "dev-0")]));
+    node.claims.put(
+        "good",
+        "00000000-0000-4000-8000-000000000002",
+        Some(vec![result(DRIVER, "r", "dev-0")]),
+    );
     node.claims.put(
         "replaced",
-        "uid-new",
+        "00000000-0000-4000-8000-000000000003",
         Some(vec![result(DRIVER, "r", "dev-1")]),
     );
-    node.claims.put("pending", "uid-pending", None);
+    node.claims
+        .put("pending", "00000000-0000-4000-8000-000000000004", None);
     node.claims.put(
         "theirs",
-        "uid-theirs",
+        "00000000-0000-4000-8000-000000000005",
         Some(vec![result("other.example.com", "r", "x")]),
     );
     node.claims.put(
         "burning",
-        "uid-burning",
+        "00000000-0000-4000-8000-000000000006",
         Some(vec![result(DRIVER, "r", "broken")]),
     );
     let (server, registrar) = node.start_driver().await;
@@ -278,33 +307,48 @@ async fn each_bad_claim_gets_its_own_error_and_the_rest_are_prepared() {
         .prepare(
             DRIVER,
             &[
-                id("good", "uid-good"),
-                id("missing", "uid-missing"),
-                id("replaced", "uid-old"),
-                id("pending", "uid-pending"),
-                id("theirs", "uid-theirs"),
-                id("burning", "uid-burning"),
+                id("good", "00000000-0000-4000-8000-000000000002"),
+                id("missing", "00000000-0000-4000-8000-000000000007"),
+                id("replaced", "00000000-0000-4000-8000-000000000008"),
+                id("pending", "00000000-0000-4000-8000-000000000004"),
+                id("theirs", "00000000-0000-4000-8000-000000000005"),
+                id("burning", "00000000-0000-4000-8000-000000000006"),
             ],
         )
         .await
         .unwrap();
     assert_eq!(
-        cdi(&answers["uid-good"]),
-        ["example.com/null=uid-good-dev-0"]
+        cdi(&answers["00000000-0000-4000-8000-000000000002"]),
+        ["example.com/null=00000000-0000-4000-8000-000000000002-dev-0"]
     );
     for (uid, want) in [
-        ("uid-missing", "default/missing does not exist"),
-        ("uid-old", "has UID uid-new, not uid-old"),
-        ("uid-pending", "is not allocated"),
-        ("uid-theirs", "has no device of driver null.example.com"),
-        ("uid-burning", "device broken is on fire"),
+        (
+            "00000000-0000-4000-8000-000000000007",
+            "default/missing does not exist",
+        ),
+        (
+            "00000000-0000-4000-8000-000000000008",
+            "has UID 00000000-0000-4000-8000-000000000003, not 00000000-0000-4000-8000-000000000008",
+        ),
+        ("00000000-0000-4000-8000-000000000004", "is not allocated"),
+        (
+            "00000000-0000-4000-8000-000000000005",
+            "has no device of driver null.example.com",
+        ),
+        (
+            "00000000-0000-4000-8000-000000000006",
+            "device broken is on fire",
+        ),
     ] {
         let e = answers[uid].as_ref().unwrap_err();
         assert!(e.contains(want), "{uid}: {e}");
     }
     // Nothing failed was recorded: a later prepare asks again.
     let (c, _) = dra_api::checkpoint::Checkpoint::load(&node.checkpoint()).unwrap();
-    assert_eq!(c.claims().keys().collect::<Vec<_>>(), ["uid-good"]);
+    assert_eq!(
+        c.claims().keys().collect::<Vec<_>>(),
+        ["00000000-0000-4000-8000-000000000002"]
+    );
     registrar.stop().await;
     server.stop().await;
 }
@@ -312,12 +356,15 @@ async fn each_bad_claim_gets_its_own_error_and_the_rest_are_prepared() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_claims_survive_a_driver_restart_and_a_kubelet_restart() {
     let mut node = Node::new(KubeletVersion::V1_34);
-    node.claims
-        .put("gpu", "uid-1", Some(vec![result(DRIVER, "r", "dev-0")]));
+    node.claims.put(
+        "gpu",
+        "00000000-0000-4000-8000-000000000001",
+        Some(vec![result(DRIVER, "r", "dev-0")]),
+    );
     let (server, registrar) = node.start_driver().await;
     let first = node
         .watcher
-        .prepare(DRIVER, &[id("gpu", "uid-1")])
+        .prepare(DRIVER, &[id("gpu", "00000000-0000-4000-8000-000000000001")])
         .await
         .unwrap();
     registrar.stop().await;
@@ -337,19 +384,19 @@ async fn prepared_claims_survive_a_driver_restart_and_a_kubelet_restart() {
         .unwrap();
     let again = node
         .watcher
-        .prepare(DRIVER, &[id("gpu", "uid-1")])
+        .prepare(DRIVER, &[id("gpu", "00000000-0000-4000-8000-000000000001")])
         .await
         .unwrap();
     assert_eq!(again, first, "answered from the checkpoint");
     let done = node
         .watcher
-        .unprepare(DRIVER, &[id("gpu", "uid-1")])
+        .unprepare(DRIVER, &[id("gpu", "00000000-0000-4000-8000-000000000001")])
         .await
         .unwrap();
-    assert_eq!(done["uid-1"], Ok(()));
+    assert_eq!(done["00000000-0000-4000-8000-000000000001"], Ok(()));
     assert_eq!(
         *node.driver.unprepared.lock().unwrap(),
-        [("uid-1".to_owned(), true)],
+        [("00000000-0000-4000-8000-000000000001".to_owned(), true)],
         "unprepared with what the previous instance prepared"
     );
     registrar.stop().await;
@@ -361,8 +408,11 @@ async fn a_corrupt_checkpoint_is_set_aside_and_the_driver_still_serves() {
     let node = Node::new(KubeletVersion::V1_34);
     std::fs::create_dir_all(node.checkpoint().parent().unwrap()).unwrap();
     std::fs::write(node.checkpoint(), "{\"version\": 1, \"claims\": {").unwrap();
-    node.claims
-        .put("gpu", "uid-1", Some(vec![result(DRIVER, "r", "dev-0")]));
+    node.claims.put(
+        "gpu",
+        "00000000-0000-4000-8000-000000000001",
+        Some(vec![result(DRIVER, "r", "dev-0")]),
+    );
     let (server, registrar) = node.start_driver().await;
     assert!(matches!(
         server.checkpoint_loaded(),
@@ -372,10 +422,10 @@ async fn a_corrupt_checkpoint_is_set_aside_and_the_driver_still_serves() {
     assert!(aside.exists(), "kept for the operator");
     let answers = node
         .watcher
-        .prepare(DRIVER, &[id("gpu", "uid-1")])
+        .prepare(DRIVER, &[id("gpu", "00000000-0000-4000-8000-000000000001")])
         .await
         .unwrap();
-    assert!(answers["uid-1"].is_ok());
+    assert!(answers["00000000-0000-4000-8000-000000000001"].is_ok());
     registrar.stop().await;
     server.stop().await;
 }
@@ -417,6 +467,219 @@ async fn health_streams_the_whole_list_at_once_and_on_every_change() {
     // Kubelets before 1.34 have no health stream.
     let old = PluginWatcher::start(&node.dir.path().join("other"), KubeletVersion::V1_32).unwrap();
     assert!(old.watch_health(DRIVER).await.is_err());
+    registrar.stop().await;
+    server.stop().await;
+}
+
+/// Every CDI name in the answer resolves to a device of a spec file on
+/// disk (what the container runtime does before it starts the container).
+fn resolves_on_disk(node: &Node, answer: &kubelet_emulator::ClaimAnswer) {
+    let mut on_disk = Vec::new();
+    for entry in std::fs::read_dir(node.cdi_dir()).unwrap() {
+        let text = std::fs::read(entry.unwrap().path()).unwrap();
+        let spec = devplugin_api::cdi::Spec::from_json(&text).unwrap();
+        on_disk.extend(
+            spec.devices
+                .iter()
+                .map(|d| format!("{}={}", spec.kind, d.name)),
+        );
+    }
+    let names = cdi(answer);
+    assert!(!names.is_empty());
+    for name in names {
+        assert!(
+            on_disk.contains(&name),
+            "{name} not in a spec on disk: {on_disk:?}"
+        );
+    }
+}
+
+const UID_A: &str = "0000000a-0000-4000-8000-00000000000a";
+const UID_B: &str = "0000000b-0000-4000-8000-00000000000b";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_that_empties_the_cdi_directory_loses_no_spec() {
+    let mut node = Node::new(KubeletVersion::V1_34);
+    node.claims
+        .put("a", UID_A, Some(vec![result(DRIVER, "r", "dev-0")]));
+    let (server, registrar) = node.start_driver().await;
+    let first = node
+        .watcher
+        .prepare(DRIVER, &[id("a", UID_A)])
+        .await
+        .unwrap();
+    resolves_on_disk(&node, &first[UID_A]);
+    // While it runs: someone removes the spec; the next answer from the
+    // record writes it first.
+    std::fs::remove_dir_all(node.cdi_dir()).unwrap();
+    let again = node
+        .watcher
+        .prepare(DRIVER, &[id("a", UID_A)])
+        .await
+        .unwrap();
+    assert_eq!(again, first);
+    resolves_on_disk(&node, &again[UID_A]);
+    // A reboot: the driver dies without stopping (kill -9), /var/run/cdi
+    // (a tmpfs) comes back empty, the checkpoint (on disk) stays, the
+    // kubelet restarts and prepares its pods' claims again.
+    drop(registrar);
+    drop(server);
+    node.watcher
+        .wait_until(LIMIT, |v| v.plugins.is_empty())
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(node.cdi_dir()).unwrap();
+    node.claims.0.lock().unwrap().clear();
+    let (server, registrar) = node.start_driver().await;
+    assert_eq!(server.start_report().rewritten, [UID_A], "written at start");
+    std::fs::remove_dir_all(node.cdi_dir()).unwrap();
+    node.watcher.restart().await.unwrap();
+    node.watcher
+        .wait_until(LIMIT, |v| v.plugins.contains_key(DRIVER))
+        .await
+        .unwrap();
+    let after = node
+        .watcher
+        .prepare(DRIVER, &[id("a", UID_A)])
+        .await
+        .unwrap();
+    assert_eq!(after, first, "the record's answer");
+    resolves_on_disk(&node, &after[UID_A]);
+    assert_eq!(
+        node.driver.prepared.lock().unwrap().len(),
+        1,
+        "not prepared again"
+    );
+    registrar.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_or_corrupt_checkpoint_is_rebuilt_from_the_specs_and_nothing_is_swept() {
+    for lose in ["corrupt", "missing"] {
+        let mut node = Node::new(KubeletVersion::V1_34);
+        node.claims
+            .put("a", UID_A, Some(vec![result(DRIVER, "r", "dev-0")]));
+        node.claims
+            .put("b", UID_B, Some(vec![result(DRIVER, "r", "dev-1")]));
+        let (server, registrar) = node.start_driver().await;
+        let first = node
+            .watcher
+            .prepare(DRIVER, &[id("a", UID_A), id("b", UID_B)])
+            .await
+            .unwrap();
+        drop(registrar);
+        drop(server);
+        node.watcher
+            .wait_until(LIMIT, |v| v.plugins.is_empty())
+            .await
+            .unwrap();
+        match lose {
+            "corrupt" => std::fs::write(node.checkpoint(), "{\"version\": 1, \"cla").unwrap(),
+            _ => std::fs::remove_file(node.checkpoint()).unwrap(),
+        }
+        let specs_before: Vec<_> = std::fs::read_dir(node.cdi_dir())
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        let (server, registrar) = node.start_driver().await;
+        let report = server.start_report().clone();
+        assert_eq!(report.rebuilt, [UID_A, UID_B], "{lose}");
+        assert!(
+            report.removed.is_empty() && report.recovered(),
+            "{lose}: {report:?}"
+        );
+        // Nothing swept: every running pod keeps its spec, byte for byte.
+        let specs_after: Vec<_> = std::fs::read_dir(node.cdi_dir())
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        assert_eq!(specs_after.len(), 2);
+        for s in &specs_before {
+            assert!(specs_after.contains(s), "{lose}: a spec changed or went");
+        }
+        // The driver learns which devices are in use.
+        let devices: Vec<_> = server
+            .initial_claims()
+            .values()
+            .flat_map(|c| c.devices.iter().map(|d| d.device.clone()))
+            .collect();
+        assert_eq!(devices, ["dev-0", "dev-1"], "{lose}");
+        // The kubelet settles the rest: a prepare is done in full (the
+        // requests come back), an unprepare removes the spec.
+        node.watcher.restart().await.unwrap();
+        node.watcher
+            .wait_until(LIMIT, |v| v.plugins.contains_key(DRIVER))
+            .await
+            .unwrap();
+        let again = node
+            .watcher
+            .prepare(DRIVER, &[id("a", UID_A)])
+            .await
+            .unwrap();
+        assert_eq!(again[UID_A], first[UID_A], "{lose}");
+        resolves_on_disk(&node, &again[UID_A]);
+        let done = node
+            .watcher
+            .unprepare(DRIVER, &[id("b", UID_B)])
+            .await
+            .unwrap();
+        assert_eq!(done[UID_B], Ok(()));
+        assert_eq!(std::fs::read_dir(node.cdi_dir()).unwrap().count(), 1);
+        let (c, _) = dra_api::checkpoint::Checkpoint::load(&node.checkpoint()).unwrap();
+        let a = c.get(UID_A).unwrap();
+        assert!(
+            !a.rebuilt && a.name == "a",
+            "{lose}: completed by the prepare"
+        );
+        assert!(c.get(UID_B).is_none());
+        registrar.stop().await;
+        server.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_references_that_could_steer_a_path_are_refused_per_claim() {
+    let node = Node::new(KubeletVersion::V1_34);
+    node.claims
+        .put("a", UID_A, Some(vec![result(DRIVER, "r", "dev-0")]));
+    let (server, registrar) = node.start_driver().await;
+    // A file a hostile UID would reach from the CDI directory.
+    let victim = node.dir.path().join("victim.json");
+    std::fs::write(&victim, "precious").unwrap();
+    std::fs::create_dir_all(node.cdi_dir()).unwrap();
+    let hostile = [
+        id("a", "x/../../victim"),
+        id("../a", UID_B),
+        ClaimId {
+            namespace: "default".into(),
+            name: "a/../../x".into(),
+            uid: UID_B.into(),
+        },
+    ];
+    let mut all = hostile.to_vec();
+    all.push(id("a", UID_A));
+    let answers = node.watcher.prepare(DRIVER, &all).await.unwrap();
+    assert!(answers[UID_A].is_ok(), "the good claim is prepared");
+    assert!(
+        answers["x/../../victim"]
+            .as_ref()
+            .unwrap_err()
+            .contains("claim uid")
+    );
+    let done = node.watcher.unprepare(DRIVER, &hostile[..1]).await.unwrap();
+    assert!(
+        done["x/../../victim"]
+            .as_ref()
+            .unwrap_err()
+            .contains("not a lowercase UUID")
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert_eq!(
+        node.driver.unprepared.lock().unwrap().len(),
+        0,
+        "never reached the driver"
+    );
     registrar.stop().await;
     server.stop().await;
 }

@@ -25,8 +25,8 @@ use devplugin_api::cdi::ContainerEdits;
 use dra_api::cdi::ClaimSpecs;
 use dra_api::slices::{Attribute, DeviceSet, PublisherConfig, SliceDevice, SlicePublisher};
 use dra_api::{
-    Allocated, ClaimRef, DraConfig, DraServer, Driver, DriverError, DriverName, KubeClaims,
-    PreparedClaim, PreparedDevice, Registrar, RegistrarConfig,
+    Allocated, ClaimRef, DevicePrepared, DraConfig, DraServer, Driver, DriverError, DriverName,
+    KubeClaims, PreparedClaim, Registrar, RegistrarConfig,
 };
 
 /// The CDI kind of the fake devices.
@@ -77,57 +77,36 @@ fn args() -> anyhow::Result<Args> {
     Ok(a)
 }
 
-/// Prepares a claim: one CDI spec per claim (an environment variable per
-/// allocated device), through the framework's `ClaimSpecs`.
-struct Null {
-    cdi: ClaimSpecs,
-}
+/// Prepares a claim: an environment variable per allocated device; the
+/// framework writes the claim's CDI spec.
+struct Null;
 
 impl Driver for Null {
     fn prepare(
         &self,
-        claim: &ClaimRef,
+        _claim: &ClaimRef,
         devices: &[Allocated],
-    ) -> Result<Vec<PreparedDevice>, DriverError> {
-        let edits: Vec<(&str, ContainerEdits)> = devices
+    ) -> Result<Vec<DevicePrepared>, DriverError> {
+        Ok(devices
             .iter()
-            .map(|d| {
-                let edits = ContainerEdits {
+            .map(|d| DevicePrepared {
+                requests: vec![d.request.clone()],
+                pool: d.pool.clone(),
+                device: d.device.clone(),
+                edits: ContainerEdits {
                     env: vec![format!(
                         "NULL_DEVICE_{}=1",
                         d.device.replace('-', "_").to_uppercase()
                     )],
                     ..ContainerEdits::default()
-                };
-                (d.device.as_str(), edits)
-            })
-            .collect();
-        let ids = self.cdi.write(&claim.uid, &edits).map_err(|e| {
-            DriverError(format!(
-                "could not write the CDI spec: {}",
-                ops_kit::Chain(&e)
-            ))
-        })?;
-        Ok(devices
-            .iter()
-            .zip(ids)
-            .map(|(d, id)| PreparedDevice {
-                requests: vec![d.request.clone()],
-                pool: d.pool.clone(),
-                device: d.device.clone(),
-                cdi_device_ids: vec![id],
+                },
             })
             .collect())
     }
 
-    fn unprepare(&self, claim: &ClaimRef, _: Option<&PreparedClaim>) -> Result<(), DriverError> {
-        // By the claim's UID: works without a record too.
-        self.cdi.remove(&claim.uid).map_err(|e| {
-            DriverError(format!(
-                "could not remove the CDI spec: {}",
-                ops_kit::Chain(&e)
-            ))
-        })
+    fn unprepare(&self, _claim: &ClaimRef, _: Option<&PreparedClaim>) -> Result<(), DriverError> {
+        // Nothing of its own to undo: the framework removes the spec.
+        Ok(())
     }
 }
 
@@ -157,26 +136,20 @@ async fn run(a: Args) -> anyhow::Result<()> {
         devices,
     );
     let endpoint = plugin_dir.join("dra.sock");
+    // The framework brings the checkpoint and the CDI specs in step at
+    // start: specs written again after a reboot, specs of claims never
+    // recorded removed, a lost record rebuilt from the specs.
     let cdi = ClaimSpecs::new(&a.cdi_dir, CDI_KIND, &format!("{driver}-claim_"));
-    let null = Null { cdi: cdi.clone() };
     let server = DraServer::start(
         DraConfig::new(
             driver.clone(),
             &endpoint,
             plugin_dir.join("prepared-claims.json"),
+            cdi,
         ),
-        Arc::new(null),
+        Arc::new(Null),
         Arc::new(KubeClaims::new(client)),
     )?;
-    // Specs of claims the checkpoint does not hold (a prepare killed
-    // before its record) are nobody's: removed before the kubelet calls.
-    match cdi.retain(server.initial_claims().keys()) {
-        Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "stale CDI specs removed"),
-        Ok(_) => {}
-        Err(error) => {
-            tracing::warn!(error = %ops_kit::Chain(&error), "could not tidy the CDI directory")
-        }
-    }
     let registrar = Registrar::start(RegistrarConfig::new(driver, &a.registry_dir, &endpoint))?;
     tracing::info!(endpoint = %endpoint.display(), "serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

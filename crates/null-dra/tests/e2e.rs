@@ -142,9 +142,9 @@ async fn registers_publishes_prepares_and_survives_restarts() {
         api.delete_resource_claim("default", "pod-gpu");
         // A spec no checkpointed claim owns (a prepare killed before its
         // record): removed at start; the prepared claim's stays.
-        let stale = dir
-            .path()
-            .join(format!("cdi/{DRIVER}-claim_stale-uid.json"));
+        let stale = dir.path().join(format!(
+            "cdi/{DRIVER}-claim_99999999-9999-4999-8999-999999999999.json"
+        ));
         std::fs::write(&stale, "{}").unwrap();
         let _driver = Driver::start(dir.path());
         kubelet
