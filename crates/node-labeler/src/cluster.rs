@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, ObjectReference};
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
@@ -407,55 +407,9 @@ impl Cluster {
     /// Node is one Event whose `count` grows (its name is derived from
     /// them), across restarts too, instead of a pile of copies.
     pub async fn warn_event(&self, node_uid: &str, reason: &str, message: &str) {
-        let api: Api<Event> = Api::namespaced(self.client.clone(), "default");
-        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::now(),
-        );
-        let name = format!("{}.{:016x}", self.node, fnv1a(&[node_uid, reason, message]));
-        let event = Event {
-            metadata: kube::api::ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some("default".into()),
-                ..Default::default()
-            },
-            involved_object: ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some(self.node.clone()),
-                uid: Some(node_uid.to_owned()),
-                ..Default::default()
-            },
-            reason: Some(reason.to_owned()),
-            message: Some(message.to_owned()),
-            type_: Some("Warning".into()),
-            source: Some(k8s_openapi::api::core::v1::EventSource {
-                component: Some(self.manager.clone()),
-                host: Some(self.node.clone()),
-            }),
-            first_timestamp: Some(now.clone()),
-            last_timestamp: Some(now.clone()),
-            count: Some(1),
-            ..Default::default()
-        };
-        let result = match api.create(&PostParams::default(), &event).await {
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                // Seen before: one more of the same.
-                match api.get(&name).await {
-                    Ok(existing) => {
-                        let count = existing.count.unwrap_or(1).saturating_add(1);
-                        let patch = json!({"count": count, "lastTimestamp": now});
-                        api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-                            .await
-                            .map(drop)
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            other => other.map(drop),
-        };
-        if let Err(error) = result {
-            tracing::warn!(%error, reason, "could not record an Event");
-        }
+        node_events::NodeEvents::new(self.client.clone(), &self.node, &self.manager)
+            .warn(node_uid, reason, message)
+            .await;
     }
 }
 
@@ -521,14 +475,3 @@ pub async fn who_am_i(client: &kube::Client) -> Result<String, ClusterError> {
         .unwrap_or_default())
 }
 
-/// FNV-1a over the parts (with separators): a stable name for an Event.
-fn fnv1a(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for b in part.bytes().chain(std::iter::once(0)) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
-}
