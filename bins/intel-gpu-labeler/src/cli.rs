@@ -68,6 +68,11 @@ pub(crate) struct Cli {
     /// How long a node without GPUs keeps the plugin label (e.g. 5m, 30s, 0s).
     #[arg(long, default_value = "5m", value_parser = parse_duration, global = true)]
     pub removal_grace: Duration,
+    /// A label prefix the GPU plugin's label (named by the enabled-plugins
+    /// content) may have; repeatable (default: unprefixed keys only).
+    /// kubernetes.io, k8s.io and their subdomains are never allowed.
+    #[arg(long = "allowed-label-prefix", value_name = "PREFIX", value_parser = parse_label_prefix, global = true)]
+    pub allowed_label_prefixes: Vec<String>,
     /// Do not set the gpu.intel.com/* discovery labels.
     #[arg(long, global = true)]
     pub no_discovery_labels: bool,
@@ -129,6 +134,14 @@ pub(crate) enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// A prefix `--allowed-label-prefix` may name.
+fn parse_label_prefix(s: &str) -> Result<String, String> {
+    node_labeler::desired::LabelPrefixes::unprefixed_only()
+        .allow(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 /// `90`, `90s`, `5m`, `1h`, `0s`.

@@ -10,14 +10,14 @@ use anyhow::Context as _;
 use gpu_discovery::{InventoryWatcher, WatcherConfig};
 use node_labeler::cluster::Cluster;
 use node_labeler::desired::Decision;
-use node_labeler::engine::{Outcome, Settle, decide_with_evidence};
+use node_labeler::engine::{Outcome, Settle, decide_with_evidence, report_refused};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::{Cli, Output};
 
 use crate::metrics::Stats;
-use crate::run::{Setup, client, credential_files, now, once, summary, watch_files};
+use crate::run::{Setup, client, credential_files, log_refused, now, once, summary, watch_files};
 
 pub(crate) async fn daemon(
     cli: Cli,
@@ -51,6 +51,11 @@ pub(crate) async fn daemon(
     let mut failures: u32 = 0;
     let mut settle = Settle::new(cli.settle);
     let mut node_missing = false;
+    // Where the decision was last read from, and the refusal last
+    // reported: a refused label is reported once per change, not on
+    // every resync.
+    let mut source: Option<String> = None;
+    let mut reported: Option<node_labeler::desired::Refusal> = None;
     // Watches on the Node and the ConfigMap (API mode): they fill the
     // cache reads come from and wake the loop on every change.
     let mut followers = follow(&cli, cluster.as_ref(), &trigger_tx);
@@ -79,8 +84,12 @@ pub(crate) async fn daemon(
         stats.reconciles.fetch_add(1, Ordering::Relaxed);
         let mut recheck = None;
         let (decision, note) = match decide_with_evidence(&setup.sources, cluster.as_ref()).await {
-            Ok((read, evidence)) => {
-                let (d, again) = settle.filter(read, &evidence, tokio::time::Instant::now());
+            Ok(read) => {
+                if read.source.is_some() {
+                    source.clone_from(&read.source);
+                }
+                let (d, again) =
+                    settle.filter(read.decision, &read.evidence, tokio::time::Instant::now());
                 recheck = again;
                 if recheck.is_none() {
                     last_good = Some(d.clone());
@@ -135,13 +144,36 @@ pub(crate) async fn daemon(
                         stats.writes.fetch_add(1, Ordering::Relaxed);
                         (Some(labels), conflicts.len())
                     }
-                    Outcome::Unchanged { labels, conflicts } => (Some(labels), conflicts.len()),
+                    Outcome::Unchanged {
+                        labels, conflicts, ..
+                    } => (Some(labels), conflicts.len()),
                     _ => (None, 0),
                 };
                 stats
                     .owned
                     .store(labels.map_or(0, |l| l.len() as u64), Ordering::Relaxed);
                 stats.conflicts.store(conflicts as u64, Ordering::Relaxed);
+                let refused = out.refused();
+                if refused != reported.as_ref() {
+                    if let Some(r) = refused {
+                        let from = source.as_deref().unwrap_or("?");
+                        log_refused(r, from);
+                        stats.refused_total.fetch_add(1, Ordering::Relaxed);
+                        if let Some(c) = cluster.as_ref().filter(|_| cli.output == Output::Api) {
+                            report_refused(c, r, from).await;
+                        }
+                    } else if !matches!(out, Outcome::NodeMissing | Outcome::OptedOut) {
+                        tracing::info!(
+                            "the plugin label named by the enabled-plugins content is accepted again"
+                        );
+                    }
+                    if !matches!(out, Outcome::NodeMissing | Outcome::OptedOut) {
+                        reported = refused.cloned();
+                    }
+                }
+                stats
+                    .refused
+                    .store(u64::from(reported.is_some()), Ordering::Relaxed);
                 tracing::debug!(outcome = %summary(&out), "reconciled");
                 // Without watches, a missing node is polled until it
                 // (re)appears; with them, its return wakes the loop.

@@ -11,6 +11,8 @@ pub(crate) struct Stats {
     pub(crate) errors: AtomicU64,
     pub(crate) conflicts: AtomicU64,
     pub(crate) owned: AtomicU64,
+    pub(crate) refused_total: AtomicU64,
+    pub(crate) refused: AtomicU64,
     pub(crate) last_success: AtomicU64,
     pub(crate) ready: AtomicBool,
 }
@@ -48,6 +50,18 @@ impl ops_http::Endpoints for Stats {
                 Kind::Gauge,
                 "Labels the labeller owns on the node.",
                 g(&self.owned),
+            ),
+            (
+                "refused_labels_total",
+                Kind::Counter,
+                "Plugin labels named by the enabled-plugins content that were refused (a prefix not allowed, or Kubernetes' own).",
+                g(&self.refused_total),
+            ),
+            (
+                "refused_labels",
+                Kind::Gauge,
+                "1 while the plugin label the enabled-plugins content names is refused.",
+                g(&self.refused),
             ),
             (
                 "last_success_timestamp_seconds",

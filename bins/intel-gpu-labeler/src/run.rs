@@ -8,10 +8,9 @@ use anyhow::{Context as _, bail};
 use enabled_plugins::starlingx_locations;
 use gpu_discovery::{DiscoveryConfig, IdFilter, scan};
 use node_labeler::cluster::Cluster;
-use node_labeler::desired::Decision;
+use node_labeler::desired::{Decision, LabelPrefixes, Refusal};
 use node_labeler::engine::{
-    Outcome, Settle, Source, cleanup, decide, decide_with_evidence, reconcile_features_file,
-    reconcile_node,
+    Outcome, Settle, Source, cleanup, decide_with_evidence, reconcile_features_file, reconcile_node,
 };
 use node_labeler::reconcile::{Intent, NodeView, OPT_OUT_ANNOTATION, Policy, reconcile};
 
@@ -112,12 +111,20 @@ pub(crate) fn main(cli: Cli) -> ExitCode {
     if cli.field_manager.is_empty() || cli.field_manager.len() > 128 {
         return usage("--field-manager must be 1 to 128 characters");
     }
+    let mut prefixes = LabelPrefixes::unprefixed_only();
+    for p in &cli.allowed_label_prefixes {
+        prefixes = match prefixes.allow(p) {
+            Ok(allowed) => allowed,
+            Err(e) => return usage(format!("--allowed-label-prefix: {e}")),
+        };
+    }
     let setup = Setup {
         sources,
         discovery: DiscoveryConfig::new(&cli.sysfs_root, &cli.devfs_root).filter(id_filter),
         policy: Policy {
             discovery_labels: !cli.no_discovery_labels,
             removal_grace: cli.removal_grace,
+            plugin_label_prefixes: prefixes,
         },
         http,
     };
@@ -210,16 +217,23 @@ pub(crate) async fn client(cli: &Cli) -> anyhow::Result<kube::Client> {
 async fn dispatch(cli: Cli, setup: Setup) -> anyhow::Result<()> {
     if cli.dry_run {
         let inventory = scan(&setup.discovery).context("cannot read the GPU inventory")?;
-        let decision = decide(&setup.sources, None).await?;
-        let Intent::Apply { labels, .. } = reconcile(
+        let reading = decide_with_evidence(&setup.sources, None).await?;
+        let decision = reading.decision;
+        let Intent::Apply {
+            labels, refused, ..
+        } = reconcile(
             &NodeView::default(),
             &inventory,
             &decision,
             &setup.policy,
             now(),
-        ) else {
+        )
+        else {
             bail!("unreachable: an empty node cannot opt out");
         };
+        if let Some(r) = &refused {
+            log_refused(r, reading.source.as_deref().unwrap_or("?"));
+        }
         println!("{}", serde_json::to_string_pretty(&labels)?);
         return Ok(());
     }
@@ -262,16 +276,26 @@ async fn dispatch(cli: Cli, setup: Setup) -> anyhow::Result<()> {
         // changing, then the decision stays unknown).
         let mut settle = Settle::new(cli.settle);
         let mut decision = Decision::Unknown("not read yet".into());
+        let mut source = None;
         for _ in 0..4 {
-            let (read, evidence) = decide_with_evidence(&setup.sources, cluster.as_ref()).await?;
-            let (acted, recheck) = settle.filter(read, &evidence, tokio::time::Instant::now());
+            let read = decide_with_evidence(&setup.sources, cluster.as_ref()).await?;
+            let (acted, recheck) =
+                settle.filter(read.decision, &read.evidence, tokio::time::Instant::now());
             decision = acted;
+            source = read.source;
             match recheck {
                 Some(at) => tokio::time::sleep_until(at).await,
                 None => break,
             }
         }
         let out = once(&cli, &setup, cluster.as_ref(), &inventory, &decision).await?;
+        if let Some(r) = out.refused() {
+            let source = source.as_deref().unwrap_or("?");
+            log_refused(r, source);
+            if let Some(c) = &cluster {
+                node_labeler::engine::report_refused(c, r, source).await;
+            }
+        }
         println!("{}", summary(&out));
         return Ok(());
     }
@@ -327,13 +351,26 @@ pub(crate) async fn once(
     }
 }
 
+/// The one log line of a refused plugin label: the key, why, and where
+/// it came from.
+pub(crate) fn log_refused(refusal: &Refusal, source: &str) {
+    tracing::error!(
+        key = refusal.key(),
+        %source,
+        error = %refusal,
+        "the plugin label named by the enabled-plugins content is refused; it is not applied (the other labels are)"
+    );
+}
+
 pub(crate) fn summary(out: &Outcome) -> String {
     match out {
         Outcome::NodeMissing => "node does not exist; nothing written".into(),
         Outcome::OptedOut => {
             "node opted out (gpu.intel.com/labeler: disabled); nothing written".into()
         }
-        Outcome::Unchanged { labels, conflicts } => format!(
+        Outcome::Unchanged {
+            labels, conflicts, ..
+        } => format!(
             "unchanged: {} labels owned, {} conflicts",
             labels.len(),
             conflicts.len()
@@ -342,6 +379,7 @@ pub(crate) fn summary(out: &Outcome) -> String {
             labels,
             conflicts,
             note,
+            ..
         } => format!(
             "applied: {} labels owned, {} conflicts; {note}",
             labels.len(),

@@ -796,3 +796,211 @@ async fn the_publisher_outlives_api_errors() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn http_body(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Issue 25, end to end: a ConfigMap naming `kubernetes.io/hostname=evil`
+/// as the GPU plugin's label sets nothing of the kind; the daemon logs
+/// one line naming the key and the ConfigMap, raises a `LabelRefused`
+/// Event on the Node and counts it in `/metrics`, and the discovery
+/// labels and the plugin label it owned stay. An allowed prefix is
+/// applied; Kubernetes' own cannot be allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_configmap_cannot_set_the_hostname_label() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let api = std::sync::Arc::new(ApiServer::start().await.unwrap());
+    api.add_node(NODE);
+    let kc = env.kubeconfig(&api);
+    let set = |content: &str| {
+        api.set_configmap(
+            "kube-system",
+            "enabled-kube-plugins",
+            &[("enabled_kube_plugins", content)],
+        );
+    };
+    set(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#);
+    let port = free_port();
+    let child = env
+        .cmd()
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args([
+            "--enabled-plugins-configmap",
+            "kube-system/enabled-kube-plugins",
+            "--allowed-label-prefix",
+            "example.com",
+            "--http-address",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let a = std::sync::Arc::clone(&api);
+    tokio::task::spawn_blocking(move || wait("the plugin label", || has(&a, "intelgpu")))
+        .await
+        .unwrap();
+    set(r#"{"intel-gpu-plugin": "kubernetes.io/hostname=evil"}"#);
+    let a = std::sync::Arc::clone(&api);
+    tokio::task::spawn_blocking(move || {
+        wait("the LabelRefused Event", || {
+            a.events().iter().any(|e| {
+                e["reason"] == "LabelRefused"
+                    && e["message"].as_str().is_some_and(|m| {
+                        m.contains("kubernetes.io/hostname")
+                            && m.contains("configmap kube-system/enabled-kube-plugins")
+                    })
+            })
+        });
+        wait("the metric", || {
+            http_body(port, "/metrics").is_some_and(|m| {
+                m.contains("intel_gpu_labeler_refused_labels_total 1")
+                    && m.contains("intel_gpu_labeler_refused_labels 1")
+            })
+        });
+    })
+    .await
+    .unwrap();
+    let node = api.node(NODE).unwrap();
+    assert!(
+        !node.labels.contains_key("kubernetes.io/hostname"),
+        "{:?}",
+        node.labels
+    );
+    assert_eq!(node.labels["intelgpu"], "enabled", "the owned label stays");
+    assert!(node.labels.contains_key("gpu.intel.com/tiles"));
+    // An allowed prefix: applied, and the refusal is over.
+    set(r#"{"intel-gpu-plugin": "example.com/gpu=enabled"}"#);
+    let a = std::sync::Arc::clone(&api);
+    tokio::task::spawn_blocking(move || {
+        wait("the allowed label", || has(&a, "example.com/gpu"));
+        wait("the gauge back to 0", || {
+            http_body(port, "/metrics")
+                .is_some_and(|m| m.contains("intel_gpu_labeler_refused_labels 0"))
+        });
+    })
+    .await
+    .unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("is refused")).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one line per refusal, not per resync: {log}"
+    );
+    assert!(
+        lines[0].contains("kubernetes.io/hostname")
+            && lines[0].contains("configmap kube-system/enabled-kube-plugins"),
+        "{log}"
+    );
+    // Kubernetes' own prefixes cannot be allowed: a usage error.
+    for prefix in [
+        "kubernetes.io",
+        "node-role.kubernetes.io",
+        "k8s.io",
+        "Bad_Prefix",
+    ] {
+        let out = run(env
+            .cmd()
+            .args(["--allowed-label-prefix", prefix, "--dry-run"]));
+        assert_eq!(out.status.code(), Some(2), "{prefix}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(prefix), "{err}");
+    }
+}
+
+/// A hostile file, in `--oneshot` and `--dry-run`: refused the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_file_cannot_set_system_labels() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let api = ApiServer::start().await.unwrap();
+    api.add_node(NODE);
+    let kc = env.kubeconfig(&api);
+    let file =
+        env.plugins_file(r#"{"intel-gpu-plugin": "node-role.kubernetes.io/control-plane="}"#);
+    let out = run(env
+        .cmd()
+        .arg("--dry-run")
+        .arg("--enabled-plugins-file")
+        .arg(&file));
+    assert!(out.status.success(), "{}", text(&out));
+    let labels: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        labels
+            .get("node-role.kubernetes.io/control-plane")
+            .is_none(),
+        "{labels}"
+    );
+    assert!(text(&out).contains("is refused"), "{}", text(&out));
+    let out = run(env
+        .cmd()
+        .arg("--oneshot")
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .arg("--enabled-plugins-file")
+        .arg(&file));
+    assert!(out.status.success(), "{}", text(&out));
+    let node = api.node(NODE).unwrap();
+    assert!(
+        !node
+            .labels
+            .contains_key("node-role.kubernetes.io/control-plane"),
+        "{:?}",
+        node.labels
+    );
+    assert!(node.labels.contains_key("gpu.intel.com/tiles"));
+    let log = text(&out);
+    assert!(
+        log.contains("node-role.kubernetes.io/control-plane")
+            && log.contains(&*file.to_string_lossy()),
+        "{log}"
+    );
+    assert!(
+        api.events().iter().any(|e| e["reason"] == "LabelRefused"),
+        "{:?}",
+        api.events()
+    );
+}
+
+/// Every flag `--help` lists is in docs/labeler.md.
+#[test]
+fn every_flag_is_documented() {
+    let help = run(Command::new(BIN).arg("--help"));
+    let help = String::from_utf8_lossy(&help.stdout);
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/labeler.md"),
+    )
+    .unwrap();
+    let missing: Vec<&str> = help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+        .filter(|f| !["--help", "--version"].contains(f))
+        .filter(|f| !docs.contains(&format!("`{f}")))
+        .collect();
+    assert!(missing.is_empty(), "not in docs/labeler.md: {missing:?}");
+}

@@ -167,6 +167,41 @@ fn check_dns_subdomain(prefix: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The prefix of a label key (`gpu.intel.com` of `gpu.intel.com/tiles`),
+/// or `None` for an unprefixed key.
+#[must_use]
+pub fn prefix(key: &str) -> Option<&str> {
+    key.split_once('/').map(|(prefix, _)| prefix)
+}
+
+/// The prefixes Kubernetes keeps for its own labels: `kubernetes.io` and
+/// `k8s.io`, with every subdomain of either (`node-role.kubernetes.io`,
+/// `topology.kubernetes.io`, `node-restriction.kubernetes.io`, …).
+pub const RESERVED_DOMAINS: [&str; 2] = ["kubernetes.io", "k8s.io"];
+
+/// Whether `prefix` is one of [`RESERVED_DOMAINS`] or a subdomain of one.
+/// Labels there steer node identity and scheduling (`kubernetes.io/hostname`,
+/// `node-role.kubernetes.io/*`, `topology.kubernetes.io/zone`).
+#[must_use]
+pub fn is_reserved_prefix(prefix: &str) -> bool {
+    let prefix = prefix.to_ascii_lowercase();
+    RESERVED_DOMAINS.iter().any(|d| {
+        prefix == *d
+            || prefix
+                .strip_suffix(d)
+                .is_some_and(|head| head.ends_with('.'))
+    })
+}
+
+/// Checks a label key prefix on its own: a DNS subdomain of at most 253
+/// characters.
+///
+/// # Errors
+/// The rule the prefix breaks.
+pub fn check_prefix(prefix: &str) -> Result<(), &'static str> {
+    check_dns_subdomain(prefix)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +232,36 @@ mod tests {
         ] {
             assert!(check_key(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn reserved_prefixes() {
+        for reserved in [
+            "kubernetes.io",
+            "k8s.io",
+            "node-role.kubernetes.io",
+            "node-restriction.kubernetes.io",
+            "topology.kubernetes.io",
+            "a.b.k8s.io",
+            "Kubernetes.IO",
+        ] {
+            assert!(is_reserved_prefix(reserved), "{reserved}");
+        }
+        for free in [
+            "gpu.intel.com",
+            "notkubernetes.io",
+            "k8s.io.example.com",
+            "xk8s.io",
+            "kubernetes.io-x",
+            "io",
+        ] {
+            assert!(!is_reserved_prefix(free), "{free}");
+        }
+        assert_eq!(prefix("kubernetes.io/hostname"), Some("kubernetes.io"));
+        assert_eq!(prefix("intelgpu"), None);
+        assert_eq!(check_prefix("gpu.intel.com"), Ok(()));
+        assert!(check_prefix("Intel.com").is_err());
+        assert!(check_prefix("").is_err());
     }
 
     #[test]

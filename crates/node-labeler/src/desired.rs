@@ -1,9 +1,10 @@
 //! The labels a node should carry: a pure function of its inventory and the
 //! enabled-plugins decision.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use enabled_plugins::Label;
+use enabled_plugins::label::{check_key, check_prefix, is_reserved_prefix, prefix};
 use gpu_discovery::{Gpu, Inventory};
 
 /// The prefix of the discovery labels.
@@ -22,6 +23,157 @@ pub enum Decision {
     Disabled,
     /// No source could be read: change nothing about the plugin label.
     Unknown(String),
+}
+
+/// The prefixes the GPU plugin's label may have. Its key comes from the
+/// enabled-plugins content (a file or a ConfigMap), which is data, not
+/// configuration: whoever may edit it must not be able to set system
+/// labels on every GPU node. So the key must be unprefixed (`intelgpu`) or
+/// in a prefix the operator allowed; a key in `kubernetes.io`, `k8s.io` or
+/// a subdomain of either is always refused, and such a prefix cannot be
+/// allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelPrefixes {
+    allowed: BTreeSet<String>,
+}
+
+/// A prefix that cannot be allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PrefixError {
+    /// Not a DNS subdomain.
+    #[error("label prefix {prefix:?} is invalid: {reason}")]
+    Invalid {
+        /// The prefix given.
+        prefix: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+    /// Kubernetes keeps it for its own labels.
+    #[error(
+        "label prefix {prefix:?} cannot be allowed: kubernetes.io, k8s.io and their subdomains are Kubernetes' own"
+    )]
+    Reserved {
+        /// The prefix given.
+        prefix: String,
+    },
+}
+
+/// Why the plugin label the enabled-plugins content names is not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The key is in a prefix Kubernetes keeps for itself.
+    #[error(
+        "label key {key:?} is refused: its prefix {prefix:?} is Kubernetes' own (kubernetes.io, k8s.io and their subdomains are never set from enabled-plugins content)"
+    )]
+    Reserved {
+        /// The key.
+        key: String,
+        /// Its prefix.
+        prefix: String,
+    },
+    /// The key has a prefix the operator did not allow.
+    #[error(
+        "label key {key:?} is refused: its prefix {prefix:?} is not among the allowed prefixes"
+    )]
+    NotAllowed {
+        /// The key.
+        key: String,
+        /// Its prefix.
+        prefix: String,
+    },
+    /// The key is not valid label syntax (the `-dra` variant of a long
+    /// key can be too long).
+    #[error("label key {key:?} is refused: {reason}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+}
+
+impl Refusal {
+    /// The refused key.
+    #[must_use]
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Reserved { key, .. }
+            | Self::NotAllowed { key, .. }
+            | Self::Invalid { key, .. } => key,
+        }
+    }
+}
+
+impl LabelPrefixes {
+    /// Unprefixed keys only (the default).
+    #[must_use]
+    pub const fn unprefixed_only() -> Self {
+        Self {
+            allowed: BTreeSet::new(),
+        }
+    }
+
+    /// Also allows keys in `prefix` (exactly that prefix, not its
+    /// subdomains).
+    ///
+    /// # Errors
+    /// When `prefix` is not a DNS subdomain, or is `kubernetes.io`,
+    /// `k8s.io` or a subdomain of either.
+    pub fn allow(mut self, prefix: &str) -> Result<Self, PrefixError> {
+        check_prefix(prefix).map_err(|reason| PrefixError::Invalid {
+            prefix: prefix.to_owned(),
+            reason,
+        })?;
+        if is_reserved_prefix(prefix) {
+            return Err(PrefixError::Reserved {
+                prefix: prefix.to_owned(),
+            });
+        }
+        self.allowed.insert(prefix.to_owned());
+        Ok(self)
+    }
+
+    /// The allowed prefixes.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.allowed.iter().map(String::as_str)
+    }
+
+    /// Whether the plugin label may have the key `key`.
+    ///
+    /// # Errors
+    /// Why not: a reserved prefix (whatever is allowed), a prefix not
+    /// allowed, or invalid syntax.
+    pub fn check(&self, key: &str) -> Result<(), Refusal> {
+        check_key(key).map_err(|reason| Refusal::Invalid {
+            key: key.to_owned(),
+            reason,
+        })?;
+        let Some(p) = prefix(key) else {
+            return Ok(());
+        };
+        if is_reserved_prefix(p) {
+            return Err(Refusal::Reserved {
+                key: key.to_owned(),
+                prefix: p.to_owned(),
+            });
+        }
+        if !self.allowed.contains(p) {
+            return Err(Refusal::NotAllowed {
+                key: key.to_owned(),
+                prefix: p.to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Whether `key` is in a prefix Kubernetes keeps for itself
+/// (`kubernetes.io`, `k8s.io` and their subdomains).
+#[must_use]
+pub fn is_reserved_key(key: &str) -> bool {
+    prefix(key).is_some_and(is_reserved_prefix)
 }
 
 /// Splits a long value into `key`, `key2`, `key3`… of at most 63

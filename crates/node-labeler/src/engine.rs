@@ -9,7 +9,7 @@ use gpu_discovery::Inventory;
 use ops_kit::Chain;
 
 use crate::cluster::{Cluster, ClusterError};
-use crate::desired::Decision;
+use crate::desired::{Decision, Refusal};
 use crate::reconcile::{ABSENT_SINCE_ANNOTATION, Conflict, Intent, NodeView, Policy, reconcile};
 
 /// The ConfigMap key that holds the enabled-plugins content.
@@ -54,19 +54,48 @@ fn decision_of(set: &EnabledPlugins) -> Decision {
 /// The parse error of the first existing source, naming it and the
 /// position.
 pub async fn decide(sources: &[Source], cluster: Option<&Cluster>) -> Result<Decision, ParseError> {
-    Ok(decide_with_evidence(sources, cluster).await?.0)
+    Ok(decide_with_evidence(sources, cluster).await?.decision)
 }
 
-/// [`decide`], with what the decision rests on: the source and the
-/// content read from it (empty when the decision is unknown), for
-/// [`Settle`].
+/// A decision as read, with what it rests on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reading {
+    /// The decision.
+    pub decision: Decision,
+    /// The source and the content read from it (empty when the decision
+    /// is unknown), for [`Settle`].
+    pub evidence: String,
+    /// The source that decided (a path or `configmap NS/NAME`), if one
+    /// did: where a refused label came from.
+    pub source: Option<String>,
+}
+
+impl Reading {
+    fn read(source: &Source, set: &EnabledPlugins) -> Self {
+        Self {
+            decision: decision_of(set),
+            evidence: format!("{source}: {set:?}"),
+            source: Some(source.to_string()),
+        }
+    }
+
+    fn unknown(why: String) -> Self {
+        Self {
+            decision: Decision::Unknown(why),
+            evidence: String::new(),
+            source: None,
+        }
+    }
+}
+
+/// [`decide`], with what the decision rests on ([`Reading`]).
 ///
 /// # Errors
 /// As [`decide`].
 pub async fn decide_with_evidence(
     sources: &[Source],
     cluster: Option<&Cluster>,
-) -> Result<(Decision, String), ParseError> {
+) -> Result<Reading, ParseError> {
     // One truth per cluster: where a ConfigMap is configured (and the API
     // is there to read it), it alone decides. Every node of a DaemonSet
     // reads the same object, so no two can disagree; a stale file on one
@@ -84,10 +113,10 @@ pub async fn decide_with_evidence(
         }
         match source {
             Source::File(path) => match read_file(path) {
-                Ok(set) => return Ok((decision_of(&set), format!("{source}: {set:?}"))),
+                Ok(set) => return Ok(Reading::read(source, &set)),
                 Err(ReadError::Missing { .. }) => looked.push(format!("{source} is missing")),
                 Err(ReadError::Invalid(e)) => return Err(e),
-                Err(e) => return Ok((Decision::Unknown(Chain(&e).to_string()), String::new())),
+                Err(e) => return Ok(Reading::unknown(Chain(&e).to_string())),
             },
             Source::ConfigMap { namespace, name } => {
                 let Some(cluster) = cluster else {
@@ -97,17 +126,16 @@ pub async fn decide_with_evidence(
                 match cluster.configmap(namespace, name, CONFIGMAP_KEY).await {
                     // Blank content is no decision, as for a file.
                     Ok(Some(text)) if enabled_plugins::is_blank(text.as_bytes()) => {
-                        return Ok((
-                            Decision::Unknown(format!("{source} (key {CONFIGMAP_KEY}) is blank")),
-                            String::new(),
-                        ));
+                        return Ok(Reading::unknown(format!(
+                            "{source} (key {CONFIGMAP_KEY}) is blank"
+                        )));
                     }
                     Ok(Some(text)) => {
                         let set = parse(&source.to_string(), text.as_bytes())?;
-                        return Ok((decision_of(&set), format!("{source}: {set:?}")));
+                        return Ok(Reading::read(source, &set));
                     }
                     Ok(None) => looked.push(format!("{source} (key {CONFIGMAP_KEY}) is missing")),
-                    Err(e) => return Ok((Decision::Unknown(Chain(&e).to_string()), String::new())),
+                    Err(e) => return Ok(Reading::unknown(Chain(&e).to_string())),
                 }
             }
         }
@@ -117,7 +145,7 @@ pub async fn decide_with_evidence(
     } else {
         looked.join("; ")
     };
-    Ok((Decision::Unknown(why), String::new()))
+    Ok(Reading::unknown(why))
 }
 
 /// Confirms a "disabled" decision before it removes anything: the same
@@ -189,6 +217,8 @@ pub enum Outcome {
         labels: BTreeMap<String, String>,
         /// Conflicts left alone.
         conflicts: Vec<Conflict>,
+        /// The plugin label the decision names, if it was refused.
+        refused: Option<Refusal>,
     },
     /// New owned labels were written.
     Applied {
@@ -198,7 +228,38 @@ pub enum Outcome {
         conflicts: Vec<Conflict>,
         /// Why the plugin label is as it is.
         note: String,
+        /// The plugin label the decision names, if it was refused.
+        refused: Option<Refusal>,
     },
+}
+
+impl Outcome {
+    /// The refused plugin label, if any.
+    #[must_use]
+    pub fn refused(&self) -> Option<&Refusal> {
+        match self {
+            Self::Unchanged { refused, .. } | Self::Applied { refused, .. } => refused.as_ref(),
+            Self::NodeMissing | Self::OptedOut => None,
+        }
+    }
+}
+
+/// Reports a refused plugin label as a Warning Event (`LabelRefused`) on
+/// the Node, naming the key and the source it came from. Best effort, as
+/// every Event; nothing when the Node is missing.
+pub async fn report_refused(cluster: &Cluster, refusal: &Refusal, source: &str) {
+    let uid = match cluster.read().await {
+        Ok(Some(state)) => state.uid,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::debug!(error = %Chain(&error), "cannot read the Node to report a refused label");
+            return;
+        }
+    };
+    let message = format!(
+        "{refusal}; named by {source}; the plugin label is left as it is, the other labels are applied"
+    );
+    cluster.warn_event(&uid, "LabelRefused", &message).await;
 }
 
 /// Reconciles the Node through the API once (re-reading and retrying when
@@ -229,12 +290,17 @@ pub async fn reconcile_node(
             conflicts,
             changed,
             note,
+            refused,
         } = reconcile(&state.view, inventory, decision, policy, now)
         else {
             return Ok(Outcome::OptedOut);
         };
         if !changed {
-            return Ok(Outcome::Unchanged { labels, conflicts });
+            return Ok(Outcome::Unchanged {
+                labels,
+                conflicts,
+                refused,
+            });
         }
         match cluster
             .apply(
@@ -262,6 +328,7 @@ pub async fn reconcile_node(
                     labels,
                     conflicts,
                     note,
+                    refused,
                 });
             }
             // The Node was deleted or replaced since the read (the uid
@@ -293,6 +360,7 @@ pub async fn cleanup(cluster: &Cluster) -> Result<Outcome, ClusterError> {
         return Ok(Outcome::Unchanged {
             labels: BTreeMap::new(),
             conflicts: Vec::new(),
+            refused: None,
         });
     }
     cluster
@@ -302,6 +370,7 @@ pub async fn cleanup(cluster: &Cluster) -> Result<Outcome, ClusterError> {
         labels: BTreeMap::new(),
         conflicts: Vec::new(),
         note: "cleanup".into(),
+        refused: None,
     })
 }
 
@@ -397,17 +466,23 @@ pub fn reconcile_features_file(
         conflicts,
         changed,
         note,
+        refused,
     } = reconcile(&view, inventory, decision, policy, now)
     else {
         return Ok(Outcome::OptedOut);
     };
     if !changed && !stale && dir.join(NFD_FILE).exists() {
-        return Ok(Outcome::Unchanged { labels, conflicts });
+        return Ok(Outcome::Unchanged {
+            labels,
+            conflicts,
+            refused,
+        });
     }
     write_features_file(dir, &labels, &annotations, now_s.saturating_add(ttl_s))?;
     Ok(Outcome::Applied {
         labels,
         conflicts,
         note,
+        refused,
     })
 }

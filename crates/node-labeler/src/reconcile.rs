@@ -8,7 +8,9 @@ use std::time::Duration;
 use gpu_discovery::Inventory;
 use gpu_discovery::owner::{MODE_DRA, MODE_LABEL};
 
-use crate::desired::{Decision, discovery_labels, is_discovery_key};
+use crate::desired::{
+    Decision, LabelPrefixes, Refusal, discovery_labels, is_discovery_key, is_reserved_key,
+};
 
 /// The field manager: the labeller owns exactly the fields it applied
 /// under this name.
@@ -33,12 +35,15 @@ pub struct NodeView {
 }
 
 /// Settings of the decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     /// Set the `gpu.intel.com/*` discovery labels.
     pub discovery_labels: bool,
     /// How long a node without GPUs keeps the plugin label.
     pub removal_grace: Duration,
+    /// The prefixes the plugin label (and its `-dra` variant) may have; a
+    /// label named with another is refused (see [`LabelPrefixes`]).
+    pub plugin_label_prefixes: LabelPrefixes,
 }
 
 /// A label someone else set to another value: left alone and reported.
@@ -71,6 +76,10 @@ pub enum Intent {
         changed: bool,
         /// Why the plugin label is as it is (for logs).
         note: String,
+        /// The plugin label the decision names, when it is refused: then
+        /// the plugin label is left as it is (as for an unknown decision),
+        /// less any owned key in a prefix Kubernetes keeps for itself.
+        refused: Option<Refusal>,
     },
 }
 
@@ -125,6 +134,31 @@ pub fn reconcile(
         return Intent::OptedOut;
     }
     let (owned_labels, owned_annotations) = owned_now(view);
+    // One GPU, one owner: a node given to the DRA driver gets its
+    // DaemonSet's label instead of the device plugin's.
+    let dra = view.labels.get(MODE_LABEL).map(String::as_str) == Some(MODE_DRA);
+    let plugin_key = |label: &enabled_plugins::Label| {
+        if dra {
+            format!("{}-dra", label.key())
+        } else {
+            label.key().to_owned()
+        }
+    };
+    // The label comes from data anyone who may edit the enabled-plugins
+    // ConfigMap or file controls: a key outside the allowed prefixes is
+    // refused, and the decision counts as unknown for the plugin label.
+    let refused = match decision {
+        Decision::Enabled(label) => policy.plugin_label_prefixes.check(&plugin_key(label)).err(),
+        _ => None,
+    };
+    let refused_decision;
+    let decision = match &refused {
+        Some(r) => {
+            refused_decision = Decision::Unknown(r.to_string());
+            &refused_decision
+        }
+        None => decision,
+    };
     let mut labels = if policy.discovery_labels {
         discovery_labels(inventory)
     } else {
@@ -141,14 +175,7 @@ pub fn reconcile(
     // The plugin label this decision wants, if any (a GPU is needed).
     let mut note = match decision {
         Decision::Enabled(label) if gpu_present => {
-            // One GPU, one owner: a node given to the DRA driver gets
-            // its DaemonSet's label instead of the device plugin's.
-            let dra = view.labels.get(MODE_LABEL).map(String::as_str) == Some(MODE_DRA);
-            let key = if dra {
-                format!("{}-dra", label.key())
-            } else {
-                label.key().to_owned()
-            };
+            let key = plugin_key(label);
             labels.insert(key.clone(), label.value().to_owned());
             format!(
                 "{key}={}: the node has an advertisable GPU and the plugin is enabled{}",
@@ -159,8 +186,13 @@ pub fn reconcile(
         Decision::Enabled(label) => format!("{label} not set: the node has no advertisable GPU"),
         Decision::Disabled => "plugin label not set: the GPU plugin is not enabled".to_owned(),
         Decision::Unknown(why) => {
-            // Keep whatever plugin label we own, exactly as it is.
-            for (k, v) in owned_labels.iter().filter(|(k, _)| !is_discovery_key(k)) {
+            // Keep whatever plugin label we own, exactly as it is — but
+            // never a key in Kubernetes' own prefixes (only hostile
+            // content could have set one): that one is let go.
+            for (k, v) in owned_labels
+                .iter()
+                .filter(|(k, _)| !is_discovery_key(k) && !is_reserved_key(k))
+            {
                 labels.insert(k.clone(), v.clone());
             }
             format!("plugin label unchanged: the enabled-plugins decision is unknown ({why})")
@@ -176,6 +208,7 @@ pub fn reconcile(
         let kept: BTreeMap<String, String> = owned_labels
             .iter()
             .filter(|(k, _)| !disabled || is_discovery_key(k))
+            .filter(|(k, _)| is_discovery_key(k) || !is_reserved_key(k))
             .filter(|(k, _)| !labels.contains_key(*k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
@@ -220,5 +253,6 @@ pub fn reconcile(
         conflicts,
         changed,
         note,
+        refused,
     }
 }

@@ -10,14 +10,17 @@ use enabled_plugins::Label;
 use fake_gpu_node::{FakeNode, NodeSpec};
 use gpu_discovery::{DiscoveryConfig, Inventory, scan};
 use node_labeler::cluster::Cluster;
-use node_labeler::desired::Decision;
-use node_labeler::engine::{Outcome, Source, cleanup, decide, reconcile_node};
+use node_labeler::desired::{Decision, LabelPrefixes};
+use node_labeler::engine::{
+    Outcome, Source, cleanup, decide, decide_with_evidence, reconcile_node, report_refused,
+};
 use node_labeler::reconcile::{ABSENT_SINCE_ANNOTATION, FIELD_MANAGER, OPT_OUT_ANNOTATION, Policy};
 
 const NODE: &str = "edge-0";
 const POLICY: Policy = Policy {
     discovery_labels: true,
     removal_grace: Duration::from_secs(300),
+    plugin_label_prefixes: LabelPrefixes::unprefixed_only(),
 };
 
 async fn setup() -> (ApiServer, Cluster) {
@@ -559,4 +562,69 @@ async fn a_stale_watch_cache_never_undoes_our_own_write() {
         Some("enabled"),
         "the plugin label stays while the decision is unknown"
     );
+}
+
+/// Issue 25: whoever may edit the enabled-plugins ConfigMap must not own
+/// node identity. A ConfigMap naming `kubernetes.io/hostname=evil` as the
+/// GPU plugin's label: the key is not set, the discovery labels and the
+/// plugin label the labeller owned stay, and a `LabelRefused` Event names
+/// the key and the ConfigMap.
+#[tokio::test]
+async fn a_hostile_configmap_cannot_set_system_labels() {
+    let (api, cluster) = setup().await;
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let cm = Source::ConfigMap {
+        namespace: "kube-system".into(),
+        name: "enabled-kube-plugins".into(),
+    };
+    let publish = |content: &str| {
+        api.set_configmap(
+            "kube-system",
+            "enabled-kube-plugins",
+            &[("enabled_kube_plugins", content)],
+        );
+    };
+    publish(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#);
+    let d = decide(std::slice::from_ref(&cm), Some(&cluster))
+        .await
+        .unwrap();
+    reconcile_node(&cluster, &inv, &d, &POLICY, 1000)
+        .await
+        .unwrap();
+    assert_eq!(labels(&api)["intelgpu"], "enabled");
+    for hostile in [
+        "kubernetes.io/hostname=evil",
+        "node-role.kubernetes.io/control-plane=",
+        "topology.kubernetes.io/zone=evil",
+        "node-restriction.kubernetes.io/gpu=yes",
+    ] {
+        publish(&format!(r#"{{"intel-gpu-plugin": "{hostile}"}}"#));
+        let reading = decide_with_evidence(std::slice::from_ref(&cm), Some(&cluster))
+            .await
+            .unwrap();
+        let out = reconcile_node(&cluster, &inv, &reading.decision, &POLICY, 1001)
+            .await
+            .unwrap();
+        let refusal = out.refused().cloned().expect("refused");
+        let key = hostile.split_once('=').unwrap().0;
+        assert_eq!(refusal.key(), key);
+        let source = reading.source.unwrap();
+        report_refused(&cluster, &refusal, &source).await;
+        let l = labels(&api);
+        assert!(!l.contains_key(key), "{hostile}: {l:?}");
+        assert_eq!(l["intelgpu"], "enabled", "the owned plugin label stays");
+        assert!(l.contains_key("gpu.intel.com/tiles"), "discovery goes on");
+        let events = api.events();
+        assert!(
+            events.iter().any(|e| e["reason"] == "LabelRefused"
+                && e["type"] == "Warning"
+                && e["involvedObject"]["kind"] == "Node"
+                && e["message"].as_str().unwrap().contains(key)
+                && e["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("configmap kube-system/enabled-kube-plugins")),
+            "{events:?}"
+        );
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use enabled_plugins::{Label, parse};
 use fake_gpu_node::{FakeNode, NodeSpec};
 use gpu_discovery::{DiscoveryConfig, Inventory, scan};
-use node_labeler::desired::{Decision, discovery_labels};
+use node_labeler::desired::{Decision, LabelPrefixes, Refusal, discovery_labels};
 use node_labeler::reconcile::*;
 
 fn inventory(spec: &NodeSpec) -> Inventory {
@@ -28,6 +28,7 @@ fn enabled() -> Decision {
 const POLICY: Policy = Policy {
     discovery_labels: true,
     removal_grace: Duration::from_secs(300),
+    plugin_label_prefixes: LabelPrefixes::unprefixed_only(),
 };
 
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -445,4 +446,161 @@ fn the_allocation_mode_label_picks_the_daemonset() {
     let (labels, ..) = apply(reconcile(&view, &inv, &enabled(), &POLICY, 1001));
     assert_eq!(labels.get("intelgpu").map(String::as_str), Some("enabled"));
     assert!(!labels.contains_key("intelgpu-dra"), "{labels:?}");
+}
+
+/// The plugin label's key against the allowed prefixes: one table, every
+/// case of issue 25's hostile label.
+#[test]
+fn plugin_label_prefixes() {
+    let allowed = LabelPrefixes::unprefixed_only()
+        .allow("example.com")
+        .unwrap();
+    let check = |prefixes: &LabelPrefixes, key: &str| -> &'static str {
+        match prefixes.check(key) {
+            Ok(()) => "ok",
+            Err(Refusal::Reserved { .. }) => "reserved",
+            Err(Refusal::NotAllowed { .. }) => "not allowed",
+            Err(Refusal::Invalid { .. }) => "invalid",
+            Err(_) => "other",
+        }
+    };
+    for (key, by_default, with_example) in [
+        ("intelgpu", "ok", "ok"),
+        ("intelgpu-dra", "ok", "ok"),
+        ("example.com/gpu", "not allowed", "ok"),
+        ("example.com/gpu-dra", "not allowed", "ok"),
+        ("sub.example.com/gpu", "not allowed", "not allowed"),
+        ("gpu.intel.com/plugin", "not allowed", "not allowed"),
+        ("kubernetes.io/hostname", "reserved", "reserved"),
+        (
+            "node-role.kubernetes.io/control-plane",
+            "reserved",
+            "reserved",
+        ),
+        ("node-restriction.kubernetes.io/x", "reserved", "reserved"),
+        ("topology.kubernetes.io/zone", "reserved", "reserved"),
+        ("k8s.io/x", "reserved", "reserved"),
+        ("a.b.k8s.io/x", "reserved", "reserved"),
+        ("node.kubernetes.io/instance-type", "reserved", "reserved"),
+        (&*format!("{}-dra", "x".repeat(61)), "invalid", "invalid"),
+    ] {
+        assert_eq!(
+            (
+                check(&LabelPrefixes::unprefixed_only(), key),
+                check(&allowed, key)
+            ),
+            (by_default, with_example),
+            "{key}"
+        );
+    }
+    // Kubernetes' own prefixes cannot be allowed at all.
+    for reserved in [
+        "kubernetes.io",
+        "k8s.io",
+        "node-role.kubernetes.io",
+        "topology.kubernetes.io",
+    ] {
+        let err = LabelPrefixes::unprefixed_only()
+            .allow(reserved)
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot be allowed"), "{err}");
+    }
+    assert!(
+        LabelPrefixes::unprefixed_only()
+            .allow("Not_A.Domain")
+            .is_err()
+    );
+}
+
+/// A hostile enabled-plugins label never reaches the intent: no key in
+/// Kubernetes' prefixes (on a DRA node neither, through `-dra`), the
+/// discovery labels still applied, the refusal reported, and the plugin
+/// label the labeller owned kept as it is.
+#[test]
+fn a_refused_plugin_label_changes_nothing_else() {
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let hostile = |label: &str| Decision::Enabled(Label::parse(label).unwrap());
+    let mut ours = NodeView::default();
+    owned(&mut ours, &[("intelgpu", "enabled")]);
+    let mut dra = ours.clone();
+    dra.labels
+        .insert("intel.com/gpu-allocation".into(), "dra".into());
+    for (label, view) in [
+        ("kubernetes.io/hostname=evil", &NodeView::default()),
+        ("kubernetes.io/hostname=evil", &ours),
+        ("node-role.kubernetes.io/control-plane=", &ours),
+        ("node-restriction.kubernetes.io/gpu=yes", &ours),
+        ("topology.kubernetes.io/zone=evil", &ours),
+        ("x.k8s.io/gpu=yes", &ours),
+        ("node-role.kubernetes.io/gpu=enabled", &dra),
+        ("example.com/gpu=enabled", &ours),
+    ] {
+        let Intent::Apply {
+            labels, refused, ..
+        } = reconcile(view, &inv, &hostile(label), &POLICY, 1000)
+        else {
+            panic!("opted out")
+        };
+        let key = label.split_once('=').unwrap().0;
+        assert!(
+            labels.keys().all(|k| !k.starts_with(key)),
+            "{label}: {labels:?}"
+        );
+        assert!(labels.contains_key("gpu.intel.com/tiles"), "{label}");
+        assert!(refused.is_some_and(|r| r.key().starts_with(key)), "{label}");
+        let expect_owned = view.owned_labels.contains("intelgpu");
+        assert_eq!(labels.contains_key("intelgpu"), expect_owned, "{label}");
+    }
+    // An allowed prefix is applied, and on a DRA node as `-dra`.
+    let allowed = Policy {
+        plugin_label_prefixes: LabelPrefixes::unprefixed_only()
+            .allow("example.com")
+            .unwrap(),
+        ..POLICY
+    };
+    let (labels, ..) = apply(reconcile(
+        &dra,
+        &inv,
+        &hostile("example.com/gpu=enabled"),
+        &allowed,
+        0,
+    ));
+    assert_eq!(
+        labels.get("example.com/gpu-dra").map(String::as_str),
+        Some("enabled")
+    );
+}
+
+/// A key in Kubernetes' own prefixes the labeller owns (only hostile
+/// content, applied by an older labeller, can have put it there) is let
+/// go, whatever the decision; a plugin label in a prefix merely not
+/// allowed stays while the decision is refused (nothing is evicted by an
+/// upgrade), and goes through the grace as before.
+#[test]
+fn owned_system_labels_are_let_go() {
+    let inv = inventory(&NodeSpec::starlingx_edge());
+    let mut view = NodeView::default();
+    owned(
+        &mut view,
+        &[
+            ("kubernetes.io/hostname", "evil"),
+            ("example.com/gpu", "enabled"),
+        ],
+    );
+    for decision in [
+        Decision::Unknown("no file".into()),
+        Decision::Enabled(Label::parse("node-role.kubernetes.io/gpu=x").unwrap()),
+        Decision::Enabled(Label::parse("example.com/gpu=enabled").unwrap()),
+    ] {
+        let (labels, ..) = apply(reconcile(&view, &inv, &decision, &POLICY, 1000));
+        assert!(
+            !labels.contains_key("kubernetes.io/hostname"),
+            "{decision:?}"
+        );
+        assert_eq!(labels["example.com/gpu"], "enabled", "{decision:?}");
+    }
+    // No GPU: through the grace, only what is not Kubernetes' own.
+    let (labels, ..) = apply(reconcile(&view, &empty(), &enabled(), &POLICY, 1000));
+    assert!(!labels.contains_key("kubernetes.io/hostname"));
+    assert!(labels.contains_key("example.com/gpu"));
 }
