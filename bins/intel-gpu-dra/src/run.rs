@@ -124,6 +124,13 @@ struct Ops {
     devices: AtomicU64,
     prepared: AtomicU64,
     state: RwLock<String>,
+    /// At start: claims rebuilt from their CDI specs, specs written
+    /// again, problems.
+    rebuilt: AtomicU64,
+    rewritten: AtomicU64,
+    start_problems: AtomicU64,
+    /// The node's kubelet has a known DRA defect (its issue), if so.
+    kubelet_issue: RwLock<Option<&'static str>>,
 }
 
 impl ops_http::Endpoints for Ops {
@@ -140,7 +147,38 @@ impl ops_http::Endpoints for Ops {
             Kind::Gauge,
             "Devices prepared for a claim.",
             self.prepared.load(Ordering::Relaxed),
+        )
+        .single(
+            "intel_gpu_dra_claims_rebuilt",
+            Kind::Gauge,
+            "Prepared claims rebuilt from their CDI specs at start (the checkpoint was missing or corrupt).",
+            self.rebuilt.load(Ordering::Relaxed),
+        )
+        .single(
+            "intel_gpu_dra_cdi_specs_rewritten",
+            Kind::Gauge,
+            "CDI specs of prepared claims written again at start (missing or changed, e.g. after a reboot).",
+            self.rewritten.load(Ordering::Relaxed),
+        )
+        .single(
+            "intel_gpu_dra_start_problems",
+            Kind::Gauge,
+            "What could not be done when bringing the checkpoint and CDI specs in step at start.",
+            self.start_problems.load(Ordering::Relaxed),
         );
+        let issue = *self
+            .kubelet_issue
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let name = "intel_gpu_dra_kubelet_known_issue";
+        text.family(
+            name,
+            Kind::Gauge,
+            "1 when this node's kubelet has a known DRA defect, named by the issue label.",
+        );
+        if let Some(issue) = issue {
+            text.sample(name, &[("issue", issue)], 1);
+        }
         text.finish()
     }
 
@@ -169,6 +207,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         devices: AtomicU64::new(0),
         prepared: AtomicU64::new(0),
         state: RwLock::new("starting".to_owned()),
+        rebuilt: AtomicU64::new(0),
+        rewritten: AtomicU64::new(0),
+        start_problems: AtomicU64::new(0),
+        kubelet_issue: RwLock::new(None),
     });
     let set_state = |s: String| *ops.state.write().unwrap_or_else(PoisonError::into_inner) = s;
     let _http = match config.http {
@@ -192,6 +234,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let nodes: kube::Api<Node> = kube::Api::all(client.clone());
     let mut last_holder = None;
     let mut mode: Option<(std::time::Instant, Option<String>)> = None;
+    let mut this_node: Option<Node> = None;
     let _lock = loop {
         let stale = mode
             .as_ref()
@@ -215,6 +258,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 .and_then(|l| l.get(MODE_LABEL))
                 .cloned();
             mode = Some((std::time::Instant::now(), label));
+            this_node = Some(node);
         }
         let device_plugin = mode
             .as_ref()
@@ -286,6 +330,31 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         Arc::clone(&gpus),
         Arc::new(KubeClaims::new(client.clone())),
     )?;
+    let events = node_events::NodeEvents::new(client.clone(), &config.node, "intel-gpu-dra");
+    let node_uid = this_node
+        .as_ref()
+        .and_then(|n| n.metadata.uid.clone())
+        .unwrap_or_default();
+    report_start(server.start_report(), &ops, &events, &node_uid).await;
+    let kubelet = this_node
+        .as_ref()
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.node_info.as_ref())
+        .map(|i| i.kubelet_version.clone())
+        .unwrap_or_default();
+    if let Some((issue, advice)) = kubelet_known_issue(&kubelet) {
+        tracing::error!(kubelet = %kubelet, issue, "{advice}");
+        *ops.kubelet_issue
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(issue);
+        events
+            .warn(
+                &node_uid,
+                "KubeletDraIdleConnection",
+                &format!("kubelet {kubelet}: {advice}"),
+            )
+            .await;
+    }
     gpus.restore(server.initial_claims());
     let mut prepared_rx = gpus.watch_prepared();
 
@@ -352,6 +421,70 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Kubelet releases with a known defect of their DRA client: the issue and
+/// what to do. Kubelets 1.34.0 and 1.34.1 stop talking to a DRA plugin
+/// whose connection went idle (about 30 minutes without a call): the
+/// next prepare fails until the kubelet restarts (kubernetes#133920,
+/// fixed in 1.34.2 by re-dialling a connection that is not READY).
+/// Suffixes of distributions (`v1.34.1+k3s1`, `-rc.0`) do not change the
+/// release.
+#[must_use]
+pub fn kubelet_known_issue(version: &str) -> Option<(&'static str, &'static str)> {
+    let release = version.trim_start_matches('v');
+    let core = release
+        .split(['+', '-'])
+        .next()
+        .unwrap_or_default();
+    matches!(core, "1.34.0" | "1.34.1").then_some((
+        "kubernetes#133920",
+        "this kubelet drops its connection to DRA drivers after about 30 idle minutes and then fails to prepare claims until it is restarted (kubernetes#133920); upgrade the kubelet to 1.34.2 or later, or enable its ResourceHealthStatus feature gate so the health stream this driver serves keeps the connection in use",
+    ))
+}
+
+/// Reports what the framework did with the checkpoint and the CDI specs
+/// at start: metrics, and an Event on the Node when it had to recover.
+async fn report_start(
+    report: &dra_api::StartReport,
+    ops: &Ops,
+    events: &node_events::NodeEvents,
+    node_uid: &str,
+) {
+    ops.rebuilt
+        .store(report.rebuilt.len() as u64, Ordering::Relaxed);
+    ops.rewritten
+        .store(report.rewritten.len() as u64, Ordering::Relaxed);
+    ops.start_problems
+        .store(report.problems.len() as u64, Ordering::Relaxed);
+    if !report.recovered() {
+        return;
+    }
+    let mut message = match &report.loaded {
+        dra_api::checkpoint::Loaded::Corrupt { reason, aside } => format!(
+            "the prepared-claims checkpoint was unreadable ({reason}) and was moved to {}; ",
+            aside.display()
+        ),
+        dra_api::checkpoint::Loaded::Fresh => "the prepared-claims checkpoint was missing; ".into(),
+        dra_api::checkpoint::Loaded::Read => String::new(),
+    };
+    message.push_str(&format!(
+        "{} claim(s) rebuilt from their CDI specs, {} CDI spec(s) written again, nothing removed",
+        report.rebuilt.len(),
+        report.rewritten.len()
+    ));
+    for p in &report.problems {
+        message.push_str("; ");
+        message.push_str(p);
+    }
+    // A lost record is worse news than specs a reboot took away.
+    let reason = if report.rebuilt.is_empty() && report.loaded == dra_api::checkpoint::Loaded::Read
+    {
+        "CdiSpecsRewritten"
+    } else {
+        "PreparedClaimsRebuilt"
+    };
+    events.warn(node_uid, reason, &message).await;
+}
+
 /// Publishes the inventory: the device set for the slices, the facts for
 /// prepare, the health for the kubelet.
 fn render(
@@ -395,4 +528,35 @@ fn render(
     ops.prepared.store(prepared.len() as u64, Ordering::Relaxed);
     *current.write().unwrap_or_else(PoisonError::into_inner) = out.facts;
     Ok((out.set, health))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kubelet_known_issue;
+
+    #[test]
+    fn kubelets_with_the_idle_connection_defect_are_named() {
+        for (version, affected) in [
+            ("v1.34.0", true),
+            ("v1.34.1", true),
+            ("v1.34.1+k3s1", true),
+            ("v1.34.0-rc.1", true),
+            ("1.34.1", true),
+            ("v1.34.2", false),
+            ("v1.34.10", false),
+            ("v1.33.5", false),
+            ("v1.35.0", false),
+            ("", false),
+            ("garbage", false),
+        ] {
+            assert_eq!(
+                kubelet_known_issue(version).is_some(),
+                affected,
+                "{version}"
+            );
+        }
+        let (issue, advice) = kubelet_known_issue("v1.34.1").unwrap_or_default();
+        assert_eq!(issue, "kubernetes#133920");
+        assert!(advice.contains("1.34.2") && advice.contains("ResourceHealthStatus"));
+    }
 }

@@ -26,14 +26,15 @@ struct Driver(Child);
 
 impl Driver {
     fn start(dir: &Path, node: &FakeNode, extra: &[&str]) -> Self {
+        let http: &[&str] = if extra.contains(&"--http-address") {
+            &[]
+        } else {
+            &["--http-address", "none"]
+        };
         let child = Command::new(BIN)
-            .args([
-                "--node-name",
-                NODE,
-                "--http-address",
-                "none",
-                "--kubeconfig",
-            ])
+            .args(["--node-name", NODE])
+            .args(http)
+            .arg("--kubeconfig")
             .arg(dir.join("kubeconfig"))
             .arg("--sysfs-root")
             .arg(node.sysfs_root())
@@ -399,4 +400,141 @@ async fn a_hot_added_gpu_is_published_and_a_removed_one_withdrawn() {
         device(&published(&s.api), B580).is_none()
     })
     .await;
+}
+
+/// A free loopback port for the driver's ops endpoint.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Every CDI name resolves to a device of a spec file on disk, as the
+/// container runtime resolves it before it starts the container.
+fn resolves_on_disk(dir: &Path, ids: &[String]) {
+    let mut on_disk = Vec::new();
+    for entry in std::fs::read_dir(dir.join("cdi")).unwrap() {
+        let text = std::fs::read(entry.unwrap().path()).unwrap();
+        let spec = devplugin_api::cdi::Spec::from_json(&text).unwrap();
+        on_disk.extend(
+            spec.devices
+                .iter()
+                .map(|d| format!("{}={}", spec.kind, d.name)),
+        );
+    }
+    assert!(!ids.is_empty());
+    for id in ids {
+        assert!(on_disk.contains(id), "{id} unresolvable: {on_disk:?}");
+    }
+}
+
+fn events_with_reason(api: &ApiServer, reason: &str) -> Vec<Value> {
+    api.events()
+        .into_iter()
+        .filter(|e| e["reason"] == reason)
+        .collect()
+}
+
+/// A real node's life: kill -9, a reboot that empties the CDI tmpfs and
+/// keeps the checkpoint, a checkpoint that turns out corrupt, a kubelet
+/// with a known DRA defect. Nothing a running pod uses is lost, and each
+/// recovery is a metric and an Event on the Node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reboots_lost_checkpoints_and_old_kubelets_lose_nothing_and_are_reported() {
+    let mut s = setup(DraApi::V1_34).await;
+    s.api.set_kubelet_version(NODE, "v1.34.1");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let args = ["--http-address", addr.as_str()];
+    let driver = Driver::start(s.dir.path(), &s.node, &args);
+    s.registered().await;
+    until("6 devices published", || published(&s.api).len() == 6).await;
+    let a = s.claim("a");
+    s.api
+        .allocate("default", "a", &[bus("0000:8a:00.0")])
+        .unwrap();
+    let first = s.prepare(&a).await.unwrap();
+    resolves_on_disk(s.dir.path(), &first);
+    until("the kubelet's known issue reported", || {
+        !events_with_reason(&s.api, "KubeletDraIdleConnection").is_empty()
+    })
+    .await;
+    let metrics = http_get(port, "/metrics");
+    assert!(
+        metrics.contains("intel_gpu_dra_kubelet_known_issue{issue=\"kubernetes#133920\"} 1"),
+        "{metrics}"
+    );
+
+    // A reboot: killed, /var/run/cdi empty, the checkpoint kept.
+    drop(driver);
+    std::fs::remove_dir_all(s.dir.path().join("cdi")).unwrap();
+    let driver = Driver::start(s.dir.path(), &s.node, &args);
+    s.kubelet
+        .wait_until(LIMIT, |v| v.registrations_of(DRIVER) == 2)
+        .await
+        .unwrap();
+    let again = s.prepare(&a).await.unwrap();
+    assert_eq!(again, first, "the record's answer");
+    resolves_on_disk(s.dir.path(), &again);
+    until("written again, counted", || {
+        http_get(port, "/metrics").contains("intel_gpu_dra_cdi_specs_rewritten 1")
+    })
+    .await;
+    until("the rewrite reported", || {
+        !events_with_reason(&s.api, "CdiSpecsRewritten").is_empty()
+    })
+    .await;
+
+    // Killed again, and the checkpoint is found corrupt: rebuilt from the
+    // spec, which stays byte for byte; the kubelet settles the rest.
+    drop(driver);
+    let checkpoint = s
+        .dir
+        .path()
+        .join(format!("plugins/{DRIVER}/prepared-claims.json"));
+    std::fs::write(&checkpoint, "{\"version\": 1, \"claims\": {\"").unwrap();
+    let spec = std::fs::read(s.spec(&a)).unwrap();
+    let _driver = Driver::start(s.dir.path(), &s.node, &args);
+    s.kubelet
+        .wait_until(LIMIT, |v| v.registrations_of(DRIVER) == 3)
+        .await
+        .unwrap();
+    until("the recovery reported", || {
+        !events_with_reason(&s.api, "PreparedClaimsRebuilt").is_empty()
+    })
+    .await;
+    let event = &events_with_reason(&s.api, "PreparedClaimsRebuilt")[0];
+    let message = event["message"].as_str().unwrap();
+    assert!(
+        message.contains("1 claim(s) rebuilt") && message.contains(".corrupt"),
+        "{message}"
+    );
+    assert_eq!(event["involvedObject"]["kind"], "Node");
+    assert!(http_get(port, "/metrics").contains("intel_gpu_dra_claims_rebuilt 1"));
+    assert_eq!(std::fs::read(s.spec(&a)).unwrap(), spec, "never swept");
+    let after = s.prepare(&a).await.unwrap();
+    assert_eq!(after, first);
+    let done = s
+        .kubelet
+        .unprepare(DRIVER, std::slice::from_ref(&a))
+        .await
+        .unwrap();
+    assert_eq!(done[&a.uid], Ok(()));
+    assert!(!s.spec(&a).exists());
 }

@@ -451,6 +451,20 @@ impl ApiServer {
         self.notify();
     }
 
+    /// Sets the version the Node's kubelet reports
+    /// (`status.nodeInfo.kubeletVersion`, see [`Object::kubelet_version`]).
+    pub fn set_kubelet_version(&self, node: &str, version: &str) {
+        {
+            let mut st = self.shared.lock();
+            let rv = st.bump();
+            if let Some(o) = st.nodes.get_mut(node) {
+                o.kubelet_version = Some(version.to_owned());
+                o.resource_version = rv;
+            }
+        }
+        self.notify();
+    }
+
     /// Deletes a Node. What it owns goes with it: the garbage collector
     /// deletes dependents whose owner is gone (`pkg/controller/
     /// garbagecollector`, asynchronous there, at once here), e.g. a DRA

@@ -33,6 +33,11 @@ pub struct Object {
     pub annotations: BTreeMap<String, String>,
     /// Managed fields.
     pub managers: Vec<Manager>,
+    /// `status.nodeInfo.kubeletVersion`, as the kubelet reports it when it
+    /// registers and updates its Node (`pkg/kubelet/nodestatus/setters.go`,
+    /// `VersionInfo`: the kubelet's own `version.Get().String()`, e.g.
+    /// `v1.34.1`); `None` leaves `status` empty.
+    pub kubelet_version: Option<String>,
 }
 
 /// A conflict of a non-forced apply.
@@ -70,6 +75,7 @@ impl Object {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             managers: Vec::new(),
+            kubelet_version: None,
         }
     }
 
@@ -265,7 +271,10 @@ impl Object {
                 })).collect::<Vec<_>>(),
             },
             "spec": {},
-            "status": {},
+            "status": match &self.kubelet_version {
+                Some(v) => json!({"nodeInfo": {"kubeletVersion": v}}),
+                None => json!({}),
+            },
         })
     }
 }

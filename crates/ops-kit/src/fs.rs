@@ -216,10 +216,7 @@ pub fn write_atomic(dir: &Path, name: &str, content: &[u8], mode: u32) -> Result
 pub fn read_capped(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>, FsError> {
     check_name(name)?;
     let path = dir.join(name);
-    let dirfd = match open_dir(dir) {
-        Ok(fd) => fd,
-        Err(e) => return Err(e),
-    };
+    let dirfd = open_dir(dir)?;
     let fd = match openat(
         &dirfd,
         OsStr::from_bytes(name.as_bytes()),
