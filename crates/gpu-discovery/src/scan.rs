@@ -174,6 +174,53 @@ impl Context {
     }
 }
 
+/// The name of the node in `<devfs>/dri` that the by-path link `name`
+/// points at, resolved without following anything: udev writes relative
+/// targets (`../card1`; systemd `src/udev/udev-node.c`, `node_symlink`
+/// makes the target relative to the link's directory); an absolute
+/// target is taken as a host path (`/dev/dri/card1`) or one inside the
+/// devfs root. Anything that leaves `<devfs>/dri`, or goes deeper, is
+/// refused.
+fn by_path_target(dri: &Path, host_dri: &Path, name: &str) -> Result<String, String> {
+    use std::path::Component;
+    let link = dri.join("by-path").join(name);
+    let target = std::fs::read_link(&link).map_err(|e| format!("not a readable link ({e})"))?;
+    let start = if let Ok(rest) = target.strip_prefix(dri) {
+        rest.to_owned()
+    } else if let Ok(rest) = target.strip_prefix(host_dri) {
+        rest.to_owned()
+    } else if target.is_absolute() {
+        return Err(format!(
+            "it points outside the device directory, at {}",
+            target.display()
+        ));
+    } else {
+        Path::new("by-path").join(&target)
+    };
+    // Lexically, relative to <devfs>/dri.
+    let mut parts: Vec<String> = Vec::new();
+    for c in start.components() {
+        match c {
+            Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            Component::CurDir => {}
+            Component::ParentDir if parts.pop().is_some() => {}
+            _ => {
+                return Err(format!(
+                    "it points outside the device directory, at {}",
+                    target.display()
+                ));
+            }
+        }
+    }
+    match parts.as_slice() {
+        [node] => Ok(node.clone()),
+        _ => Err(format!(
+            "it points at {}, not a device node",
+            target.display()
+        )),
+    }
+}
+
 fn read_card(
     config: &DiscoveryConfig,
     ctx: &Context,
@@ -255,10 +302,23 @@ fn read_card(
             missing.push(node);
         }
     }
-    let by_path = ctx
-        .by_path_of(&bdf)
-        .map(|n| host_dri.join("by-path").join(n))
-        .collect();
+    // Only links that resolve, inside devfs, to one of this card's own
+    // nodes: a stale link (simpledrm's or efifb's framebuffer, a renumbered
+    // card) bind-mounted into a container fails the container's start.
+    let own: Vec<&str> = device_nodes.iter().map(|n| n.name.as_str()).collect();
+    let mut by_path = Vec::new();
+    for link in ctx.by_path_of(&bdf) {
+        match by_path_target(dri, host_dri, link) {
+            Ok(node) if own.contains(&node.as_str()) => {
+                by_path.push(host_dri.join("by-path").join(link));
+            }
+            Ok(node) => warnings.push(format!(
+                "by-path link {link} skipped: it points at {node}, not at a device node of {name} present in {}",
+                dri.display()
+            )),
+            Err(why) => warnings.push(format!("by-path link {link} skipped: {why}")),
+        }
+    }
 
     let (state, state_reason) = match (&driver, missing.is_empty()) {
         (None, _) => (CardState::Degraded, Some("no driver is bound".to_owned())),

@@ -356,3 +356,52 @@ fn hotplug_in_place() {
     node.remove_gpu(0).unwrap();
     assert_eq!(summary(&scan(&cfg).unwrap()).0, pairs(&[("card1", true)]));
 }
+
+/// Only by-path links that resolve, inside devfs, to one of the card's own
+/// device nodes are offered (intel-device-plugins-for-kubernetes#2296: a
+/// stale simpledrm link bind-mounted into a pod fails its start).
+#[test]
+fn by_path_links_are_offered_only_when_they_resolve_to_the_cards_own_nodes() {
+    let (_dir, node) = node(vec![GpuSpec::new(0), GpuSpec::new(1)]);
+    let config = config(&node);
+    let before = scan(&config).unwrap();
+    let card0 = before.card("card0").unwrap();
+    let bdf = card0.pci_address.clone();
+    let by_path = node.devfs_root().join("dri/by-path");
+    let plant = |name: &str, target: &str| {
+        std::os::unix::fs::symlink(target, by_path.join(format!("pci-{bdf}-{name}"))).unwrap();
+    };
+    // simpledrm's framebuffer node, gone once i915 took over.
+    plant("platform-simple-framebuffer.0-card", "../card9");
+    // Another card's node.
+    plant("x-other", "../card1");
+    // Out of the device directory, absolute and relative.
+    plant("x-abs", "/etc/passwd");
+    plant("x-up", "../../../etc/passwd");
+    plant("x-deep", "../card0/x");
+    std::fs::write(by_path.join(format!("pci-{bdf}-x-file")), "").unwrap();
+    let inv = scan(&config).unwrap();
+    let g = inv.card("card0").unwrap();
+    let names: Vec<_> = g
+        .by_path
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [format!("pci-{bdf}-card"), format!("pci-{bdf}-render")]
+    );
+    let skipped: Vec<_> = g
+        .warnings
+        .iter()
+        .filter(|w| w.contains("skipped"))
+        .collect();
+    assert_eq!(skipped.len(), 6, "{skipped:?}");
+    assert!(
+        skipped
+            .iter()
+            .any(|w| w.contains("simple-framebuffer") && w.contains("card9"))
+    );
+    // The other card keeps its own.
+    assert_eq!(inv.card("card1").unwrap().by_path.len(), 2);
+}
