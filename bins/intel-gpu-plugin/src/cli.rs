@@ -71,11 +71,11 @@ pub struct Cli {
     /// How long a card missing from the inventory keeps its CDI spec, in
     /// milliseconds (the kubelet replays cached Allocate answers, CDI names
     /// included, when it restarts a container).
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
     pub cdi_grace_ms: u64,
     /// How long the main loop, a rescan, or a blocking read may go without
     /// progress before `/healthz` fails, in milliseconds.
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub stall_limit_ms: u64,
     /// Advertise each GPU this many times (cardN-0 … cardN-(N-1)).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
@@ -105,7 +105,7 @@ pub struct Cli {
     pub health_management: bool,
     /// The temperature limit of health management, °C (default 100, as
     /// the Go plugin's).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = parse_temp_limit)]
     pub temp_limit: Option<f64>,
     /// Address of /metrics, /healthz and /readyz ("" turns it off).
     #[arg(long, default_value = "0.0.0.0:8080")]
@@ -116,6 +116,19 @@ pub struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+}
+
+/// A temperature limit: a number of °C from 1 to 200 (not NaN, not
+/// infinite: either would make every GPU healthy or unhealthy for good).
+fn parse_temp_limit(s: &str) -> Result<f64, String> {
+    let t: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a temperature in °C such as 90"))?;
+    if !(1.0..=200.0).contains(&t) {
+        return Err(format!("{s:?} is out of range: from 1 to 200 °C"));
+    }
+    Ok(t)
 }
 
 /// Subcommands.
@@ -419,5 +432,32 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    /// Counts, durations and the temperature limit are range-checked at
+    /// parse time: a huge `--cdi-grace-ms` or `--stall-limit-ms` would
+    /// overflow the `Instant` arithmetic it feeds (a panic in a debug
+    /// build), a NaN limit would make every GPU healthy for good.
+    #[test]
+    fn numbers_are_range_checked() {
+        use clap::Parser as _;
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("intel-gpu-plugin").chain(args.iter().copied()))
+        };
+        for (flag, ok, bad) in [
+            ("--cdi-grace-ms", "0", "18446744073709551615"),
+            ("--cdi-grace-ms", "86400000", "86400001"),
+            ("--stall-limit-ms", "100", "99"),
+            ("--stall-limit-ms", "3600000", "18446744073709551615"),
+            ("--shared-dev-num", "1000", "0"),
+            ("--shared-dev-num", "1", "1001"),
+            ("--temp-limit", "90", "NaN"),
+            ("--temp-limit", "200", "inf"),
+            ("--temp-limit", "1", "0.5"),
+        ] {
+            assert!(parse(&[flag, ok]).is_ok(), "{flag} {ok}");
+            let err = parse(&[flag, bad]).unwrap_err().to_string();
+            assert!(err.contains(flag), "{flag} {bad}: {err}");
+        }
     }
 }

@@ -845,8 +845,11 @@ async fn every_upstream_argument_list_starts_the_plugin() {
 }
 
 /// `-health-management` with hwmon: a hot card is Unhealthy, a cool one
-/// Healthy; a hwmon read stuck in the kernel (a FIFO that never answers
-/// stands for a GPU in reset) fails `/healthz` but blocks nothing else.
+/// Healthy; a FIFO planted at a hwmon input (which used to stand for a
+/// read stuck in the kernel) is refused at once — it never blocks the
+/// reader, so `/healthz` stays good and everything goes on. (A read
+/// stuck in the kernel itself cannot be planted from user space any more;
+/// the watchdog that catches one is tested in `progress.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_management_and_a_stuck_read() {
     let mut hot = GpuSpec::new(0);
@@ -897,8 +900,6 @@ async fn health_management_and_a_stuck_read() {
     let port = free_port();
     let _p = env.start(&[
         "-health-management",
-        "--stall-limit-ms",
-        "300",
         "--http-address",
         &format!("127.0.0.1:{port}"),
     ]);
@@ -918,28 +919,22 @@ async fn health_management_and_a_stuck_read() {
         v.is_connected(I915) && ids(v, I915).len() == 2
     })
     .await;
-    loop {
-        let (status, body) = http_get(port, "/healthz");
-        if status.contains("503") {
-            assert!(body.contains("hwmon"), "{body}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a stuck read never failed /healthz"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // The loop lives on: allocations and readiness still answer, and the
-    // metric shows the stuck read.
+    // Several health rounds, each reading the FIFO's name: none blocks.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) = http_get(port, "/healthz");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     let (status, body) = http_get(port, "/readyz");
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
-    // Past the stall limit (300 ms) by the time /healthz failed.
     let stuck = metric(port, "intel_gpu_plugin_longest_blocking_operation_seconds").unwrap();
-    assert!(stuck >= 0.3, "{stuck}");
-    env.kubelet.allocate(I915, &["card0-0"]).await.unwrap();
-    // Unblock the reader so the process can exit.
-    let _ = std::fs::OpenOptions::new().write(true).open(&input);
+    assert!(stuck < 0.3, "{stuck}");
+    // The hot card is read and Unhealthy; the one whose input is a FIFO
+    // is unread and stays allocatable.
+    env.until("card0 hot, card1 unread", |v| {
+        health(v, I915, "card0-0") == Some(devplugin_api::Health::Unhealthy)
+            && health(v, I915, "card1-0") == Some(devplugin_api::Health::Healthy)
+    })
+    .await;
+    env.kubelet.allocate(I915, &["card1-0"]).await.unwrap();
 }
 
 /// Logs to a pipe or a file (`kubectl logs`, journald) are plain text:
