@@ -176,3 +176,61 @@ async fn rbac_is_exactly_what_the_publisher_uses() {
     );
     assert_exact(&grants, &api.requests());
 }
+
+/// The labeller of `deploy/overlays/nfd`: it writes a features file, so it
+/// only reads its Node (the opt-out annotation) and its ConfigMap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_is_exactly_what_the_nfd_labeller_uses() {
+    let grants =
+        Grants::of_service_account(&render("overlays/nfd"), "intel-gpu", "intel-gpu-labeler")
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = FakeNode::build(&dir.path().join("node"), &NodeSpec::starlingx_edge()).unwrap();
+    let api = ApiServer::start().await.unwrap();
+    api.add_node(NODE);
+    api.set_configmap(
+        "intel-gpu",
+        "enabled-kube-plugins",
+        &[("enabled_kube_plugins", r#"["intelgpu"]"#)],
+    );
+    let kc = kubeconfig(dir.path(), &api);
+    let features = dir.path().join("features.d");
+    let cmd = || {
+        let mut c = Command::new(BIN);
+        c.arg("--sysfs-root")
+            .arg(node.sysfs_root())
+            .arg("--devfs-root")
+            .arg(node.devfs_root())
+            .args(["--node-name", NODE, "--http-address", ""])
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args([
+                "--enabled-plugins-configmap",
+                "intel-gpu/enabled-kube-plugins",
+                "--output",
+                "nfd-features-file",
+            ])
+            .arg("--nfd-features-dir")
+            .arg(&features)
+            .env_remove("NODE_NAME");
+        c
+    };
+    let out = cmd().arg("--oneshot").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(features.join("intel-gpu-labeler").exists());
+    // The daemon reads them again each round (no watch in this mode).
+    let before = api.requests().len();
+    let mut daemon = cmd()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.requests().len() < before + 2 {
+        assert!(Instant::now() < deadline, "the daemon asked nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_exact(&grants, &api.requests());
+}
