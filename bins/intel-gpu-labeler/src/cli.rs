@@ -63,10 +63,10 @@ pub(crate) struct Cli {
     /// How long the NFD feature file stays valid after it is written (NFD
     /// drops its labels after that, e.g. when the labeller died); it is
     /// rewritten when half of it has passed.
-    #[arg(long, default_value = "1h", value_parser = parse_duration, global = true)]
+    #[arg(long, default_value = "1h", value_parser = duration_in(MINUTE, 30 * DAY), global = true)]
     pub nfd_expiry: Duration,
     /// How long a node without GPUs keeps the plugin label (e.g. 5m, 30s, 0s).
-    #[arg(long, default_value = "5m", value_parser = parse_duration, global = true)]
+    #[arg(long, default_value = "5m", value_parser = duration_in(Duration::ZERO, 30 * DAY), global = true)]
     pub removal_grace: Duration,
     /// A label prefix the GPU plugin's label (named by the enabled-plugins
     /// content) may have; repeatable (default: unprefixed keys only).
@@ -78,7 +78,7 @@ pub(crate) struct Cli {
     pub no_discovery_labels: bool,
     /// How long a "not enabled" reading must hold (read twice this far
     /// apart, same content) before the plugin label is removed.
-    #[arg(long, default_value = "2s", value_parser = parse_duration, global = true)]
+    #[arg(long, default_value = "2s", value_parser = duration_in(Duration::ZERO, HOUR), global = true)]
     pub settle: Duration,
     /// Reconcile once and exit (a "not enabled" reading is confirmed by a
     /// second read --settle later first).
@@ -88,7 +88,7 @@ pub(crate) struct Cli {
     #[arg(long, global = true)]
     pub dry_run: bool,
     /// How often the daemon reconciles without a trigger.
-    #[arg(long, default_value = "60s", value_parser = parse_duration, global = true)]
+    #[arg(long, default_value = "60s", value_parser = duration_in(Duration::from_millis(100), DAY), global = true)]
     pub resync: Duration,
     /// Address of /metrics, /healthz and /readyz ("" turns it off).
     #[arg(long, default_value = "0.0.0.0:8081", global = true)]
@@ -144,23 +144,59 @@ fn parse_label_prefix(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// `90`, `90s`, `5m`, `1h`, `0s`.
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// `90`, `90s`, `5m`, `1h`, `0s`, `250ms`. A number too large for any
+/// duration is an error, not an overflow.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
+    let bad = || format!("{s:?} is not a duration such as 30s, 5m or 1h");
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
         .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration such as 30s, 5m or 1h"))?;
+    let n: u64 = num.parse().map_err(|_| bad())?;
     let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
         "ms" => return Ok(Duration::from_millis(n)),
-        _ => return Err(format!("{s:?} is not a duration such as 30s, 5m or 1h")),
+        _ => return Err(bad()),
     };
-    Ok(Duration::from_secs(secs))
+    secs.map(Duration::from_secs).ok_or_else(bad)
+}
+
+/// A duration parser that also checks `min..=max`: every duration is
+/// added to an `Instant` somewhere (a timer, a deadline), which panics on
+/// overflow, and a value outside the range is a mistake anyway.
+fn duration_in(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let d = parse_duration(s)?;
+        if d < min || d > max {
+            return Err(format!(
+                "{s:?} is out of range: from {} to {}",
+                show(min),
+                show(max)
+            ));
+        }
+        Ok(d)
+    }
+}
+
+/// A range bound as the flags spell it.
+fn show(d: Duration) -> String {
+    let s = d.as_secs();
+    match (d.subsec_millis(), s) {
+        (0, 0) => "0s".into(),
+        (ms, 0) => format!("{ms}ms"),
+        (0, s) if s % 3600 == 0 => format!("{}h", s / 3600),
+        (0, s) if s % 60 == 0 => format!("{}m", s / 60),
+        _ => format!("{}ms", d.as_millis()),
+    }
 }
 
 #[cfg(test)]
@@ -176,5 +212,35 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5d").is_err());
+        // Too large for any duration: an error, never an overflow panic.
+        assert!(parse_duration("99999999999999999999s").is_err());
+        assert!(parse_duration("18446744073709551615h").is_err());
+        assert!(parse_duration("18446744073709551615m").is_err());
+    }
+
+    /// Every duration flag is range-checked at parse time, with a clap
+    /// error naming the range.
+    #[test]
+    fn durations_are_range_checked() {
+        use clap::Parser as _;
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("intel-gpu-labeler").chain(args.iter().copied()))
+        };
+        for (flag, ok, bad) in [
+            ("--resync", "200ms", "2562047788015215h"),
+            ("--resync", "1h", "99ms"),
+            ("--resync", "24h", "25h"),
+            ("--settle", "0s", "2h"),
+            ("--removal-grace", "0s", "31d"),
+            ("--removal-grace", "720h", "721h"),
+            ("--nfd-expiry", "1m", "59s"),
+            ("--nfd-expiry", "720h", "18446744073709551615s"),
+        ] {
+            assert!(parse(&[flag, ok]).is_ok(), "{flag} {ok}");
+            let err = parse(&[flag, bad]).unwrap_err().to_string();
+            assert!(err.contains(flag), "{flag} {bad}: {err}");
+        }
+        let err = parse(&["--resync", "25h"]).unwrap_err().to_string();
+        assert!(err.contains("out of range: from 100ms to 24h"), "{err}");
     }
 }

@@ -13,6 +13,7 @@ use node_labeler::engine::{
     Outcome, Settle, Source, cleanup, decide_with_evidence, reconcile_features_file, reconcile_node,
 };
 use node_labeler::reconcile::{Intent, NodeView, OPT_OUT_ANNOTATION, Policy, reconcile};
+use ops_kit::Chain;
 
 use crate::daemon::daemon;
 use crate::publish::publish;
@@ -82,10 +83,19 @@ pub(crate) fn main(cli: Cli) -> ExitCode {
         }
     };
     let mut sources: Vec<Source> = if cli.enabled_plugins_files.is_empty() {
-        starlingx_locations(&cli.host_root)
-            .into_iter()
-            .map(Source::File)
-            .collect()
+        match starlingx_locations(&cli.host_root) {
+            Ok(found) => found.into_iter().map(Source::File).collect(),
+            // Where the ConfigMap decides, the files are only a fallback
+            // without an API: go on with the per-host file.
+            Err(e) if cli.enabled_plugins_configmap.is_some() => {
+                tracing::error!(error = %Chain(&e), "the replicated enabled-plugins file is not consulted");
+                vec![Source::File(cli.host_root.join(enabled_plugins::HOST_FILE))]
+            }
+            Err(e) => {
+                eprintln!("intel-gpu-labeler: {}", Chain(&e));
+                return ExitCode::FAILURE;
+            }
+        }
     } else {
         cli.enabled_plugins_files
             .iter()
@@ -415,23 +425,16 @@ pub(crate) fn watch_files(
 }
 
 /// The first enabled-plugins file that exists, with its bytes (at most
-/// 64 KiB + 1 are read).
+/// 64 KiB + 1 are read, never from a FIFO or device).
 pub(crate) fn first_file(
     sources: &[Source],
 ) -> anyhow::Result<Option<(std::path::PathBuf, Vec<u8>)>> {
-    use std::io::Read as _;
     for source in sources {
         let Source::File(path) = source else { continue };
-        match std::fs::File::open(path) {
-            Ok(f) => {
-                let mut bytes = Vec::new();
-                f.take(enabled_plugins::MAX_SIZE as u64 + 1)
-                    .read_to_end(&mut bytes)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                return Ok(Some((path.clone(), bytes)));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        match enabled_plugins::read_bytes(path) {
+            Ok(bytes) => return Ok(Some((path.clone(), bytes))),
+            Err(enabled_plugins::ReadError::Missing { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(None)

@@ -1004,3 +1004,81 @@ fn every_flag_is_documented() {
         .collect();
     assert!(missing.is_empty(), "not in docs/labeler.md: {missing:?}");
 }
+
+/// Issue 25, point 6: `SW_VERSION` becomes a path component, so a
+/// build.info whose release is not one (`../..`), or that is a FIFO, is a
+/// clear error naming the file — not a path outside
+/// /opt/platform/config, not a hang.
+#[test]
+fn a_bad_build_info_is_refused_naming_it() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let root = env.dir.path().join("host");
+    let info = root.join("etc/build.info");
+    std::fs::create_dir_all(info.parent().unwrap()).unwrap();
+    // What the old code did with it: read
+    // /opt/platform/config/../../../tmp/x/enabled_kube_plugins.
+    let outside = root.join("tmp/x");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(
+        outside.join("enabled_kube_plugins"),
+        r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#,
+    )
+    .unwrap();
+    std::fs::write(&info, "SW_VERSION=\"../../../tmp/x\"\n").unwrap();
+    let dry = |c: &mut Command| {
+        let mut child = c
+            .arg("--dry-run")
+            .arg("--host-root")
+            .arg(&root)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the labeller blocked reading build.info");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    };
+    let out = dry(&mut env.cmd());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&*info.to_string_lossy()) && err.contains("not a release"),
+        "{err}"
+    );
+    std::fs::remove_file(&info).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(&info)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = dry(&mut env.cmd());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&*info.to_string_lossy()) && err.contains("not a regular file"),
+        "{err}"
+    );
+    // A good release: the replicated location is read.
+    std::fs::remove_file(&info).unwrap();
+    std::fs::write(&info, "SW_VERSION=\"24.09\"\n").unwrap();
+    let replicated = root.join("opt/platform/config/24.09");
+    std::fs::create_dir_all(&replicated).unwrap();
+    std::fs::write(
+        replicated.join("enabled_kube_plugins"),
+        r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#,
+    )
+    .unwrap();
+    let out = dry(&mut env.cmd());
+    assert!(out.status.success(), "{}", text(&out));
+    let labels: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(labels["intelgpu"], "enabled");
+}

@@ -39,8 +39,8 @@ mod render;
 mod watch;
 
 pub use file::{
-    BUILD_INFO, FILE_NAME, HOST_FILE, REPLICATED_DIR, ReadError, read_file, starlingx_locations,
-    sw_version,
+    BUILD_INFO, BuildInfoError, FILE_NAME, HOST_FILE, MAX_BUILD_INFO, MAX_RELEASE_LEN, NotARelease,
+    REPLICATED_DIR, ReadError, read_bytes, read_file, starlingx_locations, sw_version,
 };
 pub use label::{Label, LabelError};
 pub use model::{

@@ -248,7 +248,7 @@ impl FileWatcher {
     /// Reads the file; returns an update when the state changed.
     fn read(&mut self) -> Option<Update> {
         let path = &self.config.path;
-        let (seen, update) = match read_capped(path) {
+        let (seen, update) = match read_capped(path, crate::parse::MAX_SIZE as u64) {
             Ok(bytes) if crate::parse::is_blank(&bytes) => {
                 let error = ReadError::Blank { path: path.clone() };
                 (
