@@ -482,9 +482,10 @@ fn the_systemd_unit_is_confined() {
     );
 }
 
-/// Every namespaced object of every overlay has its namespace, and every
-/// service account a binding names has one (a subject without it binds
-/// nothing: the DRA overlay once left its driver's out).
+/// Every namespaced object of every overlay has its namespace, no
+/// cluster-scoped one has any (kustomize does not know the newer kinds),
+/// and every service account a binding names has one (a subject without it
+/// binds nothing: the DRA overlay once left its driver's out).
 #[test]
 fn every_namespaced_object_has_its_namespace() {
     const NAMESPACED: &[&str] = &[
@@ -494,12 +495,32 @@ fn every_namespaced_object_has_its_namespace() {
         "RoleBinding",
         "ConfigMap",
     ];
+    const CLUSTER_SCOPED: &[&str] = &[
+        "Namespace",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+        "DeviceClass",
+    ];
     let mut problems = Vec::new();
     for overlay in overlays() {
         for o in render(&format!("overlays/{overlay}")) {
             let k = o["kind"].as_str().unwrap_or("");
             if NAMESPACED.contains(&k) && o["metadata"]["namespace"].is_null() {
                 problems.push(format!("{overlay}: {k} {} has no namespace", name(&o)));
+            }
+            if CLUSTER_SCOPED.contains(&k) && !o["metadata"]["namespace"].is_null() {
+                problems.push(format!(
+                    "{overlay}: cluster-scoped {k} {} has a namespace",
+                    name(&o)
+                ));
+            }
+            if !NAMESPACED.contains(&k) && !CLUSTER_SCOPED.contains(&k) {
+                problems.push(format!(
+                    "{overlay}: {k} {}: which scope? (add it above)",
+                    name(&o)
+                ));
             }
             for s in o["subjects"].as_array().into_iter().flatten() {
                 if s["kind"] == "ServiceAccount" && s["namespace"].is_null() {
@@ -513,4 +534,27 @@ fn every_namespaced_object_has_its_namespace() {
         }
     }
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// The device plugin never calls the API server: it has no Kubernetes
+/// client to call it with (its pod mounts no token and no role binds it,
+/// `every_pod_runs_with_least_privilege`), so it has no RBAC to prove.
+#[test]
+fn the_plugin_has_no_api_client() {
+    let manifest: toml::Table =
+        std::fs::read_to_string(root().join("bins/intel-gpu-plugin/Cargo.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+    let deps = manifest["dependencies"].as_table().unwrap();
+    for client in [
+        "kube",
+        "kube-client",
+        "k8s-openapi",
+        "node-events",
+        "node-labeler",
+        "dra-api",
+    ] {
+        assert!(!deps.contains_key(client), "the plugin depends on {client}");
+    }
 }
