@@ -1,6 +1,7 @@
 //! The DRA overlay's RBAC grants the driver exactly what it calls: every
 //! API request of a run that publishes its slices (replacing a stale one),
-//! probes the cluster and prepares a claim is allowed, and every verb
+//! probes the cluster, prepares a claim and reports a known kubelet defect
+//! on its Node (twice: the Event counted up) is allowed, and every verb
 //! granted was needed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
@@ -107,38 +108,43 @@ async fn rbac_is_exactly_what_the_dra_driver_uses() {
     let api = ApiServer::start().await.unwrap();
     api.set_dra(DraApi::V1_34);
     api.add_node(NODE);
+    // A kubelet with a known DRA defect: the driver records an Event.
+    api.set_kubelet_version(NODE, "v1.34.1");
     stale_slice(&api).await;
     let before = api.requests().len();
     std::fs::write(dir.path().join("kubeconfig"), api.kubeconfig()).unwrap();
     let kubelet =
         PluginWatcher::start(&dir.path().join("plugins_registry"), KubeletVersion::V1_34).unwrap();
-    let _driver = Driver(
-        Command::new(BIN)
-            .args([
-                "--node-name",
-                NODE,
-                "--http-address",
-                "none",
-                "--kubeconfig",
-            ])
-            .arg(dir.path().join("kubeconfig"))
-            .arg("--sysfs-root")
-            .arg(node.sysfs_root())
-            .arg("--devfs-root")
-            .arg(node.devfs_root())
-            .arg("--registry-dir")
-            .arg(dir.path().join("plugins_registry"))
-            .arg("--plugin-dir")
-            .arg(dir.path().join("plugins").join(DRIVER))
-            .arg("--cdi-dir")
-            .arg(dir.path().join("cdi"))
-            .arg("--owner-lock")
-            .arg(dir.path().join("owner.lock"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let start = || {
+        Driver(
+            Command::new(BIN)
+                .args([
+                    "--node-name",
+                    NODE,
+                    "--http-address",
+                    "none",
+                    "--kubeconfig",
+                ])
+                .arg(dir.path().join("kubeconfig"))
+                .arg("--sysfs-root")
+                .arg(node.sysfs_root())
+                .arg("--devfs-root")
+                .arg(node.devfs_root())
+                .arg("--registry-dir")
+                .arg(dir.path().join("plugins_registry"))
+                .arg("--plugin-dir")
+                .arg(dir.path().join("plugins").join(DRIVER))
+                .arg("--cdi-dir")
+                .arg(dir.path().join("cdi"))
+                .arg("--owner-lock")
+                .arg(dir.path().join("owner.lock"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let driver = start();
     kubelet
         .wait_until(LIMIT, |v| v.plugins.contains_key(DRIVER))
         .await
@@ -169,6 +175,21 @@ async fn rbac_is_exactly_what_the_dra_driver_uses() {
         .await
         .unwrap();
     assert!(answers[&uid].is_ok(), "{answers:?}");
+    // The kubelet's known defect is reported on the Node; restarted, the
+    // driver reports it again: the same Event, counted up.
+    let counted = |n: u64| {
+        api.events()
+            .iter()
+            .any(|e| e["reason"] == "KubeletDraIdleConnection" && e["count"] == n)
+    };
+    until("the kubelet's defect reported", || counted(1)).await;
+    drop(driver);
+    let _driver = start();
+    kubelet
+        .wait_until(LIMIT, |v| v.registrations_of(DRIVER) == 2)
+        .await
+        .unwrap();
+    until("the Event counted up", || counted(2)).await;
 
     let used: Vec<Access> = api.requests()[before..]
         .iter()
