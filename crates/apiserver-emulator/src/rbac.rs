@@ -519,4 +519,24 @@ subjects: [{kind: ServiceAccount, name: sa, namespace: ns}]
                 .is_empty()
         );
     }
+
+    #[test]
+    fn a_cluster_wide_grant_used_in_one_namespace_is_too_wide() {
+        let manifests = MANIFESTS.replace(
+            "resources: [\"nodes\"]\n    verbs: [\"get\", \"patch\"]",
+            "resources: [\"events\"]\n    verbs: [\"create\"]",
+        );
+        let used = seen("POST", "/api/v1/namespaces/default/events", 201).accesses();
+        let g = Grants::of_service_account(&manifests, "ns", "sa").unwrap();
+        assert_eq!(
+            g.unused(&used)[0],
+            "create core/events cluster-wide, needed only in namespace default (ClusterRole r via ClusterRoleBinding r)"
+        );
+        let anywhere = g.in_any_namespace("events");
+        assert!(
+            !anywhere.unused(&used)[0].contains("events"),
+            "{:?}",
+            anywhere.unused(&used)
+        );
+    }
 }
