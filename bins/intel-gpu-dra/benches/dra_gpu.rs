@@ -53,6 +53,9 @@ fn start(dir: &Path, node: &FakeNode) -> Driver {
         ])
         .arg("--kubeconfig")
         .arg(dir.join("kubeconfig"))
+        // The hermetic namespace's test kernel.
+        .arg("--trust-uevent-port")
+        .arg(fake_gpu_node::FAKE_KERNEL_PORT.to_string())
         .arg("--sysfs-root")
         .arg(node.sysfs_root())
         .arg("--devfs-root")

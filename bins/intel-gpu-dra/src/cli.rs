@@ -66,6 +66,11 @@ pub struct Cli {
     /// Where CDI specs are written.
     #[arg(long, default_value = "/var/run/cdi")]
     pub cdi_dir: PathBuf,
+    /// Also take kernel-format uevents from this netlink port as the
+    /// kernel's (a test kernel in a hermetic namespace; never on a real
+    /// node, where only the kernel's port 0 is believed).
+    #[arg(long, hide = true)]
+    pub trust_uevent_port: Option<u32>,
     /// Shared GPUs.
     #[arg(long, value_enum, default_value_t = Sharing::Auto)]
     pub sharing: Sharing,

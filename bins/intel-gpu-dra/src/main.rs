@@ -83,6 +83,7 @@ fn main() -> ExitCode {
         registry_dir: cli.registry_dir,
         plugin_dir: cli.plugin_dir,
         cdi_dir: cli.cdi_dir,
+        trust_uevent_port: cli.trust_uevent_port,
         sharing: cli.sharing,
         sriov: cli.sriov,
         taints: cli.taints,

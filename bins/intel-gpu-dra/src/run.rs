@@ -36,6 +36,8 @@ pub struct RunConfig {
     pub plugin_dir: PathBuf,
     /// CDI directory.
     pub cdi_dir: PathBuf,
+    /// A test kernel's netlink port, if any (see `WatcherConfig`).
+    pub trust_uevent_port: Option<u32>,
     /// Sharing wanted.
     pub sharing: Sharing,
     /// SR-IOV rule wanted.
@@ -131,6 +133,8 @@ struct Ops {
     start_problems: AtomicU64,
     /// The node's kubelet has a known DRA defect (its issue), if so.
     kubelet_issue: RwLock<Option<&'static str>>,
+    /// The watcher, once discovery started.
+    watcher: std::sync::OnceLock<Arc<InventoryWatcher>>,
 }
 
 impl ops_http::Endpoints for Ops {
@@ -170,6 +174,12 @@ impl ops_http::Endpoints for Ops {
             .kubelet_issue
             .read()
             .unwrap_or_else(PoisonError::into_inner);
+        text.single(
+            "intel_gpu_dra_uevents_refused_total",
+            Kind::Counter,
+            "Netlink messages refused as uevents because they did not come from their real sender (the kernel's port 0, or udevd as root): forged uevents.",
+            self.watcher.get().map_or(0, |w| w.refused_uevents()),
+        );
         let name = "intel_gpu_dra_kubelet_known_issue";
         text.family(
             name,
@@ -211,6 +221,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         rewritten: AtomicU64::new(0),
         start_problems: AtomicU64::new(0),
         kubelet_issue: RwLock::new(None),
+        watcher: std::sync::OnceLock::new(),
     });
     let set_state = |s: String| *ops.state.write().unwrap_or_else(PoisonError::into_inner) = s;
     let _http = match config.http {
@@ -311,8 +322,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mode = decide(features, config.sharing, config.sriov, config.taints)?;
     tracing::info!(%features, ?mode, "DRA features of the cluster");
 
-    let watcher = InventoryWatcher::spawn(WatcherConfig::new(config.discovery.clone()))
-        .context("cannot start discovery")?;
+    let mut watch = WatcherConfig::new(config.discovery.clone());
+    if let Some(port) = config.trust_uevent_port {
+        watch = watch.trust_uevent_port(port);
+    }
+    let watcher = Arc::new(InventoryWatcher::spawn(watch).context("cannot start discovery")?);
+    let _ = ops.watcher.set(Arc::clone(&watcher));
     let mut inventory = watcher.subscribe();
     let current: Current = Arc::new(RwLock::new(BTreeMap::new()));
     let gpus = Arc::new(GpuDriver::new(&config.node, Arc::clone(&current)));
@@ -431,10 +446,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 #[must_use]
 pub fn kubelet_known_issue(version: &str) -> Option<(&'static str, &'static str)> {
     let release = version.trim_start_matches('v');
-    let core = release
-        .split(['+', '-'])
-        .next()
-        .unwrap_or_default();
+    let core = release.split(['+', '-']).next().unwrap_or_default();
     matches!(core, "1.34.0" | "1.34.1").then_some((
         "kubernetes#133920",
         "this kubelet drops its connection to DRA drivers after about 30 idle minutes and then fails to prepare claims until it is restarted (kubernetes#133920); upgrade the kubelet to 1.34.2 or later, or enable its ResourceHealthStatus feature gate so the health stream this driver serves keeps the connection in use",

@@ -36,6 +36,10 @@ impl Drop for Plugin {
 
 fn start(node: &FakeNode, kubelet: &Path, cdi: &Path, shares: &str) -> Plugin {
     let child = Command::new(BIN)
+        // The hermetic namespace's test kernel (uevents are believed only
+        // from the kernel's port otherwise).
+        .arg("--trust-uevent-port")
+        .arg(fake_gpu_node::FAKE_KERNEL_PORT.to_string())
         .arg("--sysfs-root")
         .arg(node.sysfs_root())
         .arg("--devfs-root")

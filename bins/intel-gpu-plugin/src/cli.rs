@@ -60,6 +60,11 @@ pub struct Cli {
     /// The kubelet's device plugin directory.
     #[arg(long, default_value = "/var/lib/kubelet/device-plugins")]
     pub kubelet_dir: PathBuf,
+    /// Also take kernel-format uevents from this netlink port as the
+    /// kernel's (a test kernel in a hermetic namespace; never on a real
+    /// node, where only the kernel's port 0 is believed).
+    #[arg(long, hide = true)]
+    pub trust_uevent_port: Option<u32>,
     /// Where CDI specs are written (and where `inspect` looks for them).
     #[arg(long, default_value = "/var/run/cdi", global = true)]
     pub cdi_dir: PathBuf,

@@ -131,6 +131,7 @@ fn main() -> ExitCode {
         policy: cli.allocation_policy,
         kubelet_dir: cli.kubelet_dir,
         cdi_dir: cli.cdi_dir,
+        trust_uevent_port: cli.trust_uevent_port,
         cdi_grace: std::time::Duration::from_millis(cli.cdi_grace_ms),
         stall_limit: std::time::Duration::from_millis(cli.stall_limit_ms),
         ignored_flags: go_warnings.len(),

@@ -48,6 +48,8 @@ pub struct RunConfig {
     pub kubelet_dir: PathBuf,
     /// The CDI directory.
     pub cdi_dir: PathBuf,
+    /// A test kernel's netlink port, if any (see `WatcherConfig`).
+    pub trust_uevent_port: Option<u32>,
     /// How long a vanished card keeps its CDI spec.
     pub cdi_grace: Duration,
     /// How long without progress fails `/healthz` ([`STALL_LIMIT`]).
@@ -277,6 +279,12 @@ impl http::Endpoints for Endpoints {
                 load(&self.cdi.missing),
             ),
             (
+                "uevents_refused_total",
+                Kind::Counter,
+                "Netlink messages refused as uevents because they did not come from their real sender (the kernel's port 0, or udevd as root): forged uevents.",
+                self.watcher.refused_uevents(),
+            ),
+            (
                 "ignored_flags",
                 Kind::Gauge,
                 "Command-line flags accepted and ignored (the Go plugin's, klog's, unknown Go-style ones).",
@@ -359,8 +367,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let watcher = Arc::new(
-        InventoryWatcher::spawn(WatcherConfig::new(config.discovery.clone()))
-            .context("cannot read the GPU inventory")?,
+        InventoryWatcher::spawn(match config.trust_uevent_port {
+            Some(port) => WatcherConfig::new(config.discovery.clone()).trust_uevent_port(port),
+            None => WatcherConfig::new(config.discovery.clone()),
+        })
+        .context("cannot read the GPU inventory")?,
     );
     tracing::info!(sources = ?watcher.sources(), "following hotplug");
     let framework = Framework::new(FrameworkConfig::new(&config.kubelet_dir));

@@ -569,6 +569,10 @@ impl KernelEvent {
     }
 }
 
+/// The netlink port [`inject_uevent`] sends from: the test kernel's port,
+/// which a watcher under test is told to trust (the real kernel's is 0).
+pub const FAKE_KERNEL_PORT: u32 = 0x6b65_726e;
+
 /// Sends a kernel-format uevent message to netlink group 1 of the current
 /// network namespace, as the kernel would. Needs root in the namespace's
 /// user namespace (e.g. under `unshare --user --map-root-user --net`, where
@@ -577,8 +581,23 @@ impl KernelEvent {
 /// # Errors
 /// When the socket cannot be opened or the message not sent.
 pub fn inject_uevent(message: &[u8]) -> std::io::Result<()> {
+    // The kernel sends from port 0, which no process can bind: a watcher
+    // under test is told to trust this port instead
+    // (`WatcherConfig::trust_uevent_port`).
+    send_uevent_from(FAKE_KERNEL_PORT, 1, message)
+}
+
+/// Sends `message` from netlink port `port` to the uevent multicast
+/// `group` (1: the kernel's, 2: udev's), as any process with
+/// `CAP_NET_ADMIN` in the network namespace can: for tests of forged
+/// uevents. Needs what [`inject_uevent`] needs.
+///
+/// # Errors
+/// When the socket cannot be opened, bound or the message not sent.
+pub fn send_uevent_from(port: u32, group: u32, message: &[u8]) -> std::io::Result<()> {
     use nix::sys::socket::{
-        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, sendto, socket,
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, sendto,
+        socket,
     };
     use std::os::fd::AsRawFd;
     let fd = socket(
@@ -587,10 +606,11 @@ pub fn inject_uevent(message: &[u8]) -> std::io::Result<()> {
         SockFlag::SOCK_CLOEXEC,
         SockProtocol::NetlinkKObjectUEvent,
     )?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(port, 0))?;
     sendto(
         fd.as_raw_fd(),
         message,
-        &NetlinkAddr::new(0, 1),
+        &NetlinkAddr::new(0, group),
         MsgFlags::empty(),
     )?;
     Ok(())

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use dir_watch::{DirWatch, Mask};
 use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, socket,
+    AddressFamily, ControlMessageOwned, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    UnixCredentials, bind, recvmsg, setsockopt, socket, sockopt,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
@@ -43,6 +44,7 @@ pub struct WatcherConfig {
     settle: Duration,
     uevents: bool,
     inotify: bool,
+    trusted_port: Option<u32>,
     #[cfg(feature = "libudev")]
     libudev: bool,
 }
@@ -58,6 +60,7 @@ impl WatcherConfig {
             rescan: Duration::from_secs(60),
             fallback_rescan: Duration::from_secs(5),
             settle: Duration::from_millis(20),
+            trusted_port: None,
             uevents: true,
             inotify: true,
             #[cfg(feature = "libudev")]
@@ -109,6 +112,76 @@ impl WatcherConfig {
         self.inotify = false;
         self
     }
+
+    /// Also takes kernel-format uevents sent from netlink port `port` as
+    /// the kernel's: for a test kernel (`fake_gpu_node::inject_uevent`
+    /// sends from `fake_gpu_node::FAKE_KERNEL_PORT` in a hermetic
+    /// namespace), since no process can send from the kernel's port 0.
+    /// Never set it on a real node: whoever binds that port could then
+    /// take GPUs out with a forged `remove` or `WEDGED=`.
+    #[must_use]
+    pub fn trust_uevent_port(mut self, port: u32) -> Self {
+        self.trusted_port = Some(port);
+        self
+    }
+}
+
+/// Why a netlink message is not taken as a uevent from its real sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Kernel-format, but not from the kernel's port 0.
+    NotTheKernel,
+    /// udev-format, but not from a root process on group 2.
+    NotUdev,
+    /// Sent to no group or to a group neither uses (unicast).
+    Unicast,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::NotTheKernel => "a kernel uevent not sent by the kernel (netlink port is not 0)",
+            Self::NotUdev => "a udev uevent not sent by root to udev's group",
+            Self::Unicast => "a netlink message sent to no uevent group",
+        })
+    }
+}
+
+/// Whether a message is from its real sender, as libudev decides
+/// (systemd `src/libsystemd/sd-device/device-monitor.c`,
+/// `device_monitor_receive_device`: kernel-group messages only from port
+/// 0, udev-group messages only with root credentials, unicast ignored).
+/// `groups` is the group mask the message was sent to, `port` the
+/// sender's netlink port, `uid` its `SCM_CREDENTIALS` uid; `kernel_format`
+/// whether it is `ACTION@DEVPATH` (not udev's `libudev` header).
+pub(crate) fn check_sender(
+    groups: u32,
+    port: u32,
+    uid: Option<u32>,
+    kernel_format: bool,
+    trusted_port: Option<u32>,
+) -> Result<(), Refused> {
+    let kernel_group = groups & KERNEL_GROUP != 0;
+    let udev_group = groups & UDEV_GROUP != 0;
+    if kernel_format && kernel_group {
+        return if port == 0 || Some(port) == trusted_port {
+            Ok(())
+        } else {
+            Err(Refused::NotTheKernel)
+        };
+    }
+    if !kernel_format && udev_group {
+        return if port != 0 && uid == Some(0) {
+            Ok(())
+        } else {
+            Err(Refused::NotUdev)
+        };
+    }
+    Err(match (groups, kernel_format) {
+        (0, _) => Refused::Unicast,
+        (_, true) => Refused::NotTheKernel,
+        (_, false) => Refused::NotUdev,
+    })
 }
 
 /// An event source and whether it opened.
@@ -130,6 +203,7 @@ pub struct InventoryWatcher {
     rx: watch::Receiver<Arc<Inventory>>,
     sources: Vec<Source>,
     rescans: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
     running: Arc<ScanClock>,
     /// The rescan loop and every event source: dropping the watcher ends
     /// them all.
@@ -155,6 +229,7 @@ impl InventoryWatcher {
         // between the two is never missed.
         let (hint_tx, hint_rx) = mpsc::channel(64);
         let notes = Arc::new(KernelNotes::default());
+        let refused = Arc::new(AtomicU64::new(0));
         let mut sources = Vec::new();
         let mut tasks = Vec::new();
         if config.uevents {
@@ -164,6 +239,10 @@ impl InventoryWatcher {
                         fd,
                         hint_tx.clone(),
                         Arc::clone(&notes),
+                        UeventTrust {
+                            port: config.trusted_port,
+                            refused: Arc::clone(&refused),
+                        },
                     )));
                     sources.push(Source::Uevents);
                 }
@@ -253,6 +332,7 @@ impl InventoryWatcher {
             rx,
             sources,
             rescans,
+            refused,
             running,
             tasks,
         })
@@ -283,6 +363,14 @@ impl InventoryWatcher {
     #[must_use]
     pub fn scan_running_for(&self) -> Option<Duration> {
         self.running.running_for()
+    }
+
+    /// Netlink messages refused since the start because they did not come
+    /// from their real sender (a forged uevent: see
+    /// [`WatcherConfig::trust_uevent_port`]).
+    #[must_use]
+    pub fn refused_uevents(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Rescans done since the start (not counting the first scan).
@@ -504,32 +592,76 @@ fn open_uevents() -> io::Result<AsyncFd<OwnedFd>> {
         fd.as_raw_fd(),
         &NetlinkAddr::new(0, KERNEL_GROUP | UDEV_GROUP),
     )?;
+    // The sender's credentials with each message, to tell udevd (root)
+    // from anyone else on group 2.
+    setsockopt(&fd, sockopt::PassCred, &true)?;
     // SAFETY: `fd` is an open socket owned by the `AsyncFd` for its whole
     // life; `OwnedFd::as_raw_fd` always returns that descriptor.
     unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
 }
 
-async fn uevent_source(fd: AsyncFd<OwnedFd>, hints: mpsc::Sender<Hint>, notes: Arc<KernelNotes>) {
+/// Which senders the uevent source believes, and its count of the rest.
+struct UeventTrust {
+    port: Option<u32>,
+    refused: Arc<AtomicU64>,
+}
+
+async fn uevent_source(
+    fd: AsyncFd<OwnedFd>,
+    hints: mpsc::Sender<Hint>,
+    notes: Arc<KernelNotes>,
+    trust: UeventTrust,
+) {
     let mut buf = vec![0u8; uevent::MAX_MESSAGE];
+    let mut cmsg = nix::cmsg_space!(UnixCredentials);
     loop {
         let Ok(mut guard) = fd.readable().await else {
             return;
         };
-        match guard.try_io(|inner| {
-            recv(inner.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
-        }) {
-            Ok(Ok(n)) => {
-                let hint = match buf.get(..n).map(uevent::parse) {
-                    Some(Ok(event)) => {
+        let received = guard.try_io(|inner| {
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let msg = recvmsg::<NetlinkAddr>(
+                inner.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(io::Error::from)?;
+            let uid = msg.cmsgs().ok().and_then(|mut c| {
+                c.find_map(|m| match m {
+                    ControlMessageOwned::ScmCredentials(cred) => Some(cred.uid()),
+                    _ => None,
+                })
+            });
+            let (port, groups) = msg.address.map_or((u32::MAX, 0), |a| (a.pid(), a.groups()));
+            Ok((msg.bytes, port, groups, uid))
+        });
+        match received {
+            Ok(Ok((n, port, groups, uid))) => {
+                let Some(bytes) = buf.get(..n) else { continue };
+                // udev's messages start with its "libudev\0" header.
+                let kernel_format = !bytes.starts_with(b"libudev\0");
+                if let Err(why) = check_sender(groups, port, uid, kernel_format, trust.port) {
+                    let count = trust.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                    // One line for the first, then one per thousand.
+                    if count == 1 || count.is_multiple_of(1000) {
+                        tracing::warn!(port, groups, ?uid, refused = count, reason = %why, "uevent refused: not from its real sender");
+                    }
+                    continue;
+                }
+                let hint = match uevent::parse(bytes) {
+                    Ok(event) => {
                         tracing::debug!(origin = %event.origin, action = ?event.action, devpath = %event.devpath, "uevent");
-                        if notes.note(&event) {
+                        // Only the kernel's own word takes a card out or
+                        // marks it sick; udev's copy is a hint to rescan.
+                        if event.origin == uevent::Origin::Kernel && notes.note(&event) {
                             Some(Hint::Card)
                         } else {
                             event.concerns_gpus().then_some(Hint::Changed)
                         }
                     }
                     // Unparsable: a hint all the same.
-                    _ => Some(Hint::Changed),
+                    Err(_) => Some(Hint::Changed),
                 };
                 if let Some(hint) = hint
                     && hints.try_send(hint).is_err()
@@ -669,6 +801,40 @@ async fn devfs_source(mut devfs: DevfsWatch, hints: mpsc::Sender<Hint>) {
 
 fn is_dri(name: Option<&std::ffi::OsStr>) -> bool {
     name.is_some_and(|n| n == "dri")
+}
+
+#[cfg(test)]
+mod sender_tests {
+    use super::{Refused, check_sender};
+
+    #[test]
+    fn uevents_are_taken_only_from_their_real_sender() {
+        let k = true;
+        for (groups, port, uid, kernel_format, trusted, want) in [
+            (1, 0, Some(0), k, None, Ok(())),
+            (1, 0, None, k, None, Ok(())),
+            // A root process in the node's network namespace forging the
+            // kernel: refused, unless it is the test kernel asked for.
+            (1, 4242, Some(0), k, None, Err(Refused::NotTheKernel)),
+            (1, 4242, Some(0), k, Some(4242), Ok(())),
+            (1, 4243, Some(0), k, Some(4242), Err(Refused::NotTheKernel)),
+            // udevd (root) on group 2; anyone else refused.
+            (2, 977, Some(0), !k, None, Ok(())),
+            (2, 977, Some(1000), !k, None, Err(Refused::NotUdev)),
+            (2, 977, None, !k, None, Err(Refused::NotUdev)),
+            (2, 0, Some(0), !k, None, Err(Refused::NotUdev)),
+            // Formats on the other's group, and unicast.
+            (2, 977, Some(0), k, None, Err(Refused::NotTheKernel)),
+            (1, 0, Some(0), !k, None, Err(Refused::NotUdev)),
+            (0, 0, Some(0), k, None, Err(Refused::Unicast)),
+        ] {
+            assert_eq!(
+                check_sender(groups, port, uid, kernel_format, trusted),
+                want,
+                "groups {groups} port {port} uid {uid:?} kernel format {kernel_format}"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -46,6 +46,7 @@ fn slow(node: &FakeNode) -> WatcherConfig {
     // No safety rescan within the test: only events can explain a change.
     WatcherConfig::new(DiscoveryConfig::new(node.sysfs_root(), node.devfs_root()))
         .rescan_every(Duration::from_secs(3600))
+        .trust_uevent_port(fake_gpu_node::FAKE_KERNEL_PORT)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,6 +192,44 @@ async fn uevent_child() {
     // Kernel health events: wedged until recovered; i915's reset cycle.
     let card0 = "/devices/pci0000:00/0000:00:02.0/drm/card0";
     let health = |i: &Inventory| i.card("card0").and_then(|g| g.kernel_health.clone());
+    // Forged by a process of the namespace (any port but the kernel's),
+    // as the kernel's or as udev's: refused and counted, the card stays
+    // healthy and in place.
+    let wedged = kernel_message(
+        "change",
+        card0,
+        &[
+            ("SUBSYSTEM", "drm"),
+            ("DEVNAME", "dri/card0"),
+            ("WEDGED", "rebind"),
+        ],
+    );
+    let removed = kernel_message(
+        "remove",
+        card0,
+        &[("SUBSYSTEM", "drm"), ("DEVNAME", "dri/card0")],
+    );
+    let mut udev_format = b"libudev\0".to_vec();
+    udev_format.extend_from_slice(&wedged);
+    let before = w.refused_uevents();
+    fake_gpu_node::send_uevent_from(4242, 1, &wedged).unwrap();
+    fake_gpu_node::send_uevent_from(4243, 1, &removed).unwrap();
+    fake_gpu_node::send_uevent_from(4244, 2, &udev_format).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while w.refused_uevents() < before + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "forged uevents not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let now = w.current();
+    assert!(health(&now).is_none(), "a forged WEDGED took no effect");
+    assert!(
+        now.card("card0").is_some(),
+        "a forged remove took no effect"
+    );
     for (props, sick) in [
         (&[("WEDGED", "rebind,bus-reset")][..], true),
         (&[("WEDGED", "none")][..], false),

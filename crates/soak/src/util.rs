@@ -151,7 +151,11 @@ pub(crate) fn plugin_command(
     shares: u32,
 ) -> Command {
     let mut c = Command::new(bin);
-    c.arg("--sysfs-root")
+    // The hermetic namespace's test kernel (uevents are believed only from
+    // the kernel's port otherwise).
+    c.arg("--trust-uevent-port")
+        .arg(fake_gpu_node::FAKE_KERNEL_PORT.to_string())
+        .arg("--sysfs-root")
         .arg(node.sysfs_root())
         .arg("--devfs-root")
         .arg(node.devfs_root())
