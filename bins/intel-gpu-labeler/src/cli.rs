@@ -90,6 +90,11 @@ pub(crate) struct Cli {
     /// How often the daemon reconciles without a trigger.
     #[arg(long, default_value = "60s", value_parser = duration_in(Duration::from_millis(100), DAY), global = true)]
     pub resync: Duration,
+    /// How long the daemon loop may spend in one round (reading, deciding,
+    /// writing) before /healthz fails and the liveness probe restarts it;
+    /// waiting for events does not count.
+    #[arg(long, default_value = "5m", value_parser = duration_in(Duration::from_secs(1), HOUR), global = true)]
+    pub stall_limit: Duration,
     /// Address of /metrics, /healthz and /readyz ("" turns it off).
     #[arg(long, default_value = "0.0.0.0:8081", global = true)]
     pub http_address: String,
@@ -235,6 +240,8 @@ mod tests {
             ("--removal-grace", "720h", "721h"),
             ("--nfd-expiry", "1m", "59s"),
             ("--nfd-expiry", "720h", "18446744073709551615s"),
+            ("--stall-limit", "1s", "999ms"),
+            ("--stall-limit", "1h", "61m"),
         ] {
             assert!(parse(&[flag, ok]).is_ok(), "{flag} {ok}");
             let err = parse(&[flag, bad]).unwrap_err().to_string();

@@ -29,7 +29,11 @@ pub(crate) async fn daemon(
     let mut creds = credential_files(&cli);
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats::new(cli.stall_limit));
+    // While the loop waits for something to do it beats this often: only
+    // a round that does not come back (a write that hangs, a stuck read)
+    // stops the beats and fails /healthz.
+    let beat_every = (cli.stall_limit / 4).max(Duration::from_millis(100));
     if let Some(addr) = setup.http {
         let listener = ops_http::bind(addr)
             .await
@@ -60,6 +64,7 @@ pub(crate) async fn daemon(
     // cache reads come from and wake the loop on every change.
     let mut followers = follow(&cli, cluster.as_ref(), &trigger_tx);
     loop {
+        stats.progress.beat();
         let now_creds = credential_files(&cli);
         if now_creds != creds
             && let Some(current) = &cluster
@@ -196,12 +201,21 @@ pub(crate) async fn daemon(
         let wait = recheck.map_or(wait, |at| {
             wait.min(at.saturating_duration_since(tokio::time::Instant::now()))
         });
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            changed = inventory.changed() => if changed.is_err() { break },
-            Some(()) = triggers.recv() => {}
-            () = tokio::time::sleep(wait) => {}
+        // `wait` is at most a day (--resync is range-checked): no overflow.
+        let until = tokio::time::Instant::now() + wait;
+        let stop = loop {
+            stats.progress.beat();
+            tokio::select! {
+                _ = term.recv() => break true,
+                _ = int.recv() => break true,
+                changed = inventory.changed() => break changed.is_err(),
+                Some(()) = triggers.recv() => break false,
+                () = tokio::time::sleep_until(until) => break false,
+                () = tokio::time::sleep(beat_every) => {}
+            }
+        };
+        if stop {
+            break;
         }
     }
     for f in followers {

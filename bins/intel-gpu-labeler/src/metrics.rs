@@ -1,11 +1,16 @@
 //! The labeller's figures, served on /metrics, /healthz and /readyz.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
+use ops_http::Progress;
 use ops_kit::prometheus::{Kind, Text};
 
-#[derive(Default)]
 pub(crate) struct Stats {
+    /// The daemon loop's watchdog, and how long a round may take.
+    pub(crate) progress: Arc<Progress>,
+    pub(crate) stall_limit: Duration,
     pub(crate) reconciles: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) errors: AtomicU64,
@@ -15,6 +20,26 @@ pub(crate) struct Stats {
     pub(crate) refused: AtomicU64,
     pub(crate) last_success: AtomicU64,
     pub(crate) ready: AtomicBool,
+}
+
+impl Stats {
+    pub(crate) fn new(stall_limit: Duration) -> Self {
+        let progress = Progress::shared();
+        progress.beat();
+        Self {
+            progress,
+            stall_limit,
+            reconciles: AtomicU64::default(),
+            writes: AtomicU64::default(),
+            errors: AtomicU64::default(),
+            conflicts: AtomicU64::default(),
+            owned: AtomicU64::default(),
+            refused_total: AtomicU64::default(),
+            refused: AtomicU64::default(),
+            last_success: AtomicU64::default(),
+            ready: AtomicBool::default(),
+        }
+    }
 }
 
 impl ops_http::Endpoints for Stats {
@@ -75,6 +100,10 @@ impl ops_http::Endpoints for Stats {
             text.single(&format!("intel_gpu_labeler_{name}"), kind, help, v);
         }
         text.finish()
+    }
+
+    fn live(&self) -> Result<(), String> {
+        self.progress.check(self.stall_limit)
     }
 
     fn ready(&self) -> Result<(), String> {

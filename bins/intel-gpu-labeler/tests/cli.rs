@@ -1082,3 +1082,84 @@ fn a_bad_build_info_is_refused_naming_it() {
     let labels: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(labels["intelgpu"], "enabled");
 }
+
+/// Issue 25, point 7: the labeller's `/healthz` fails while its loop is
+/// stuck in a round (here a write the API server holds for 4 s, past a
+/// 1 s `--stall-limit`), and only then: waiting idle for longer than the
+/// limit is not being stuck. It comes back once the round ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_fails_while_the_loop_is_stuck() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let api = std::sync::Arc::new(ApiServer::start().await.unwrap());
+    api.add_node(NODE);
+    let kc = env.kubeconfig(&api);
+    let file = env.plugins_file(r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#);
+    let port = free_port();
+    let mut child = env
+        .cmd()
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .arg("--enabled-plugins-file")
+        .arg(&file)
+        .args([
+            "--resync",
+            "1h",
+            "--stall-limit",
+            "1s",
+            "--http-address",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let a = std::sync::Arc::clone(&api);
+    tokio::task::spawn_blocking(move || {
+        wait("the plugin label", || has(&a, "intelgpu"));
+        wait("/healthz up", || {
+            http_status(port, "/healthz").is_some_and(|s| s.contains("200"))
+        });
+    })
+    .await
+    .unwrap();
+    // Idle for twice the limit: still alive.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let status = http_status(port, "/healthz").unwrap();
+    assert!(status.contains("200"), "idle is not stuck: {status}");
+    // A round that hangs: the next request (the write putting back a label
+    // removed by hand) is held for 4 s.
+    api.inject(&[apiserver_emulator::Fault::Slow(Duration::from_secs(4))]);
+    api.set_label(NODE, "kubectl", "gpu.intel.com/tiles", None);
+    let started = Instant::now();
+    let body = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(out) = http_body(port, "/healthz")
+                && out.starts_with("HTTP/1.1 503")
+            {
+                return out;
+            }
+            assert!(Instant::now() < deadline, "/healthz never failed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(body.contains("no progress"), "{body}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "failed too early"
+    );
+    // The write goes through; the loop beats again.
+    let a = std::sync::Arc::clone(&api);
+    tokio::task::spawn_blocking(move || {
+        wait("the label back", || has(&a, "gpu.intel.com/tiles"));
+        wait("/healthz back", || {
+            http_status(port, "/healthz").is_some_and(|s| s.contains("200"))
+        });
+    })
+    .await
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,10 +1,15 @@
 //! The operations endpoint, shared by the plugin and the labeller:
 //! `/metrics` (Prometheus text), `/healthz` (liveness) and `/readyz`
 //! (readiness), GET only, on hyper's HTTP/1.1 server. Implement
-//! [`Endpoints`], [`bind`] an address, [`serve`].
+//! [`Endpoints`], [`bind`] an address, [`serve`]. [`Progress`] is the
+//! watchdog a daemon's [`Endpoints::live`] answers from.
 //!
 //! Accepting never spins: an accept error (EMFILE, ENFILE, ENOBUFS) is
 //! logged once per run of errors and retried after a growing pause.
+
+pub mod progress;
+
+pub use progress::{Progress, Running};
 
 use std::convert::Infallible;
 use std::future::Future;
