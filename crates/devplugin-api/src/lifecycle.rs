@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dir_watch::{DirWatch, Mask};
-use tokio::net::UnixListener;
 use tokio::sync::watch;
 
 use crate::metrics::ResourceMetrics;
@@ -275,7 +274,7 @@ impl<P: Plugin> Runtime<P> {
         shutdown: watch::Receiver<bool>,
     ) -> Result<(tokio::task::JoinHandle<()>, watch::Receiver<StreamCount>), ListenError> {
         remove_socket(path);
-        let listener = UnixListener::bind(path).map_err(|source| ListenError {
+        let listener = crate::uds::bind_private(path).map_err(|source| ListenError {
             path: path.to_owned(),
             source,
         })?;

@@ -85,6 +85,33 @@ async fn dial(
     }
 }
 
+/// Listens on a new Unix socket at `path` whose mode is `0600` from the
+/// moment it exists — not whatever the process's umask leaves: only root
+/// (the kubelet) may connect. The mode is set on the socket before it is
+/// bound; Linux creates the file with the socket inode's mode less the
+/// umask (`net/unix/af_unix.c`, `unix_bind_bsd`), so there is no window in
+/// which another user could connect. Must be called inside a tokio
+/// runtime.
+///
+/// # Errors
+/// When the socket cannot be created, bound or listened on.
+pub fn bind_private(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+    };
+    use std::os::fd::AsRawFd as _;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN))?;
+    tokio::net::UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))
+}
+
 /// The connections of `listener`, each accepting any `:authority` (see
 /// [`crate::authority`]): what every server the framework runs on a Unix
 /// socket serves, and what emulators of kubelet-facing servers should too.

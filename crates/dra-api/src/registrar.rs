@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use devplugin_api::MAX_SOCKET_PATH;
 use dir_watch::{DirWatch, Mask};
-use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -312,7 +311,7 @@ async fn run(
         }
         let _ = std::fs::create_dir_all(&config.registry_dir);
         let _ = std::fs::remove_file(&socket);
-        let listener = match UnixListener::bind(&socket) {
+        let listener = match devplugin_api::uds::bind_private(&socket) {
             Ok(l) => l,
             Err(e) => {
                 let error = format!("cannot listen on {}: {e}", socket.display());

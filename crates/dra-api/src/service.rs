@@ -25,7 +25,6 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::net::UnixListener;
 use tokio::sync::{Mutex, watch};
 use tonic::{Request, Response, Status};
 
@@ -707,7 +706,7 @@ impl DraServer {
             std::fs::create_dir_all(dir).map_err(listen)?;
         }
         remove_file(&config.endpoint);
-        let listener = UnixListener::bind(&config.endpoint).map_err(listen)?;
+        let listener = devplugin_api::uds::bind_private(&config.endpoint).map_err(listen)?;
         let initial = checkpoint.claims().clone();
         let core = Arc::new(Core {
             driver_name: config.driver.clone(),
