@@ -29,13 +29,16 @@ pub(crate) const OVERLAYS: &[(&str, &[&str])] = &[
 ];
 
 /// `grpcio` and `grpcio-tools` are the independent gRPC peer of the
-/// framework's interop tests (≥ 1.57: the percent-encoded `:authority`).
+/// framework's interop tests (≥ 1.57: the percent-encoded `:authority`);
+/// `cel-python` evaluates the labeller's admission policy
+/// (`xtask/scripts/policy.py`).
 const PY_TOOLS: &[&str] = &[
     "kubernetes-validate",
     "yamllint",
     "ansible-core",
     "grpcio>=1.57",
     "grpcio-tools>=1.57",
+    "cel-python",
 ];
 
 /// The CI virtualenv's `bin/`, with the Python tools installed.
@@ -45,7 +48,9 @@ pub(crate) fn venv() -> Result<PathBuf> {
     let ready = ["kubernetes-validate", "yamllint", "ansible-playbook"]
         .iter()
         .all(|t| bin.join(t).exists())
-        && succeeds(Command::new(bin.join("python")).args(["-c", "import grpc, grpc_tools"]));
+        && succeeds(
+            Command::new(bin.join("python")).args(["-c", "import grpc, grpc_tools, celpy"]),
+        );
     if !ready {
         eprintln!("installing {} into {}", PY_TOOLS.join(", "), dir.display());
         if !bin.join("pip").exists() {
@@ -115,7 +120,14 @@ pub(crate) fn check_manifests() -> Result<()> {
     let app = rendered
         .get("starlingx-app")
         .context("the starlingx-app overlay is not among those rendered")?;
-    check_starlingx_migration(&bin, starlingx, app)
+    check_starlingx_migration(&bin, starlingx, app)?;
+    // The labeller's admission policy decides the labeller's own writes
+    // and the ones it must refuse as intended.
+    run(Command::new(bin.join("python"))
+        .arg(project_root().join("xtask/scripts/policy.py"))
+        .arg(render_dir("base", "base")?))
+    .context("the labeller's admission policy decides a case wrongly")?;
+    Ok(())
 }
 
 /// What `kubectl apply` of our manifests does next to the GPU plugins
