@@ -431,6 +431,41 @@ mod tests {
         assert!(v["devices"][0]["containerEdits"].get("mounts").is_none());
     }
 
+    /// Another CDI producer on the node (anyone who can write the shared
+    /// directory) plants links at the spec's name and at the temporary
+    /// name writers used to take: the files they point at stay byte for
+    /// byte and mode for mode, and the spec is written.
+    #[test]
+    fn links_planted_in_the_shared_directory_turn_nothing() {
+        use std::os::unix::fs::MetadataExt as _;
+        let root = tempfile::tempdir().unwrap();
+        let victim = root.path().join("kubelet-state");
+        std::fs::write(&victim, "precious").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cdi = root.path().join("cdi");
+        std::fs::create_dir(&cdi).unwrap();
+        for name in ["intel-gpu.json", ".intel-gpu.json.tmp"] {
+            std::os::unix::fs::symlink(&victim, cdi.join(name)).unwrap();
+        }
+        let dir = SpecDir::new(&cdi, "intel-gpu");
+        let spec = Spec {
+            kind: "intel.com/gpu".into(),
+            devices: vec![],
+            container_edits: ContainerEdits::default(),
+            annotations: BTreeMap::new(),
+        };
+        assert!(dir.write("intel-gpu.json", &spec).unwrap());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(std::fs::metadata(&victim).unwrap().mode() & 0o7777, 0o600);
+        let written = std::fs::symlink_metadata(cdi.join("intel-gpu.json")).unwrap();
+        assert!(written.is_file(), "the link was replaced by the spec");
+        assert_eq!(written.mode() & 0o777, 0o644);
+        assert_eq!(
+            std::fs::read_to_string(cdi.join("intel-gpu.json")).unwrap(),
+            spec.to_json()
+        );
+    }
+
     #[test]
     fn write_is_atomic_idempotent_0644_and_retain_spares_foreign_files() {
         let dir = tempfile::tempdir().unwrap();
