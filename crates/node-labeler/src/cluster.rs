@@ -474,4 +474,3 @@ pub async fn who_am_i(client: &kube::Client) -> Result<String, ClusterError> {
         .and_then(|u| u.username)
         .unwrap_or_default())
 }
-
