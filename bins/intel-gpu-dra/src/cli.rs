@@ -66,6 +66,10 @@ pub struct Cli {
     /// Where CDI specs are written.
     #[arg(long, default_value = "/var/run/cdi")]
     pub cdi_dir: PathBuf,
+    /// How long the main loop, a rescan or a prepare may go without
+    /// progress before `/healthz` fails, in milliseconds.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub stall_limit_ms: u64,
     /// Also take kernel-format uevents from this netlink port as the
     /// kernel's (a test kernel in a hermetic namespace; never on a real
     /// node, where only the kernel's port 0 is believed).

@@ -84,6 +84,7 @@ fn main() -> ExitCode {
         plugin_dir: cli.plugin_dir,
         cdi_dir: cli.cdi_dir,
         trust_uevent_port: cli.trust_uevent_port,
+        stall_limit: std::time::Duration::from_millis(cli.stall_limit_ms),
         sharing: cli.sharing,
         sriov: cli.sriov,
         taints: cli.taints,

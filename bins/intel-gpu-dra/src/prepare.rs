@@ -34,6 +34,8 @@ pub struct GpuDriver {
     prepared: Mutex<BTreeMap<String, BTreeSet<String>>>,
     /// Bumped when the set of prepared devices changes.
     changed: watch::Sender<u64>,
+    /// Times each prepare and unprepare for the liveness watchdog.
+    progress: Option<Arc<ops_http::Progress>>,
 }
 
 impl GpuDriver {
@@ -45,7 +47,17 @@ impl GpuDriver {
             current,
             prepared: Mutex::new(BTreeMap::new()),
             changed: watch::channel(0).0,
+            progress: None,
         }
+    }
+
+    /// Times every prepare and unprepare with `progress`: one stuck (the
+    /// framework serializes them, so every pod behind it waits) fails
+    /// `/healthz`.
+    #[must_use]
+    pub fn timed(mut self, progress: Arc<ops_http::Progress>) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     /// The CDI specs of this driver's claims in `cdi_dir` (the framework
@@ -127,6 +139,7 @@ impl Driver for GpuDriver {
         claim: &ClaimRef,
         devices: &[Allocated],
     ) -> Result<Vec<DevicePrepared>, DriverError> {
+        let _timed = self.progress.as_ref().map(|p| p.begin("a claim's prepare"));
         let current = self
             .current
             .read()
@@ -212,6 +225,10 @@ impl Driver for GpuDriver {
     fn unprepare(&self, claim: &ClaimRef, _: Option<&PreparedClaim>) -> Result<(), DriverError> {
         // By the claim's UID, with or without a record; the framework
         // removes the CDI spec.
+        let _timed = self
+            .progress
+            .as_ref()
+            .map(|p| p.begin("a claim's unprepare"));
         let mut map = self.lock();
         map.retain(|_, uids| {
             uids.remove(&claim.uid);

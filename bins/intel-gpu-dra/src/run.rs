@@ -38,6 +38,8 @@ pub struct RunConfig {
     pub cdi_dir: PathBuf,
     /// A test kernel's netlink port, if any (see `WatcherConfig`).
     pub trust_uevent_port: Option<u32>,
+    /// How long without progress fails `/healthz`.
+    pub stall_limit: Duration,
     /// Sharing wanted.
     pub sharing: Sharing,
     /// SR-IOV rule wanted.
@@ -98,8 +100,8 @@ pub fn decide(
 }
 
 /// Retries `f` with backoff until it succeeds (callers race it against
-/// the signals).
-async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
+/// the signals); each attempt is progress.
+async fn retry<T, F, Fut>(progress: &ops_http::Progress, what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
@@ -110,6 +112,7 @@ where
     };
     let mut attempt = 0;
     loop {
+        progress.beat();
         match f().await {
             Ok(v) => return v,
             Err(error) => {
@@ -122,6 +125,9 @@ where
 }
 
 struct Ops {
+    /// The liveness watchdog: the main loop beats, prepares are timed.
+    progress: Arc<ops_http::Progress>,
+    stall_limit: Duration,
     ready: AtomicBool,
     devices: AtomicU64,
     prepared: AtomicU64,
@@ -135,6 +141,24 @@ struct Ops {
     kubelet_issue: RwLock<Option<&'static str>>,
     /// The watcher, once discovery started.
     watcher: std::sync::OnceLock<Arc<InventoryWatcher>>,
+}
+
+impl Ops {
+    fn new(progress: Arc<ops_http::Progress>, stall_limit: Duration) -> Self {
+        Self {
+            progress,
+            stall_limit,
+            ready: AtomicBool::new(false),
+            devices: AtomicU64::new(0),
+            prepared: AtomicU64::new(0),
+            state: RwLock::new("starting".to_owned()),
+            rebuilt: AtomicU64::new(0),
+            rewritten: AtomicU64::new(0),
+            start_problems: AtomicU64::new(0),
+            kubelet_issue: RwLock::new(None),
+            watcher: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 impl ops_http::Endpoints for Ops {
@@ -192,6 +216,17 @@ impl ops_http::Endpoints for Ops {
         text.finish()
     }
 
+    fn live(&self) -> Result<(), String> {
+        self.progress.check(self.stall_limit)?;
+        match self.watcher.get().and_then(|w| w.scan_running_for()) {
+            Some(t) if t > self.stall_limit => Err(format!(
+                "a sysfs rescan has been running for {} s",
+                t.as_secs()
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn ready(&self) -> Result<(), String> {
         if self.ready.load(Ordering::Relaxed) {
             Ok(())
@@ -212,17 +247,9 @@ impl ops_http::Endpoints for Ops {
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let ops = Arc::new(Ops {
-        ready: AtomicBool::new(false),
-        devices: AtomicU64::new(0),
-        prepared: AtomicU64::new(0),
-        state: RwLock::new("starting".to_owned()),
-        rebuilt: AtomicU64::new(0),
-        rewritten: AtomicU64::new(0),
-        start_problems: AtomicU64::new(0),
-        kubelet_issue: RwLock::new(None),
-        watcher: std::sync::OnceLock::new(),
-    });
+    let progress = ops_http::Progress::shared();
+    progress.beat();
+    let ops = Arc::new(Ops::new(Arc::clone(&progress), config.stall_limit));
     let set_state = |s: String| *ops.state.write().unwrap_or_else(PoisonError::into_inner) = s;
     let _http = match config.http {
         Some(addr) => {
@@ -247,11 +274,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut mode: Option<(std::time::Instant, Option<String>)> = None;
     let mut this_node: Option<Node> = None;
     let _lock = loop {
+        progress.beat();
         let stale = mode
             .as_ref()
             .is_none_or(|(read, _)| read.elapsed() >= Duration::from_secs(10));
         if stale {
-            let node = retry("cannot read this node", || async {
+            let node = retry(&progress, "cannot read this node", || async {
                 nodes
                     .get(&config.node)
                     .await
@@ -311,7 +339,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
 
     // What the cluster keeps decides the mode.
-    let probe = retry("cannot probe the DRA API", || {
+    let probe = retry(&progress, "cannot probe the DRA API", || {
         dra_api::slices::probe_features(&client, &driver_name, &config.node)
     });
     let features = tokio::select! {
@@ -330,7 +358,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let _ = ops.watcher.set(Arc::clone(&watcher));
     let mut inventory = watcher.subscribe();
     let current: Current = Arc::new(RwLock::new(BTreeMap::new()));
-    let gpus = Arc::new(GpuDriver::new(&config.node, Arc::clone(&current)));
+    let gpus =
+        Arc::new(GpuDriver::new(&config.node, Arc::clone(&current)).timed(Arc::clone(&progress)));
     let endpoint = config.plugin_dir.join("dra.sock");
     // The devices present, known before the service answers a prepare.
     let first = Arc::clone(&inventory.borrow_and_update());
@@ -388,7 +417,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut published = publisher.watch_status();
     let mut registered = registrar.watch_status();
     tracing::info!(endpoint = %endpoint.display(), "serving");
+    // The loop wakes at least this often, so a quiet node is not a stuck
+    // one.
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
     loop {
+        progress.beat();
         let ready = matches!(*published.borrow(), PublishState::Published { .. })
             && matches!(*registered.borrow(), dra_api::RegistrationState::Registered);
         ops.ready.store(ready, Ordering::Relaxed);
@@ -414,6 +447,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 if changed.is_err() { bail!("the registrar stopped"); }
                 continue;
             }
+            _ = heartbeat.tick() => continue,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -545,6 +579,27 @@ fn render(
 #[cfg(test)]
 mod tests {
     use super::kubelet_known_issue;
+    use ops_http::Endpoints as _;
+
+    #[test]
+    fn healthz_fails_on_a_stuck_prepare_or_a_silent_loop() {
+        let progress = ops_http::Progress::shared();
+        progress.beat();
+        let ops = super::Ops::new(
+            std::sync::Arc::clone(&progress),
+            super::Duration::from_millis(50),
+        );
+        assert_eq!(ops.live(), Ok(()));
+        let stuck = progress.begin("a claim's prepare");
+        std::thread::sleep(super::Duration::from_millis(80));
+        let err = ops.live().unwrap_err();
+        assert!(err.contains("a claim's prepare has been running"), "{err}");
+        drop(stuck);
+        let err = ops.live().unwrap_err();
+        assert!(err.contains("no progress"), "{err}");
+        progress.beat();
+        assert_eq!(ops.live(), Ok(()));
+    }
 
     #[test]
     fn kubelets_with_the_idle_connection_defect_are_named() {
