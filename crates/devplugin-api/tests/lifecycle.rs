@@ -841,10 +841,14 @@ async fn a_new_kubelet_starts_the_retry_count_afresh() {
         }
     };
     let mut last = 0;
+    // A stream is ended only once it is open (the registration's first
+    // list arrived): ended before it opened, the kubelet would simply
+    // never have opened one, which the plugin waits out for its stream
+    // timeout (10 s) — a test that raced there stalled or timed out.
     for round in 1..=4u32 {
         kubelet
             .wait_until(LIMIT, |v| {
-                v.registrations(RES) == round && v.is_connected(RES)
+                v.registrations(RES) == round && v.is_connected(RES) && v.devices(RES).is_some()
             })
             .await
             .unwrap();
@@ -863,7 +867,9 @@ async fn a_new_kubelet_starts_the_retry_count_afresh() {
         .unwrap();
     kubelet.restart().await.unwrap();
     kubelet
-        .wait_until(LIMIT, |v| v.registrations(RES) == 6 && v.is_connected(RES))
+        .wait_until(LIMIT, |v| {
+            v.registrations(RES) == 6 && v.is_connected(RES) && v.devices(RES).is_some()
+        })
         .await
         .unwrap();
     tokio::time::timeout(LIMIT, status.wait_for(RegistrationStatus::is_registered))
