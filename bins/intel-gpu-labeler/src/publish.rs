@@ -1,11 +1,15 @@
 //! `publish`: a controller publishes the replicated enabled-plugins file as
 //! the cluster's ConfigMap.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use anyhow::{Context as _, bail};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::Cli;
+use crate::metrics::Stats;
 
 use crate::daemon::backoff;
 use crate::run::{Setup, client, first_file, watch_files};
@@ -25,6 +29,22 @@ pub(crate) async fn publish(cli: &Cli, setup: &Setup, target: &str) -> anyhow::R
     let client = client(cli).await?;
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    // The same watchdog and figures as the labeller's daemon: rounds are
+    // reconciles, publications writes; /healthz fails when a round does
+    // not come back within --stall-limit, /readyz while publishing fails.
+    let stats = Arc::new(Stats::new(cli.stall_limit));
+    let beat_every = (cli.stall_limit / 4).max(std::time::Duration::from_millis(100));
+    if let Some(addr) = setup.http
+        && !cli.oneshot
+    {
+        let listener = ops_http::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        tokio::spawn(ops_http::serve(
+            listener,
+            Arc::clone(&stats) as Arc<dyn ops_http::Endpoints>,
+        ));
+    }
     let (tx, mut triggers) = mpsc::channel::<()>(8);
     watch_files(&setup.sources, cli.resync, &tx);
     let mut published: Option<Vec<u8>> = None;
@@ -34,6 +54,8 @@ pub(crate) async fn publish(cli: &Cli, setup: &Setup, target: &str) -> anyhow::R
     let mut rounds = 0;
     loop {
         rounds += 1;
+        stats.progress.beat();
+        stats.reconciles.fetch_add(1, Ordering::Relaxed);
         let mut recheck = None;
         let note = match first_file(&setup.sources) {
             Ok(None) => "no enabled-plugins file here: nothing to publish".to_owned(),
@@ -72,12 +94,17 @@ pub(crate) async fn publish(cli: &Cli, setup: &Setup, target: &str) -> anyhow::R
                                         published = Some(bytes);
                                         pending = None;
                                         failures = 0;
+                                        stats.writes.fetch_add(1, Ordering::Relaxed);
+                                        stats
+                                            .last_success
+                                            .store(crate::run::now(), Ordering::Relaxed);
                                         format!("{} published", path.display())
                                     }
                                     Err(e) if cli.oneshot => return Err(e.into()),
                                     // A passing API error: the same bytes
                                     // are published on the next attempt.
                                     Err(e) => {
+                                        stats.errors.fetch_add(1, Ordering::Relaxed);
                                         failures = failures.saturating_add(1);
                                         recheck = Some(now + backoff(failures));
                                         format!("publishing {target} failed: {e:#}; retrying")
@@ -113,14 +140,23 @@ pub(crate) async fn publish(cli: &Cli, setup: &Setup, target: &str) -> anyhow::R
         if cli.oneshot && rounds > 8 {
             bail!("the enabled-plugins file kept changing; nothing published");
         }
+        // Ready while the API answers: a controller without the file, or
+        // with a file being written, has nothing to publish and is fine.
+        stats.ready.store(failures == 0, Ordering::Relaxed);
         let wait = recheck.map_or(cli.resync, |at| {
             at.saturating_duration_since(tokio::time::Instant::now())
         });
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            Some(()) = triggers.recv() => {}
-            () = tokio::time::sleep(wait) => {}
+        // `wait` is at most a day (--resync is range-checked): no overflow.
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            stats.progress.beat();
+            tokio::select! {
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+                Some(()) = triggers.recv() => break,
+                () = tokio::time::sleep_until(until) => break,
+                () = tokio::time::sleep(beat_every) => {}
+            }
         }
     }
 }

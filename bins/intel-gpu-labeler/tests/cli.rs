@@ -797,6 +797,96 @@ async fn the_publisher_outlives_api_errors() {
     );
 }
 
+/// The publisher has the labeller's liveness: /healthz fails while a
+/// publication hangs and comes back once it goes through; waiting quietly
+/// for the file to change is not being stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publishers_healthz_fails_while_a_publication_hangs() {
+    let env = Env::new(&NodeSpec::starlingx_edge());
+    let api = std::sync::Arc::new(ApiServer::start().await.unwrap());
+    let kc = env.kubeconfig(&api);
+    let host = env.dir.path().join("controller");
+    std::fs::create_dir_all(host.join("etc")).unwrap();
+    std::fs::write(host.join("etc/build.info"), "SW_VERSION=\"24.09\"\n").unwrap();
+    let replicated = host.join("opt/platform/config/24.09/enabled_kube_plugins");
+    std::fs::create_dir_all(replicated.parent().unwrap()).unwrap();
+    std::fs::write(&replicated, r#"{"intel-gpu-plugin": "intelgpu=enabled"}"#).unwrap();
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args([
+            "publish",
+            "--configmap",
+            "intel-gpu/enabled-kube-plugins",
+            "--settle",
+            "100ms",
+            "--resync",
+            "1h",
+            "--stall-limit",
+            "1s",
+            "--http-address",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--host-root")
+        .arg(&host)
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let a = std::sync::Arc::clone(&api);
+    tokio::task::spawn_blocking(move || {
+        wait("published", || {
+            a.configmap("intel-gpu", "enabled-kube-plugins").is_some()
+        });
+        wait("/healthz and /readyz up", || {
+            http_status(port, "/healthz").is_some_and(|s| s.contains("200"))
+                && http_status(port, "/readyz").is_some_and(|s| s.contains("200"))
+        });
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let status = http_status(port, "/healthz").unwrap();
+    assert!(status.contains("200"), "idle is not stuck: {status}");
+    // The next publication is held for 4 s.
+    api.inject(&[apiserver_emulator::Fault::Slow(Duration::from_secs(4))]);
+    std::fs::write(
+        &replicated,
+        r#"{"intel-gpu-plugin": "intelgpu=enabled", "x": "y=z"}"#,
+    )
+    .unwrap();
+    let body = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(out) = http_body(port, "/healthz")
+                && out.starts_with("HTTP/1.1 503")
+            {
+                return out;
+            }
+            assert!(Instant::now() < deadline, "/healthz never failed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(body.contains("no progress"), "{body}");
+    tokio::task::spawn_blocking(move || {
+        wait("/healthz back", || {
+            http_status(port, "/healthz").is_some_and(|s| s.contains("200"))
+        });
+    })
+    .await
+    .unwrap();
+    let metrics = http_body(port, "/metrics").unwrap();
+    assert!(
+        metrics.contains("intel_gpu_labeler_writes_total 2"),
+        "{metrics}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 fn http_body(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
