@@ -34,15 +34,7 @@ pub(crate) async fn daemon(
     // a round that does not come back (a write that hangs, a stuck read)
     // stops the beats and fails /healthz.
     let beat_every = (cli.stall_limit / 4).max(Duration::from_millis(100));
-    if let Some(addr) = setup.http {
-        let listener = ops_http::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        tokio::spawn(ops_http::serve(
-            listener,
-            Arc::clone(&stats) as Arc<dyn ops_http::Endpoints>,
-        ));
-    }
+    crate::metrics::serve(setup.http, &stats).await?;
     let watcher = InventoryWatcher::spawn(WatcherConfig::new(setup.discovery.clone()))
         .context("cannot read the GPU inventory")?;
     let mut inventory = watcher.subscribe();

@@ -42,6 +42,28 @@ impl Stats {
     }
 }
 
+/// Serves `stats` on `/metrics`, `/healthz`, `/readyz` at `addr`, if one
+/// is given, until the process ends.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub(crate) async fn serve(
+    addr: Option<std::net::SocketAddr>,
+    stats: &Arc<Stats>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if let Some(addr) = addr {
+        let listener = ops_http::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        tokio::spawn(ops_http::serve(
+            listener,
+            Arc::clone(stats) as Arc<dyn ops_http::Endpoints>,
+        ));
+    }
+    Ok(())
+}
+
 impl ops_http::Endpoints for Stats {
     fn metrics(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);

@@ -34,17 +34,7 @@ pub(crate) async fn publish(cli: &Cli, setup: &Setup, target: &str) -> anyhow::R
     // not come back within --stall-limit, /readyz while publishing fails.
     let stats = Arc::new(Stats::new(cli.stall_limit));
     let beat_every = (cli.stall_limit / 4).max(std::time::Duration::from_millis(100));
-    if let Some(addr) = setup.http
-        && !cli.oneshot
-    {
-        let listener = ops_http::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        tokio::spawn(ops_http::serve(
-            listener,
-            Arc::clone(&stats) as Arc<dyn ops_http::Endpoints>,
-        ));
-    }
+    crate::metrics::serve(setup.http.filter(|_| !cli.oneshot), &stats).await?;
     let (tx, mut triggers) = mpsc::channel::<()>(8);
     watch_files(&setup.sources, cli.resync, &tx);
     let mut published: Option<Vec<u8>> = None;

@@ -856,20 +856,9 @@ async fn the_publishers_healthz_fails_while_a_publication_hangs() {
         r#"{"intel-gpu-plugin": "intelgpu=enabled", "x": "y=z"}"#,
     )
     .unwrap();
-    let body = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(out) = http_body(port, "/healthz")
-                && out.starts_with("HTTP/1.1 503")
-            {
-                return out;
-            }
-            assert!(Instant::now() < deadline, "/healthz never failed");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    })
-    .await
-    .unwrap();
+    let body = tokio::task::spawn_blocking(move || healthz_failing(port))
+        .await
+        .unwrap();
     assert!(body.contains("no progress"), "{body}");
     tokio::task::spawn_blocking(move || {
         wait("/healthz back", || {
@@ -885,6 +874,21 @@ async fn the_publishers_healthz_fails_while_a_publication_hangs() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Waits (10 s at most) for `/healthz` to answer 503, and returns the
+/// answer.
+fn healthz_failing(port: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(out) = http_body(port, "/healthz")
+            && out.starts_with("HTTP/1.1 503")
+        {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "/healthz never failed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn http_body(port: u16, path: &str) -> Option<String> {
@@ -1221,20 +1225,9 @@ async fn healthz_fails_while_the_loop_is_stuck() {
     api.inject(&[apiserver_emulator::Fault::Slow(Duration::from_secs(4))]);
     api.set_label(NODE, "kubectl", "gpu.intel.com/tiles", None);
     let started = Instant::now();
-    let body = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(out) = http_body(port, "/healthz")
-                && out.starts_with("HTTP/1.1 503")
-            {
-                return out;
-            }
-            assert!(Instant::now() < deadline, "/healthz never failed");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    })
-    .await
-    .unwrap();
+    let body = tokio::task::spawn_blocking(move || healthz_failing(port))
+        .await
+        .unwrap();
     assert!(body.contains("no progress"), "{body}");
     assert!(
         started.elapsed() >= Duration::from_secs(1),

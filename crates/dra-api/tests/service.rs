@@ -165,6 +165,15 @@ impl Node {
             .join("prepared-claims.json")
     }
 
+    /// The kubelet restarts and registers the driver again.
+    async fn kubelet_restarts(&mut self) {
+        self.watcher.restart().await.unwrap();
+        self.watcher
+            .wait_until(LIMIT, |v| v.plugins.contains_key(DRIVER))
+            .await
+            .unwrap();
+    }
+
     /// The driver as its binary starts it: the service, then the
     /// registration.
     async fn start_driver(&self) -> (DraServer, Registrar) {
@@ -533,11 +542,7 @@ async fn a_reboot_that_empties_the_cdi_directory_loses_no_spec() {
     let (server, registrar) = node.start_driver().await;
     assert_eq!(server.start_report().rewritten, [UID_A], "written at start");
     std::fs::remove_dir_all(node.cdi_dir()).unwrap();
-    node.watcher.restart().await.unwrap();
-    node.watcher
-        .wait_until(LIMIT, |v| v.plugins.contains_key(DRIVER))
-        .await
-        .unwrap();
+    node.kubelet_restarts().await;
     let after = node
         .watcher
         .prepare(DRIVER, &[id("a", UID_A)])
@@ -607,11 +612,7 @@ async fn a_lost_or_corrupt_checkpoint_is_rebuilt_from_the_specs_and_nothing_is_s
         assert_eq!(devices, ["dev-0", "dev-1"], "{lose}");
         // The kubelet settles the rest: a prepare is done in full (the
         // requests come back), an unprepare removes the spec.
-        node.watcher.restart().await.unwrap();
-        node.watcher
-            .wait_until(LIMIT, |v| v.plugins.contains_key(DRIVER))
-            .await
-            .unwrap();
+        node.kubelet_restarts().await;
         let again = node
             .watcher
             .prepare(DRIVER, &[id("a", UID_A)])
