@@ -141,6 +141,8 @@ struct Ops {
     kubelet_issue: RwLock<Option<&'static str>>,
     /// The watcher, once discovery started.
     watcher: std::sync::OnceLock<Arc<InventoryWatcher>>,
+    /// Claim references the DRA service refused.
+    claims_refused: AtomicU64,
 }
 
 impl Ops {
@@ -157,8 +159,54 @@ impl Ops {
             start_problems: AtomicU64::new(0),
             kubelet_issue: RwLock::new(None),
             watcher: std::sync::OnceLock::new(),
+            claims_refused: AtomicU64::new(0),
         }
     }
+
+    /// The hostile inputs refused so far: planted files, forged uevents,
+    /// claim references that could steer a path.
+    fn hostile(&self) -> [u64; 3] {
+        [
+            ops_kit::fs::planted_total(),
+            self.watcher.get().map_or(0, |w| w.refused_uevents()),
+            self.claims_refused.load(Ordering::Relaxed),
+        ]
+    }
+}
+
+/// What each kind of hostile input gets on the Node: an Event whose count
+/// grows with every round in which more were refused (the message stays
+/// the same, so it is one Event, not a pile).
+const HOSTILE: [(&str, &str); 3] = [
+    (
+        "PlantedFileRefused",
+        "a link or file planted where intel-gpu-dra writes (CDI specs, its checkpoint) was found and not followed; see its log and intel_gpu_dra_planted_files_total",
+    ),
+    (
+        "ForgedUeventRefused",
+        "netlink messages posing as uevents, not from the kernel or udevd, were refused; see intel-gpu-dra's log and intel_gpu_dra_uevents_refused_total",
+    ),
+    (
+        "ClaimReferenceRefused",
+        "the kubelet named a claim whose UID, namespace or name could steer a path or URL; refused, see intel-gpu-dra's log and intel_gpu_dra_claims_refused_total",
+    ),
+];
+
+/// Records an Event for each kind of hostile input refused since `seen`
+/// (in the background: reporting never holds up the loop).
+fn report_hostile(
+    seen: &mut [u64; 3],
+    now: [u64; 3],
+    events: &node_events::NodeEvents,
+    node_uid: &str,
+) {
+    for ((before, after), (reason, message)) in seen.iter().zip(now).zip(HOSTILE) {
+        if after > *before {
+            let (events, uid) = (events.clone(), node_uid.to_owned());
+            tokio::spawn(async move { events.warn(&uid, reason, message).await });
+        }
+    }
+    *seen = now;
 }
 
 impl ops_http::Endpoints for Ops {
@@ -198,6 +246,18 @@ impl ops_http::Endpoints for Ops {
             .kubelet_issue
             .read()
             .unwrap_or_else(PoisonError::into_inner);
+        text.single(
+            "intel_gpu_dra_planted_files_total",
+            Kind::Counter,
+            "Links or files planted where the driver writes (CDI specs, checkpoint), found and not followed.",
+            ops_kit::fs::planted_total(),
+        )
+        .single(
+            "intel_gpu_dra_claims_refused_total",
+            Kind::Counter,
+            "Claim references (UID, namespace, name) from the kubelet refused because they could steer a path or URL.",
+            self.claims_refused.load(Ordering::Relaxed),
+        );
         text.single(
             "intel_gpu_dra_uevents_refused_total",
             Kind::Counter,
@@ -420,8 +480,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // The loop wakes at least this often, so a quiet node is not a stuck
     // one.
     let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+    let mut hostile_seen = [0; 3];
     loop {
         progress.beat();
+        ops.claims_refused
+            .store(server.refused_claims(), Ordering::Relaxed);
+        report_hostile(&mut hostile_seen, ops.hostile(), &events, &node_uid);
         let ready = matches!(*published.borrow(), PublishState::Published { .. })
             && matches!(*registered.borrow(), dra_api::RegistrationState::Registered);
         ops.ready.store(ready, Ordering::Relaxed);

@@ -538,3 +538,57 @@ async fn reboots_lost_checkpoints_and_old_kubelets_lose_nothing_and_are_reported
     assert_eq!(done[&a.uid], Ok(()));
     assert!(!s.spec(&a).exists());
 }
+
+/// A hostile node: a link planted at the spec's own name in the shared CDI
+/// directory, a claim reference that would steer a path. Each is refused,
+/// counted and reported on the Node; the good claim is still served and
+/// the planted link's target is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_inputs_are_refused_counted_and_reported() {
+    let mut s = setup(DraApi::V1_34).await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _driver = Driver::start(s.dir.path(), &s.node, &["--http-address", addr.as_str()]);
+    s.registered().await;
+    until("6 devices published", || published(&s.api).len() == 6).await;
+    let a = s.claim("a");
+    s.api
+        .allocate("default", "a", &[bus("0000:8a:00.0")])
+        .unwrap();
+    let victim = s.dir.path().join("kubelet-state");
+    std::fs::write(&victim, "precious").unwrap();
+    std::fs::create_dir_all(s.dir.path().join("cdi")).unwrap();
+    std::os::unix::fs::symlink(&victim, s.spec(&a)).unwrap();
+    let hostile = ClaimId {
+        namespace: "default".into(),
+        name: "a".into(),
+        uid: "x/../../kubelet-state".into(),
+    };
+    let answers = s
+        .kubelet
+        .prepare(DRIVER, &[hostile.clone(), a.clone()])
+        .await
+        .unwrap();
+    assert!(answers[&hostile.uid].is_err());
+    let ids: Vec<String> = answers[&a.uid]
+        .clone()
+        .unwrap()
+        .into_iter()
+        .flat_map(|d| d.cdi_device_ids)
+        .collect();
+    resolves_on_disk(s.dir.path(), &ids);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert!(std::fs::symlink_metadata(s.spec(&a)).unwrap().is_file());
+    for reason in ["PlantedFileRefused", "ClaimReferenceRefused"] {
+        until(reason, || !events_with_reason(&s.api, reason).is_empty()).await;
+    }
+    let metrics = http_get(port, "/metrics");
+    assert!(
+        metrics.contains("intel_gpu_dra_planted_files_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("intel_gpu_dra_claims_refused_total 1"),
+        "{metrics}"
+    );
+}

@@ -99,6 +99,12 @@ impl ops_http::Endpoints for Stats {
                 g(&self.owned),
             ),
             (
+                "planted_files_total",
+                Kind::Counter,
+                "Links or files planted where the labeller writes (the NFD features file), found and not followed.",
+                ops_kit::fs::planted_total(),
+            ),
+            (
                 "refused_labels_total",
                 Kind::Counter,
                 "Plugin labels named by the enabled-plugins content that were refused (a prefix not allowed, or Kubernetes' own).",

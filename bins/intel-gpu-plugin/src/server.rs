@@ -279,6 +279,12 @@ impl http::Endpoints for Endpoints {
                 load(&self.cdi.missing),
             ),
             (
+                "planted_files_total",
+                Kind::Counter,
+                "Links or files planted where the plugin writes (its CDI specs), found and not followed.",
+                ops_kit::fs::planted_total(),
+            ),
+            (
                 "uevents_refused_total",
                 Kind::Counter,
                 "Netlink messages refused as uevents because they did not come from their real sender (the kernel's port 0, or udevd as root): forged uevents.",

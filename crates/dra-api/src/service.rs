@@ -239,6 +239,8 @@ struct Core<D, S> {
     claims: Arc<S>,
     specs: ClaimSpecs,
     checkpoint: Mutex<Checkpoint>,
+    /// Claim references refused before they reached a path or a URL.
+    refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What the framework did with the checkpoint and the CDI specs at start:
@@ -284,6 +286,12 @@ enum Found {
 }
 
 impl<D: Driver, S: ClaimSource> Core<D, S> {
+    fn refuse(&self, e: &crate::ClaimRefError) {
+        self.refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(error = %e, "claim reference refused");
+    }
+
     /// Whether a record can answer a prepare: not rebuilt, and its spec
     /// can be written again (or, for an older record, is still there).
     fn answerable(&self, uid: &str, p: &PreparedClaim) -> bool {
@@ -318,6 +326,7 @@ impl<D: Driver, S: ClaimSource> Core<D, S> {
         let mut looked = Vec::with_capacity(claims.len());
         for claim in claims {
             if let Err(e) = check_claim_ref(&claim.namespace, &claim.name, &claim.uid) {
+                self.refuse(&e);
                 looked.push((claim, Err(e.to_string())));
                 continue;
             }
@@ -459,7 +468,7 @@ impl<D: Driver, S: ClaimSource> Core<D, S> {
         let mut out = Vec::with_capacity(claims.len());
         for claim in claims {
             if let Err(e) = check_claim_ref(&claim.namespace, &claim.name, &claim.uid) {
-                tracing::warn!(error = %e, "unprepare refused");
+                self.refuse(&e);
                 out.push((claim.uid, Err(e.to_string())));
                 continue;
             }
@@ -680,6 +689,7 @@ pub struct DraServer {
     socket: PathBuf,
     report: StartReport,
     initial: BTreeMap<String, PreparedClaim>,
+    refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl DraServer {
@@ -708,12 +718,14 @@ impl DraServer {
         remove_file(&config.endpoint);
         let listener = devplugin_api::uds::bind_private(&config.endpoint).map_err(listen)?;
         let initial = checkpoint.claims().clone();
+        let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let core = Arc::new(Core {
             driver_name: config.driver.clone(),
             driver,
             claims,
             specs: config.specs.clone(),
             checkpoint: Mutex::new(checkpoint),
+            refused: Arc::clone(&refused),
         });
         let (stop, mut stop_rx) = watch::channel(false);
         let (health, health_rx) = watch::channel(crate::health::stamp(Vec::new()));
@@ -745,6 +757,7 @@ impl DraServer {
             socket,
             report,
             initial,
+            refused,
         })
     }
 
@@ -760,6 +773,14 @@ impl DraServer {
     /// wins.
     pub fn publish_health(&self, devices: Vec<crate::health::HealthEntry>) {
         self.health.send_replace(crate::health::stamp(devices));
+    }
+
+    /// Claim references (UID, namespace, name) refused since the start
+    /// because they could have steered a path or a URL
+    /// ([`crate::check_claim_ref`]).
+    #[must_use]
+    pub fn refused_claims(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// What loading the checkpoint found.

@@ -681,6 +681,11 @@ async fn claim_references_that_could_steer_a_path_are_refused_per_claim() {
         0,
         "never reached the driver"
     );
+    assert_eq!(
+        server.refused_claims(),
+        4,
+        "three prepares and an unprepare"
+    );
     registrar.stop().await;
     server.stop().await;
 }

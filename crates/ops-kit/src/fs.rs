@@ -36,6 +36,24 @@ use nix::fcntl::{AtFlags, OFlag, openat, renameat};
 use nix::sys::stat::{Mode, SFlag, fchmod, fstat, fstatat};
 use nix::unistd::{UnlinkatFlags, fsync, unlinkat};
 
+/// Plants met by this process's writers (a link or file at a fresh
+/// temporary name, a link at a file's own name): process-wide, because a
+/// plant is a fact about the node, whichever writer met it.
+static PLANTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many plants (links or files someone else put where this process's
+/// writers create or replace files) the writers have met and refused to
+/// follow since the process started: a daemon exports it as a metric and
+/// reports a rise.
+#[must_use]
+pub fn planted_total() -> u64 {
+    PLANTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count_plant() {
+    PLANTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// How many random temporary names are tried before giving up (each
 /// taken name is a plant or a collision of 64 random bits).
 const ATTEMPTS: u32 = 8;
@@ -160,6 +178,7 @@ pub fn write_atomic(dir: &Path, name: &str, content: &[u8], mode: u32) -> Result
             ) {
                 Ok(fd) => break 'created (tmp, std::fs::File::from(fd)),
                 Err(Errno::EEXIST) => {
+                    count_plant();
                     let planted = dir.join(&tmp);
                     tracing::warn!(
                         path = %planted.display(),
@@ -193,6 +212,7 @@ pub fn write_atomic(dir: &Path, name: &str, content: &[u8], mode: u32) -> Result
     if let Ok(st) = fstatat(&dirfd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
         && SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK
     {
+        count_plant();
         tracing::warn!(
             path = %target.display(),
             "a link stands at the file's own name; replacing the link, not writing through it"
@@ -349,7 +369,12 @@ mod tests {
         std::fs::create_dir(&shared).unwrap();
         // All but the last name planted: written at the last.
         plant(&shared, &victim, 7, ATTEMPTS - 1);
+        let before = planted_total();
         write_atomic(&shared, "spec.json", b"ours", 0o644).unwrap();
+        assert!(
+            planted_total() >= before + u64::from(ATTEMPTS - 1),
+            "counted"
+        );
         assert_eq!(std::fs::read(shared.join("spec.json")).unwrap(), b"ours");
         // Every name planted: refused, nothing written anywhere.
         let shared2 = dir.path().join("cdi2");
