@@ -66,6 +66,11 @@ pub struct Cli {
     /// Where CDI specs are written.
     #[arg(long, default_value = "/var/run/cdi")]
     pub cdi_dir: PathBuf,
+    /// Where the node's boot ID is read: a record made in another boot is
+    /// prepared again in full instead of written back (device nodes are
+    /// numbered anew at every boot).
+    #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
+    pub boot_id_file: PathBuf,
     /// How long the main loop, a rescan or a prepare may go without
     /// progress before `/healthz` fails, in milliseconds.
     #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]

@@ -85,6 +85,7 @@ fn main() -> ExitCode {
         cdi_dir: cli.cdi_dir,
         trust_uevent_port: cli.trust_uevent_port,
         stall_limit: std::time::Duration::from_millis(cli.stall_limit_ms),
+        boot_id_file: cli.boot_id_file,
         sharing: cli.sharing,
         sriov: cli.sriov,
         taints: cli.taints,

@@ -67,20 +67,6 @@ impl GpuDriver {
         ClaimSpecs::new(cdi_dir, CDI_KIND, &format!("{DRIVER}-claim_"))
     }
 
-    /// Starts from the claims the checkpoint held (or the framework
-    /// rebuilt from their CDI specs).
-    pub fn restore(&self, claims: &BTreeMap<String, PreparedClaim>) {
-        {
-            let mut map = self.lock();
-            for (uid, claim) in claims {
-                for d in &claim.devices {
-                    map.entry(d.device.clone()).or_default().insert(uid.clone());
-                }
-            }
-        }
-        self.changed.send_modify(|n| *n += 1);
-    }
-
     /// The devices prepared for some claim.
     #[must_use]
     pub fn prepared_devices(&self) -> BTreeSet<String> {
@@ -134,6 +120,22 @@ pub fn edits(facts: &DeviceFacts, i: usize) -> ContainerEdits {
 }
 
 impl Driver for GpuDriver {
+    /// Starts from the claims the record holds. Records rebuilt from a
+    /// CDI spec are unverified (anyone who can write the CDI directory can
+    /// plant one) and reserve nothing until the kubelet names the claim
+    /// again; the scheduler still keeps their devices allocated.
+    fn restore(&self, claims: &BTreeMap<String, PreparedClaim>) {
+        {
+            let mut map = self.lock();
+            for (uid, claim) in claims.iter().filter(|(_, c)| !c.rebuilt) {
+                for d in &claim.devices {
+                    map.entry(d.device.clone()).or_default().insert(uid.clone());
+                }
+            }
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
     fn prepare(
         &self,
         claim: &ClaimRef,

@@ -40,6 +40,8 @@ pub struct RunConfig {
     pub trust_uevent_port: Option<u32>,
     /// How long without progress fails `/healthz`.
     pub stall_limit: Duration,
+    /// Where the boot ID is read (`/proc/sys/kernel/random/boot_id`).
+    pub boot_id_file: PathBuf,
     /// Sharing wanted.
     pub sharing: Sharing,
     /// SR-IOV rule wanted.
@@ -424,13 +426,24 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // The devices present, known before the service answers a prepare.
     let first = Arc::clone(&inventory.borrow_and_update());
     render(&first, &config, mode, &gpus, &current, &ops)?;
-    let server = DraServer::start(
-        DraConfig::new(
-            driver_name.clone(),
-            &endpoint,
-            config.plugin_dir.join("prepared-claims.json"),
-            GpuDriver::specs(&config.cdi_dir),
+    let mut dra_config = DraConfig::new(
+        driver_name.clone(),
+        &endpoint,
+        config.plugin_dir.join("prepared-claims.json"),
+        GpuDriver::specs(&config.cdi_dir),
+    );
+    match read_boot_id(&config.boot_id_file) {
+        Ok(id) => dra_config = dra_config.boot_id(id),
+        Err(error) => tracing::warn!(
+            file = %config.boot_id_file.display(),
+            %error,
+            "cannot read the boot ID: a reboot cannot be told from a restart, recorded CDI specs are written back as they are"
         ),
+    }
+    // The driver learns the record's claims inside `start`, before the
+    // socket exists.
+    let server = DraServer::start(
+        dra_config,
         Arc::clone(&gpus),
         Arc::new(KubeClaims::new(client.clone())),
     )?;
@@ -439,27 +452,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .as_ref()
         .and_then(|n| n.metadata.uid.clone())
         .unwrap_or_default();
-    report_start(server.start_report(), &ops, &events, &node_uid).await;
-    let kubelet = this_node
-        .as_ref()
-        .and_then(|n| n.status.as_ref())
-        .and_then(|s| s.node_info.as_ref())
-        .map(|i| i.kubelet_version.clone())
-        .unwrap_or_default();
-    if let Some((issue, advice)) = kubelet_known_issue(&kubelet) {
-        tracing::error!(kubelet = %kubelet, issue, "{advice}");
-        *ops.kubelet_issue
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(issue);
-        events
-            .warn(
-                &node_uid,
-                "KubeletDraIdleConnection",
-                &format!("kubelet {kubelet}: {advice}"),
-            )
-            .await;
-    }
-    gpus.restore(server.initial_claims());
+    // Reported in the background: a slow API server never holds up the
+    // start (or the watchdog).
+    report_start(server.start_report(), &ops, &events, &node_uid);
+    tokio::spawn(follow_kubelet(
+        nodes.clone(),
+        config.node.clone(),
+        this_node,
+        Arc::clone(&ops),
+        events.clone(),
+    ));
     let mut prepared_rx = gpus.watch_prepared();
 
     // Again, with the prepared devices the checkpoint named.
@@ -551,9 +553,76 @@ pub fn kubelet_known_issue(version: &str) -> Option<(&'static str, &'static str)
     ))
 }
 
+/// Reads the boot ID (`/proc/sys/kernel/random/boot_id`), capped.
+fn read_boot_id(file: &std::path::Path) -> anyhow::Result<String> {
+    let (dir, name) = (
+        file.parent().unwrap_or(std::path::Path::new("/")),
+        file.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default(),
+    );
+    let bytes = ops_kit::fs::read_capped(dir, name, 64)?;
+    let id = String::from_utf8_lossy(&bytes).trim().to_owned();
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        bail!("{} does not hold a boot ID", file.display());
+    }
+    Ok(id)
+}
+
+/// How often the Node's kubelet version is read again (a kubelet upgraded
+/// in place keeps the driver running).
+const KUBELET_CHECK: Duration = Duration::from_secs(600);
+
+/// Follows the Node's `status.nodeInfo.kubeletVersion`: the metric follows
+/// it, and a kubelet with a known DRA defect gets an Event when it is seen.
+async fn follow_kubelet(
+    nodes: kube::Api<Node>,
+    node: String,
+    mut seen: Option<Node>,
+    ops: Arc<Ops>,
+    events: node_events::NodeEvents,
+) {
+    let mut reported: Option<String> = None;
+    loop {
+        if let Some(n) = seen.take() {
+            let uid = n.metadata.uid.clone().unwrap_or_default();
+            let kubelet = n
+                .status
+                .and_then(|s| s.node_info)
+                .map(|i| i.kubelet_version)
+                .unwrap_or_default();
+            let issue = kubelet_known_issue(&kubelet);
+            *ops.kubelet_issue
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = issue.map(|(i, _)| i);
+            match issue {
+                Some((issue, advice)) if reported.as_deref() != Some(kubelet.as_str()) => {
+                    tracing::error!(kubelet = %kubelet, issue, "{advice}");
+                    events
+                        .warn(
+                            &uid,
+                            "KubeletDraIdleConnection",
+                            &format!("kubelet {kubelet}: {advice}"),
+                        )
+                        .await;
+                    reported = Some(kubelet);
+                }
+                Some(_) => {}
+                None => reported = None,
+            }
+        }
+        tokio::time::sleep(KUBELET_CHECK).await;
+        match nodes.get(&node).await {
+            Ok(n) => seen = Some(n),
+            Err(error) => tracing::debug!(%error, "cannot read this node's kubelet version; later"),
+        }
+    }
+}
+
 /// Reports what the framework did with the checkpoint and the CDI specs
-/// at start: metrics, and an Event on the Node when it had to recover.
-async fn report_start(
+/// at start: metrics, and an Event on the Node when it had to recover
+/// (in the background).
+fn report_start(
     report: &dra_api::StartReport,
     ops: &Ops,
     events: &node_events::NodeEvents,
@@ -577,10 +646,19 @@ async fn report_start(
         dra_api::checkpoint::Loaded::Read => String::new(),
     };
     message.push_str(&format!(
-        "{} claim(s) rebuilt from their CDI specs, {} CDI spec(s) written again, nothing removed",
+        "{} claim(s) rebuilt from their CDI specs, {} CDI spec(s) written again, ",
         report.rebuilt.len(),
         report.rewritten.len()
     ));
+    if report.removed.is_empty() {
+        message.push_str("nothing removed");
+    } else {
+        message.push_str(&format!(
+            "{} spec(s) of claims never recorded removed ({})",
+            report.removed.len(),
+            report.removed.join(", ")
+        ));
+    }
     for p in &report.problems {
         message.push_str("; ");
         message.push_str(p);
@@ -592,7 +670,8 @@ async fn report_start(
     } else {
         "PreparedClaimsRebuilt"
     };
-    events.warn(node_uid, reason, &message).await;
+    let (events, uid) = (events.clone(), node_uid.to_owned());
+    tokio::spawn(async move { events.warn(&uid, reason, &message).await });
 }
 
 /// Publishes the inventory: the device set for the slices, the facts for

@@ -311,3 +311,60 @@ fn prepare_keeps_a_pf_and_its_vfs_with_one_claim_and_names_a_twice_allocated_dev
     driver.unprepare(&claim("c"), None).unwrap();
     driver.prepare(&claim("b"), &[on(PF)]).unwrap();
 }
+
+/// A record rebuilt from a CDI spec is unverified (anyone who can write
+/// the CDI directory can plant one): it reserves no device; a record read
+/// from the checkpoint does.
+#[test]
+fn rebuilt_records_reserve_nothing_read_ones_do() {
+    use dra_api::{Allocated, ClaimRef, Driver, PreparedClaim, PreparedDevice};
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, RwLock};
+    let (_dir, _node, config) = node();
+    let p = publish(&inventory(&config), &config, Mode::PLAIN, &BTreeSet::new()).unwrap();
+    let driver = intel_gpu_dra::prepare::GpuDriver::new("edge-0", Arc::new(RwLock::new(p.facts)));
+    let record = |rebuilt| PreparedClaim {
+        namespace: String::new(),
+        name: String::new(),
+        devices: vec![PreparedDevice {
+            requests: vec![],
+            pool: String::new(),
+            device: B580.into(),
+            cdi_device_ids: vec![],
+        }],
+        cdi_devices: vec![],
+        rebuilt,
+    };
+    let claim = ClaimRef {
+        namespace: "default".into(),
+        name: "real".into(),
+        uid: "00000000-0000-4000-8000-000000000001".into(),
+    };
+    let on = Allocated {
+        request: "gpu".into(),
+        pool: "edge-0".into(),
+        device: B580.into(),
+    };
+    let mut planted = BTreeMap::new();
+    planted.insert(
+        "deadbeef-0000-4000-8000-000000000000".to_owned(),
+        record(true),
+    );
+    driver.restore(&planted);
+    assert!(driver.prepared_devices().is_empty());
+    driver.prepare(&claim, std::slice::from_ref(&on)).unwrap();
+    let other = intel_gpu_dra::prepare::GpuDriver::new("edge-0", {
+        let p = publish(&inventory(&config), &config, Mode::PLAIN, &BTreeSet::new()).unwrap();
+        Arc::new(RwLock::new(p.facts))
+    });
+    let mut read = BTreeMap::new();
+    read.insert(
+        "deadbeef-0000-4000-8000-000000000000".to_owned(),
+        record(false),
+    );
+    other.restore(&read);
+    assert!(
+        other.prepare(&claim, &[on]).is_err(),
+        "a read record holds its device"
+    );
+}

@@ -461,7 +461,10 @@ async fn reboots_lost_checkpoints_and_old_kubelets_lose_nothing_and_are_reported
     s.api.set_kubelet_version(NODE, "v1.34.1");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let args = ["--http-address", addr.as_str()];
+    let boot = s.dir.path().join("boot_id");
+    std::fs::write(&boot, "11111111-aaaa-4aaa-8aaa-111111111111\n").unwrap();
+    let boot_arg = boot.to_str().unwrap();
+    let args = ["--http-address", addr.as_str(), "--boot-id-file", boot_arg];
     let driver = Driver::start(s.dir.path(), &s.node, &args);
     s.registered().await;
     until("6 devices published", || published(&s.api).len() == 6).await;
@@ -481,7 +484,8 @@ async fn reboots_lost_checkpoints_and_old_kubelets_lose_nothing_and_are_reported
         "{metrics}"
     );
 
-    // A reboot: killed, /var/run/cdi empty, the checkpoint kept.
+    // Killed, and someone empties /var/run/cdi: the same boot, so the
+    // record's specs are written back at start.
     drop(driver);
     std::fs::remove_dir_all(s.dir.path().join("cdi")).unwrap();
     let driver = Driver::start(s.dir.path(), &s.node, &args);
@@ -501,6 +505,27 @@ async fn reboots_lost_checkpoints_and_old_kubelets_lose_nothing_and_are_reported
     })
     .await;
 
+    // A reboot: /var/run/cdi (a tmpfs) comes back empty, the checkpoint
+    // (on disk) stays, the boot ID is new and the cards may be numbered
+    // anew: nothing is written from the record, the kubelet's prepare is
+    // done in full with the devices' current nodes.
+    drop(driver);
+    std::fs::remove_dir_all(s.dir.path().join("cdi")).unwrap();
+    std::fs::write(&boot, "22222222-bbbb-4bbb-8bbb-222222222222\n").unwrap();
+    let driver = Driver::start(s.dir.path(), &s.node, &args);
+    s.kubelet
+        .wait_until(LIMIT, |v| v.registrations_of(DRIVER) == 3)
+        .await
+        .unwrap();
+    assert!(
+        !s.dir.path().join("cdi").exists()
+            || std::fs::read_dir(s.dir.path().join("cdi")).unwrap().count() == 0,
+        "nothing written from the record of another boot"
+    );
+    let rebooted = s.prepare(&a).await.unwrap();
+    assert_eq!(rebooted, first, "the same CDI names");
+    resolves_on_disk(s.dir.path(), &rebooted);
+
     // Killed again, and the checkpoint is found corrupt: rebuilt from the
     // spec, which stays byte for byte; the kubelet settles the rest.
     drop(driver);
@@ -512,7 +537,7 @@ async fn reboots_lost_checkpoints_and_old_kubelets_lose_nothing_and_are_reported
     let spec = std::fs::read(s.spec(&a)).unwrap();
     let _driver = Driver::start(s.dir.path(), &s.node, &args);
     s.kubelet
-        .wait_until(LIMIT, |v| v.registrations_of(DRIVER) == 3)
+        .wait_until(LIMIT, |v| v.registrations_of(DRIVER) == 4)
         .await
         .unwrap();
     until("the recovery reported", || {

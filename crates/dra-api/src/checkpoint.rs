@@ -65,9 +65,17 @@ pub struct PreparedClaim {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct File {
     version: u32,
     claims: BTreeMap<String, PreparedClaim>,
+    /// The boot the records were made in (`/proc/sys/kernel/random/boot_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boot_id: Option<String>,
+    /// A rebuild from the claims' specs could not read them all: specs not
+    /// in the record may still be running pods', so none is swept.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    rebuild_incomplete: bool,
 }
 
 /// A checkpoint could not be read or written.
@@ -120,6 +128,8 @@ pub enum Loaded {
 pub struct Checkpoint {
     path: PathBuf,
     claims: BTreeMap<String, PreparedClaim>,
+    boot_id: Option<String>,
+    rebuild_incomplete: bool,
 }
 
 impl Checkpoint {
@@ -133,6 +143,8 @@ impl Checkpoint {
         let empty = || Self {
             path: path.to_owned(),
             claims: BTreeMap::new(),
+            boot_id: None,
+            rebuild_incomplete: false,
         };
         let (dir, name) = split(path);
         let bytes = match ops_kit::fs::read_capped(dir, &name, MAX_CHECKPOINT_SIZE) {
@@ -159,6 +171,8 @@ impl Checkpoint {
                     Self {
                         path: path.to_owned(),
                         claims: f.claims,
+                        boot_id: f.boot_id,
+                        rebuild_incomplete: f.rebuild_incomplete,
                     },
                     Loaded::Read,
                 ));
@@ -184,6 +198,8 @@ impl Checkpoint {
         let empty = Self {
             path: path.to_owned(),
             claims: BTreeMap::new(),
+            boot_id: None,
+            rebuild_incomplete: false,
         };
         Ok((empty, Loaded::Corrupt { reason, aside }))
     }
@@ -227,6 +243,62 @@ impl Checkpoint {
         })
     }
 
+    /// The boot the records were made in, if known.
+    #[must_use]
+    pub fn boot_id(&self) -> Option<&str> {
+        self.boot_id.as_deref()
+    }
+
+    /// Whether a rebuild could not read every claim spec (then nothing
+    /// may be swept).
+    #[must_use]
+    pub fn rebuild_incomplete(&self) -> bool {
+        self.rebuild_incomplete
+    }
+
+    /// Moves the record into boot `boot_id`: when it was made in another
+    /// boot, every record is marked for a full prepare (`rebuilt`: the
+    /// devices' nodes may be numbered differently now), and the new boot
+    /// and `incomplete` are recorded; on disk before it returns. Returns
+    /// whether the boot changed.
+    ///
+    /// # Errors
+    /// When the file cannot be written (the record is unchanged then).
+    pub fn enter_boot(
+        &mut self,
+        boot_id: Option<&str>,
+        incomplete: bool,
+    ) -> Result<bool, CheckpointError> {
+        let changed =
+            boot_id.is_some() && self.boot_id.is_some() && self.boot_id.as_deref() != boot_id;
+        let before = (
+            self.claims.clone(),
+            self.boot_id.clone(),
+            self.rebuild_incomplete,
+        );
+        if changed && self.boot_id.is_some() {
+            for claim in self.claims.values_mut() {
+                claim.rebuilt = true;
+            }
+        }
+        if boot_id.is_some() {
+            self.boot_id = boot_id.map(str::to_owned);
+        }
+        self.rebuild_incomplete = incomplete;
+        if (
+            self.claims.clone(),
+            self.boot_id.clone(),
+            self.rebuild_incomplete,
+        ) == before
+        {
+            return Ok(false);
+        }
+        self.save().inspect_err(|_| {
+            (self.claims, self.boot_id, self.rebuild_incomplete) = before.clone();
+        })?;
+        Ok(changed)
+    }
+
     /// Records claims rebuilt from their CDI specs (those already
     /// recorded are kept as they are); on disk before it returns.
     ///
@@ -247,6 +319,8 @@ impl Checkpoint {
         let file = File {
             version: CHECKPOINT_VERSION,
             claims: self.claims.clone(),
+            boot_id: self.boot_id.clone(),
+            rebuild_incomplete: self.rebuild_incomplete,
         };
         let text = serde_json::to_vec_pretty(&file).map_err(|e| CheckpointError::Io {
             action: "encode",

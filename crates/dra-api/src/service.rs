@@ -170,6 +170,15 @@ pub trait Driver: Send + Sync + 'static {
         devices: &[Allocated],
     ) -> Result<Vec<DevicePrepared>, DriverError>;
 
+    /// Told, once at start and before the service answers anything, which
+    /// claims the record holds (read, or rebuilt from their CDI specs:
+    /// those have `rebuilt` set and are unverified until the kubelet names
+    /// them again), so a driver that tracks which devices are in use
+    /// starts from them. Does nothing by default.
+    fn restore(&self, claims: &BTreeMap<String, PreparedClaim>) {
+        let _ = claims;
+    }
+
     /// Undoes `prepare` (the framework removes the CDI spec after it).
     /// `prepared` is what was recorded, or `None` when there is no record:
     /// clean up by the claim's UID then, or do nothing. Also called to
@@ -191,6 +200,7 @@ pub struct DraConfig {
     endpoint: PathBuf,
     checkpoint: PathBuf,
     specs: ClaimSpecs,
+    boot_id: Option<String>,
 }
 
 impl DraConfig {
@@ -211,7 +221,19 @@ impl DraConfig {
             endpoint: endpoint.into(),
             checkpoint: checkpoint.into(),
             specs,
+            boot_id: None,
         }
+    }
+
+    /// The node's current boot (the content of
+    /// `/proc/sys/kernel/random/boot_id`): a record made in another boot
+    /// is not written back to the CDI directory, its claims are prepared
+    /// again in full (device nodes are numbered anew at every boot).
+    /// Without it, a restart cannot tell a reboot from a crash.
+    #[must_use]
+    pub fn boot_id(mut self, boot_id: impl Into<String>) -> Self {
+        self.boot_id = Some(boot_id.into());
+        self
     }
 }
 
@@ -249,6 +271,10 @@ struct Core<D, S> {
 pub struct StartReport {
     /// What loading the checkpoint found.
     pub loaded: Loaded,
+    /// The record was made in another boot: every claim is prepared again
+    /// in full on the kubelet's next call (nothing written from the
+    /// record: the devices' nodes may be numbered differently now).
+    pub new_boot: bool,
     /// Claims whose record was rebuilt from their CDI spec (the
     /// checkpoint was missing or corrupt while specs were on disk).
     pub rebuilt: Vec<String>,
@@ -269,6 +295,7 @@ impl StartReport {
     pub fn recovered(&self) -> bool {
         !self.rebuilt.is_empty()
             || !self.rewritten.is_empty()
+            || !self.removed.is_empty()
             || !self.problems.is_empty()
             || matches!(self.loaded, Loaded::Corrupt { .. })
     }
@@ -353,8 +380,18 @@ impl<D: Driver, S: ClaimSource> Core<D, S> {
         for (claim, found) in looked {
             let answer = match found {
                 Err(e) => Err(e),
-                // Prepared before: the same answer again.
-                Ok(Found::Recorded(prepared)) => self.answer_recorded(&claim.uid, prepared),
+                // Prepared before: the same answer again — if it still is
+                // (an unprepare may have run while this call looked).
+                Ok(Found::Recorded(prepared)) => {
+                    if checkpoint.get(&claim.uid) == Some(&prepared) {
+                        self.answer_recorded(&claim.uid, prepared)
+                    } else {
+                        Err(format!(
+                            "claim {} was unprepared or changed while this prepare looked it up; ask again",
+                            claim.uid
+                        ))
+                    }
+                }
                 Ok(Found::Allocation(results)) => {
                     self.prepare_one(&mut checkpoint, &claim, &results).await
                 }
@@ -502,24 +539,43 @@ impl<D: Driver, S: ClaimSource> Core<D, S> {
     }
 }
 
+/// The most claim specs adopted when a record is rebuilt (a node holds a
+/// few hundred claims at most; more is someone filling the directory).
+const MAX_REBUILT: usize = 4096;
+
 /// Brings the record and the CDI specs in step at start (see
-/// [`StartReport`]): a record read whole has every claim's spec written
-/// again where missing or different, and specs of claims it does not hold
-/// removed; a missing or corrupt record is rebuilt from the specs on disk
-/// and nothing is removed.
+/// [`StartReport`]):
+///
+/// - a record read whole, same boot: every claim's spec is written again
+///   where missing or different, and specs of claims it does not hold are
+///   removed — unless an earlier rebuild could not read them all;
+/// - a record read whole from another boot: every claim is marked for a
+///   full prepare (its devices' nodes may be numbered differently now) and
+///   nothing is written from it;
+/// - a missing or corrupt record: rebuilt from the specs on disk, nothing
+///   removed.
 fn reconcile(
     checkpoint: &mut Checkpoint,
     loaded: Loaded,
     specs: &ClaimSpecs,
+    boot_id: Option<&str>,
 ) -> Result<StartReport, CheckpointError> {
     let mut report = StartReport {
         loaded: loaded.clone(),
+        new_boot: false,
         rebuilt: Vec::new(),
         rewritten: Vec::new(),
         removed: Vec::new(),
         problems: Vec::new(),
     };
-    if loaded == Loaded::Read {
+    if loaded != Loaded::Read {
+        // Missing or corrupt: the specs on disk are the truth; never swept.
+        let complete = adopt(checkpoint, specs, &mut report)?;
+        checkpoint.enter_boot(boot_id, !complete)?;
+        return Ok(report);
+    }
+    report.new_boot = checkpoint.enter_boot(boot_id, checkpoint.rebuild_incomplete())?;
+    if !report.new_boot {
         for (uid, claim) in checkpoint.claims() {
             if claim.cdi_devices.is_empty() {
                 if !specs.exists(uid) {
@@ -538,16 +594,31 @@ fn reconcile(
                 )),
             }
         }
-        match specs.retain(checkpoint.claims().keys()) {
-            Ok(removed) => report.removed = removed,
-            Err(e) => report.problems.push(format!(
-                "could not tidy the CDI directory: {}",
-                ops_kit::Chain(&e)
-            )),
-        }
+    }
+    if checkpoint.rebuild_incomplete() {
+        // An earlier rebuild could not read every spec: they may be
+        // running pods'. Adopted now if they can be read; never swept.
+        let complete = adopt(checkpoint, specs, &mut report)?;
+        checkpoint.enter_boot(boot_id, !complete)?;
         return Ok(report);
     }
-    // Missing or corrupt: the specs on disk are the truth; never swept.
+    match specs.retain(checkpoint.claims().keys()) {
+        Ok(removed) => report.removed = removed,
+        Err(e) => report.problems.push(format!(
+            "could not tidy the CDI directory: {}",
+            ops_kit::Chain(&e)
+        )),
+    }
+    Ok(report)
+}
+
+/// Adopts the claim specs on disk that the record does not hold, as
+/// rebuilt (unverified) records. Returns whether every one could be read.
+fn adopt(
+    checkpoint: &mut Checkpoint,
+    specs: &ClaimSpecs,
+    report: &mut StartReport,
+) -> Result<bool, CheckpointError> {
     let found = match specs.list() {
         Ok(found) => found,
         Err(e) => {
@@ -555,17 +626,29 @@ fn reconcile(
                 "could not list the CDI directory to rebuild the record: {}",
                 ops_kit::Chain(&e)
             ));
-            return Ok(report);
+            return Ok(false);
         }
     };
+    let mut complete = true;
     let mut rebuilt = BTreeMap::new();
     for (uid, devices) in found {
+        if checkpoint.get(&uid).is_some() {
+            continue;
+        }
+        if rebuilt.len() >= MAX_REBUILT {
+            report.problems.push(format!(
+                "more than {MAX_REBUILT} claim specs to adopt; the rest are left as they are"
+            ));
+            complete = false;
+            break;
+        }
         let devices = match devices {
             Ok(d) => d,
             Err(why) => {
                 report.problems.push(format!(
                     "claim {uid}: its CDI spec cannot be read back ({why}); left as it is"
                 ));
+                complete = false;
                 continue;
             }
         };
@@ -591,7 +674,7 @@ fn reconcile(
         report.rebuilt = rebuilt.keys().cloned().collect();
         checkpoint.rebuild(rebuilt)?;
     }
-    Ok(report)
+    Ok(complete)
 }
 
 macro_rules! dra_service {
@@ -706,7 +789,12 @@ impl DraServer {
         claims: Arc<S>,
     ) -> Result<Self, DraError> {
         let (mut checkpoint, loaded) = Checkpoint::load(&config.checkpoint)?;
-        let report = reconcile(&mut checkpoint, loaded, &config.specs)?;
+        let report = reconcile(
+            &mut checkpoint,
+            loaded,
+            &config.specs,
+            config.boot_id.as_deref(),
+        )?;
         log_start(&config.checkpoint, &report, checkpoint.claims().len());
         let listen = |source| DraError::Listen {
             path: config.endpoint.clone(),
@@ -718,6 +806,9 @@ impl DraServer {
         remove_file(&config.endpoint);
         let listener = devplugin_api::uds::bind_private(&config.endpoint).map_err(listen)?;
         let initial = checkpoint.claims().clone();
+        // Before the socket exists: the first call already sees the
+        // devices in use.
+        driver.restore(&initial);
         let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let core = Arc::new(Core {
             driver_name: config.driver.clone(),
@@ -839,6 +930,10 @@ fn log_start(path: &Path, report: &StartReport, claims: usize) {
             %checkpoint,
             rebuilt = report.rebuilt.len(),
             "the checkpoint is missing while claims' CDI specs are on disk; the record rebuilt from them, nothing removed"
+        ),
+        Loaded::Read if report.new_boot => tracing::info!(
+            claims,
+            "prepared claims read from a checkpoint of an earlier boot: each is prepared again in full when the kubelet asks"
         ),
         Loaded::Read => tracing::info!(claims, "prepared claims read from the checkpoint"),
         Loaded::Fresh => {}

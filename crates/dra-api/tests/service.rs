@@ -689,3 +689,141 @@ async fn claim_references_that_could_steer_a_path_are_refused_per_claim() {
     registrar.stop().await;
     server.stop().await;
 }
+
+const BOOT_1: &str = "11111111-aaaa-4aaa-8aaa-111111111111";
+const BOOT_2: &str = "22222222-bbbb-4bbb-8bbb-222222222222";
+
+impl Node {
+    async fn start_driver_in_boot(&self, boot: &str) -> (DraServer, Registrar) {
+        let name = DriverName::new(DRIVER).unwrap();
+        let server = DraServer::start(
+            DraConfig::new(
+                name.clone(),
+                self.endpoint(),
+                self.checkpoint(),
+                self.specs(),
+            )
+            .boot_id(boot),
+            Arc::clone(&self.driver),
+            Arc::clone(&self.claims),
+        )
+        .unwrap();
+        let registrar = Registrar::start(RegistrarConfig::new(
+            name,
+            self.dir.path().join("plugins_registry"),
+            self.endpoint(),
+        ))
+        .unwrap();
+        self.watcher
+            .wait_until(LIMIT, |v| v.plugins.contains_key(DRIVER))
+            .await
+            .unwrap();
+        (server, registrar)
+    }
+}
+
+/// Device nodes are numbered anew at every boot: a record of another boot
+/// is never written back; its claims are prepared again in full (the
+/// driver asked, with the devices' current facts), under the same CDI
+/// names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_of_another_boot_is_prepared_again_not_written_back() {
+    let mut node = Node::new(KubeletVersion::V1_34);
+    node.claims
+        .put("a", UID_A, Some(vec![result(DRIVER, "r", "dev-0")]));
+    let (server, registrar) = node.start_driver_in_boot(BOOT_1).await;
+    let first = node
+        .watcher
+        .prepare(DRIVER, &[id("a", UID_A)])
+        .await
+        .unwrap();
+    drop(registrar);
+    drop(server);
+    node.watcher
+        .wait_until(LIMIT, |v| v.plugins.is_empty())
+        .await
+        .unwrap();
+    // The same boot: written back.
+    std::fs::remove_dir_all(node.cdi_dir()).unwrap();
+    let (server, registrar) = node.start_driver_in_boot(BOOT_1).await;
+    assert!(!server.start_report().new_boot);
+    assert_eq!(server.start_report().rewritten, [UID_A]);
+    drop(registrar);
+    drop(server);
+    node.watcher
+        .wait_until(LIMIT, |v| v.plugins.is_empty())
+        .await
+        .unwrap();
+    // A reboot: nothing written from the record.
+    std::fs::remove_dir_all(node.cdi_dir()).unwrap();
+    let (server, registrar) = node.start_driver_in_boot(BOOT_2).await;
+    let report = server.start_report().clone();
+    assert!(report.new_boot && report.rewritten.is_empty(), "{report:?}");
+    assert!(!node.cdi_dir().exists() || std::fs::read_dir(node.cdi_dir()).unwrap().count() == 0);
+    assert!(
+        server.initial_claims()[UID_A].rebuilt,
+        "marked for a full prepare"
+    );
+    node.kubelet_restarts().await;
+    let again = node
+        .watcher
+        .prepare(DRIVER, &[id("a", UID_A)])
+        .await
+        .unwrap();
+    assert_eq!(again, first, "the same CDI names");
+    resolves_on_disk(&node, &again[UID_A]);
+    assert_eq!(node.driver.prepared.lock().unwrap().len(), 2, "asked again");
+    let (c, _) = dra_api::checkpoint::Checkpoint::load(&node.checkpoint()).unwrap();
+    assert!(!c.get(UID_A).unwrap().rebuilt);
+    assert_eq!(c.boot_id(), Some(BOOT_2));
+    registrar.stop().await;
+    server.stop().await;
+}
+
+/// A rebuild that could not read every spec leaves a mark: no later start
+/// sweeps the specs it could not read (they may be running pods').
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn specs_a_rebuild_could_not_read_are_never_swept_later() {
+    let mut node = Node::new(KubeletVersion::V1_34);
+    node.claims
+        .put("a", UID_A, Some(vec![result(DRIVER, "r", "dev-0")]));
+    std::fs::create_dir_all(node.cdi_dir()).unwrap();
+    // A spec of a running pod that cannot be read back (too large here).
+    let unreadable = node
+        .cdi_dir()
+        .join(format!("null.example.com-claim_{UID_B}.json"));
+    std::fs::write(&unreadable, vec![b' '; 2 << 20]).unwrap();
+    let (server, registrar) = node.start_driver().await;
+    assert!(!server.start_report().problems.is_empty());
+    node.watcher
+        .prepare(DRIVER, &[id("a", UID_A)])
+        .await
+        .unwrap();
+    drop(registrar);
+    drop(server);
+    node.watcher
+        .wait_until(LIMIT, |v| v.plugins.is_empty())
+        .await
+        .unwrap();
+    let (server, registrar) = node.start_driver().await;
+    assert!(
+        server.start_report().removed.is_empty(),
+        "{:?}",
+        server.start_report()
+    );
+    assert!(unreadable.exists(), "never swept");
+    drop(registrar);
+    drop(server);
+    node.watcher
+        .wait_until(LIMIT, |v| v.plugins.is_empty())
+        .await
+        .unwrap();
+    // Readable again (the operator fixed it): adopted, and the mark goes.
+    std::fs::remove_file(&unreadable).unwrap();
+    let (server, registrar) = node.start_driver().await;
+    let (c, _) = dra_api::checkpoint::Checkpoint::load(&node.checkpoint()).unwrap();
+    assert!(!c.rebuild_incomplete());
+    node.kubelet_restarts().await;
+    registrar.stop().await;
+    server.stop().await;
+}
