@@ -87,9 +87,13 @@ enum Job {
 
 impl CdiKeeper {
     /// Specs in `dir`; a card absent from the plan keeps its spec for
-    /// `grace`.
+    /// `grace`. Temporaries of a plugin killed mid-write go first.
     #[must_use]
     pub fn new(dir: SpecDir, grace: Duration) -> Self {
+        let stale = dir.remove_stale_temporaries();
+        if stale > 0 {
+            tracing::info!(files = stale, "temporaries of a killed write removed");
+        }
         Self {
             dir,
             grace,

@@ -287,6 +287,12 @@ impl SpecDir {
         &self.dir
     }
 
+    /// Removes the temporaries a writer killed between create and rename
+    /// left for owned names; returns how many. Call it at start.
+    pub fn remove_stale_temporaries(&self) -> usize {
+        ops_kit::fs::remove_stale_temporaries(&self.dir, &self.prefix)
+    }
+
     /// Writes `spec` as `file_name` atomically, mode 0644; does nothing when
     /// the file already holds exactly this content. Returns whether it
     /// wrote.

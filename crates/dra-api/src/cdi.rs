@@ -70,6 +70,12 @@ impl ClaimSpecs {
         self.dir.dir()
     }
 
+    /// Removes the temporaries a writer killed between create and rename
+    /// left for this driver's specs; returns how many.
+    pub fn remove_stale_temporaries(&self) -> usize {
+        self.dir.remove_stale_temporaries()
+    }
+
     fn file(&self, uid: &str) -> Result<String, ClaimRefError> {
         check_uid(uid)?;
         Ok(format!("{}{uid}.json", self.prefix))

@@ -154,7 +154,13 @@ impl Context {
         let dri = config.devfs_root().join("dri");
         let devices = config.sysfs_root().join("devices");
         Self {
-            by_path: list_dir(&dri.join("by-path")),
+            // Links are resolved as text relative to this directory: it
+            // must be one, not a link to somewhere else.
+            by_path: if std::fs::symlink_metadata(dri.join("by-path")).is_ok_and(|m| m.is_dir()) {
+                list_dir(&dri.join("by-path"))
+            } else {
+                Vec::new()
+            },
             host_dri: config.host_dev_prefix().join("dri"),
             devices: std::fs::canonicalize(&devices).unwrap_or(devices),
             dri,

@@ -404,4 +404,10 @@ fn by_path_links_are_offered_only_when_they_resolve_to_the_cards_own_nodes() {
     );
     // The other card keeps its own.
     assert_eq!(inv.card("card1").unwrap().by_path.len(), 2);
+    // by-path itself a link elsewhere: nothing offered from it.
+    let elsewhere = node.devfs_root().join("elsewhere");
+    std::fs::rename(&by_path, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &by_path).unwrap();
+    let inv = scan(&config).unwrap();
+    assert!(inv.card("card1").unwrap().by_path.is_empty());
 }

@@ -439,6 +439,8 @@ pub fn write_features_file(
     }
     // NFD's features.d is shared with other feature sources: written
     // without following anything planted there.
+    // A labeller killed mid-write left its temporary: gone first.
+    ops_kit::fs::remove_stale_temporaries(dir, NFD_FILE);
     ops_kit::fs::write_atomic(dir, NFD_FILE, text.as_bytes(), 0o644).map_err(std::io::Error::other)
 }
 

@@ -24,11 +24,9 @@
 //! at the last component, refuses anything but a regular file (a FIFO
 //! would block the reader for ever) and reads at most a given size.
 
-use std::ffi::OsStr;
 use std::io::Read as _;
 use std::io::Write as _;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -237,22 +235,7 @@ pub fn read_capped(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>, FsErro
     check_name(name)?;
     let path = dir.join(name);
     let dirfd = open_dir(dir)?;
-    let fd = match openat(
-        &dirfd,
-        OsStr::from_bytes(name.as_bytes()),
-        // O_NONBLOCK: opening a FIFO for reading must not wait for a
-        // writer; the type is checked right after.
-        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    ) {
-        Ok(fd) => fd,
-        Err(Errno::ELOOP) => return Err(FsError::NotRegular { path }),
-        Err(e) => return Err(io("open", &path)(e)),
-    };
-    let st = fstat(fd.as_fd()).map_err(io("inspect", &path))?;
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-        return Err(FsError::NotRegular { path });
-    }
+    let fd = open_regular(&dirfd, name, &path, OFlag::O_RDONLY, None)?;
     let mut out = Vec::new();
     std::fs::File::from(fd)
         .take(limit.saturating_add(1))
@@ -268,9 +251,72 @@ pub fn read_capped(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>, FsErro
     Ok(out)
 }
 
+/// Opens `name` in `dirfd` only if it is a regular file, and only that
+/// file: looked at first without following anything (opening a device
+/// node has effects of its own — a watchdog arms, a tty becomes the
+/// controlling terminal — so nothing but a regular file is ever opened),
+/// then opened `O_NOFOLLOW | O_NOCTTY | O_NONBLOCK` and checked to be the
+/// same inode. With `create`, a missing file is created with that mode,
+/// `O_EXCL`.
+fn open_regular(
+    dirfd: &OwnedFd,
+    name: &str,
+    path: &Path,
+    access: OFlag,
+    create: Option<Mode>,
+) -> Result<OwnedFd, FsError> {
+    let flags = access | OFlag::O_NOFOLLOW | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let seen = match fstatat(dirfd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Some(st),
+        Err(Errno::ENOENT) if create.is_some() => None,
+        Err(e) => return Err(io("inspect", path)(e)),
+    };
+    let fd = match (seen, create) {
+        (Some(st), _) => {
+            if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+                return Err(FsError::NotRegular {
+                    path: path.to_owned(),
+                });
+            }
+            let fd = match openat(dirfd, name, flags, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::ELOOP) => {
+                    return Err(FsError::NotRegular {
+                        path: path.to_owned(),
+                    });
+                }
+                Err(e) => return Err(io("open", path)(e)),
+            };
+            let now = fstat(fd.as_fd()).map_err(io("inspect", path))?;
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
+                return Err(FsError::NotRegular {
+                    path: path.to_owned(),
+                });
+            }
+            fd
+        }
+        (None, Some(mode)) => {
+            match openat(dirfd, name, flags | OFlag::O_CREAT | OFlag::O_EXCL, mode) {
+                Ok(fd) => fd,
+                // Someone created it meanwhile: whatever it is, not ours.
+                Err(Errno::EEXIST | Errno::ELOOP) => {
+                    return Err(FsError::NotRegular {
+                        path: path.to_owned(),
+                    });
+                }
+                Err(e) => return Err(io("create", path)(e)),
+            }
+        }
+        (None, None) => return Err(io("inspect", path)(Errno::ENOENT)),
+    };
+    Ok(fd)
+}
+
 /// Opens (creating it, mode `mode`, if missing; the directory must
-/// exist) the regular file `dir/name` for reading and writing, never through a link at `name` and
-/// never a FIFO or device: for lock files in shared directories.
+/// exist) the regular file `dir/name` for reading and writing — never
+/// through a link at `name` (symbolic or hard: a file with other names is
+/// someone else's), never a FIFO or device: for lock files in shared
+/// directories.
 ///
 /// # Errors
 /// As [`read_capped`], less the size.
@@ -278,21 +324,48 @@ pub fn open_owned(dir: &Path, name: &str, mode: u32) -> Result<std::fs::File, Fs
     check_name(name)?;
     let path = dir.join(name);
     let dirfd = open_dir(dir)?;
-    let fd = match openat(
+    let fd = open_regular(
         &dirfd,
         name,
-        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(mode),
-    ) {
-        Ok(fd) => fd,
-        Err(Errno::ELOOP) => return Err(FsError::NotRegular { path }),
-        Err(e) => return Err(io("open", &path)(e)),
-    };
+        &path,
+        OFlag::O_RDWR,
+        Some(Mode::from_bits_truncate(mode)),
+    )?;
     let st = fstat(fd.as_fd()).map_err(io("inspect", &path))?;
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+    if st.st_nlink != 1 {
         return Err(FsError::NotRegular { path });
     }
     Ok(std::fs::File::from(fd))
+}
+
+/// Removes the temporaries this module's writer leaves in `dir` when the
+/// process is killed between create and rename
+/// (`.<name>.<16 hex digits>.tmp` for names starting with `prefix`);
+/// returns how many went. Call it at start, before writing: a temporary
+/// of a live writer in another process would go too.
+pub fn remove_stale_temporaries(dir: &Path, prefix: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(|n| n.rsplit_once('.'))
+            .is_some_and(|(base, hex)| {
+                base.starts_with(prefix)
+                    && hex.len() == 16
+                    && hex.bytes().all(|b| b.is_ascii_hexdigit())
+            });
+        // Unlinking a name never follows it.
+        if ours && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 #[cfg(test)]
@@ -388,6 +461,66 @@ mod tests {
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         let meta = std::fs::metadata(&victim).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600, "never re-moded");
+    }
+
+    #[test]
+    fn a_hard_link_is_not_an_owned_file_and_devices_are_never_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::fs::hard_link(&victim, dir.path().join("lock")).unwrap();
+        assert!(matches!(
+            open_owned(dir.path(), "lock", 0o600),
+            Err(FsError::NotRegular { .. })
+        ));
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        // A character device (root only: mknod) is refused before any
+        // open; /dev/null stands in for a watchdog.
+        let dev = dir.path().join("spec.json");
+        // mknod needs root (CAP_MKNOD); elsewhere this part cannot run.
+        if nix::sys::stat::mknod(
+            &dev,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .is_ok()
+        {
+            assert!(matches!(
+                read_capped(dir.path(), "spec.json", 9),
+                Err(FsError::NotRegular { .. })
+            ));
+        } else {
+            eprintln!("SKIPPED the device-node part: mknod is not permitted here");
+        }
+    }
+
+    #[test]
+    fn temporaries_of_a_killed_writer_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            ".claim_1.json.0123456789abcdef.tmp",
+            ".claim_2.json.fedcba9876543210.tmp",
+            ".claim_3.json.tmp",
+            ".other.json.0123456789abcdef.tmp",
+            "claim_4.json",
+        ] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        assert_eq!(remove_stale_temporaries(dir.path(), "claim_"), 2);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".claim_3.json.tmp",
+                ".other.json.0123456789abcdef.tmp",
+                "claim_4.json"
+            ]
+        );
     }
 
     #[test]
