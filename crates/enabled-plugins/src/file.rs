@@ -1,7 +1,6 @@
 //! Reading the file from disk, and where StarlingX keeps it.
 
 use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use crate::model::EnabledPlugins;
@@ -106,22 +105,18 @@ pub fn read_bytes(path: &Path) -> Result<Vec<u8>, ReadError> {
 }
 
 /// The file's bytes, at most `limit + 1` of them (the caller tells "too
-/// large" by the length). Opened with `O_NONBLOCK` and refused unless
-/// the descriptor is a regular file, so a FIFO planted at the name never
-/// blocks the reader; a link is followed (a ConfigMap volume's files are
-/// links).
+/// large" by the length). Only a regular file is opened
+/// (`ops_kit::fs::open_regular_following`), so a FIFO planted at the name
+/// never blocks the reader and a device is never opened; a link is
+/// followed (a ConfigMap volume's files are links).
 pub(crate) fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|source| classify(path, source))?;
-    let meta = file.metadata().map_err(|source| classify(path, source))?;
-    if !meta.file_type().is_file() {
-        return Err(ReadError::NotRegular {
+    // Looked at before it is opened: a device node is never opened, a
+    // FIFO never waited on.
+    let file = ops_kit::fs::open_regular_following(path)
+        .map_err(|source| classify(path, source))?
+        .ok_or_else(|| ReadError::NotRegular {
             path: path.to_owned(),
-        });
-    }
+        })?;
     let mut bytes = Vec::new();
     file.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)

@@ -5,7 +5,6 @@
 //! `inspect` or the scanner for ever).
 
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 /// The most bytes read from one attribute file.
@@ -38,32 +37,25 @@ pub enum AttrError {
 }
 
 /// The bytes of the regular file at `path`, at most `limit` of them.
-/// Opened with `O_NONBLOCK` (opening a FIFO for reading does not wait for
-/// a writer) and checked with `fstat` on the open descriptor before
-/// anything is read; links are followed (sysfs is made of them).
+/// Only a regular file is opened (`ops_kit::fs::open_regular_following`:
+/// looked at first, opened `O_NONBLOCK | O_NOCTTY`, the same inode
+/// checked); links are followed (sysfs is made of them).
 ///
 /// # Errors
 /// [`AttrError::Missing`], [`AttrError::NotRegular`],
 /// [`AttrError::TooLarge`] or [`AttrError::Unreadable`], naming `path`.
 pub(crate) fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, AttrError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
-        .open(path)
+    // Looked at before it is opened: a device node is never opened (that
+    // alone has effects), a FIFO never waited on.
+    let file = ops_kit::fs::open_regular_following(path)
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 AttrError::Missing(path.to_owned())
             } else {
                 AttrError::Unreadable(path.to_owned(), e.to_string())
             }
-        })?;
-    // fstat of what was opened, not a second look at the path.
-    let meta = file
-        .metadata()
-        .map_err(|e| AttrError::Unreadable(path.to_owned(), e.to_string()))?;
-    if !meta.file_type().is_file() {
-        return Err(AttrError::NotRegular(path.to_owned()));
-    }
+        })?
+        .ok_or_else(|| AttrError::NotRegular(path.to_owned()))?;
     let mut bytes = Vec::new();
     file.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)

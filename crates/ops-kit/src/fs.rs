@@ -338,6 +338,31 @@ pub fn open_owned(dir: &Path, name: &str, mode: u32) -> Result<std::fs::File, Fs
     Ok(std::fs::File::from(fd))
 }
 
+/// Opens the file at `path` for reading, following links (sysfs and
+/// ConfigMap volumes are made of them), but only if what it leads to is a
+/// regular file: looked at first, then opened `O_NONBLOCK | O_NOCTTY`
+/// and checked to be the same inode. `Ok(None)`: it is not a regular file
+/// (a FIFO, a device, a directory) and was never opened.
+///
+/// # Errors
+/// When it cannot be looked at or opened (`NotFound` for a missing one).
+pub fn open_regular_following(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let seen = std::fs::metadata(path)?;
+    if !seen.file_type().is_file() {
+        return Ok(None);
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)?;
+    let now = file.metadata()?;
+    if (now.dev(), now.ino()) != (seen.dev(), seen.ino()) || !now.file_type().is_file() {
+        return Ok(None);
+    }
+    Ok(Some(file))
+}
+
 /// Removes the temporaries this module's writer leaves in `dir` when the
 /// process is killed between create and rename
 /// (`.<name>.<16 hex digits>.tmp` for names starting with `prefix`);
