@@ -177,18 +177,27 @@ impl Node {
     /// The driver as its binary starts it: the service, then the
     /// registration.
     async fn start_driver(&self) -> (DraServer, Registrar) {
+        self.start(None).await
+    }
+
+    /// The same, in a given boot.
+    async fn start_driver_in_boot(&self, boot: &str) -> (DraServer, Registrar) {
+        self.start(Some(boot)).await
+    }
+
+    async fn start(&self, boot: Option<&str>) -> (DraServer, Registrar) {
         let name = DriverName::new(DRIVER).unwrap();
-        let server = DraServer::start(
-            DraConfig::new(
-                name.clone(),
-                self.endpoint(),
-                self.checkpoint(),
-                self.specs(),
-            ),
-            Arc::clone(&self.driver),
-            Arc::clone(&self.claims),
-        )
-        .unwrap();
+        let mut config = DraConfig::new(
+            name.clone(),
+            self.endpoint(),
+            self.checkpoint(),
+            self.specs(),
+        );
+        if let Some(boot) = boot {
+            config = config.boot_id(boot);
+        }
+        let server =
+            DraServer::start(config, Arc::clone(&self.driver), Arc::clone(&self.claims)).unwrap();
         let registrar = Registrar::start(RegistrarConfig::new(
             name,
             self.dir.path().join("plugins_registry"),
@@ -692,35 +701,6 @@ async fn claim_references_that_could_steer_a_path_are_refused_per_claim() {
 
 const BOOT_1: &str = "11111111-aaaa-4aaa-8aaa-111111111111";
 const BOOT_2: &str = "22222222-bbbb-4bbb-8bbb-222222222222";
-
-impl Node {
-    async fn start_driver_in_boot(&self, boot: &str) -> (DraServer, Registrar) {
-        let name = DriverName::new(DRIVER).unwrap();
-        let server = DraServer::start(
-            DraConfig::new(
-                name.clone(),
-                self.endpoint(),
-                self.checkpoint(),
-                self.specs(),
-            )
-            .boot_id(boot),
-            Arc::clone(&self.driver),
-            Arc::clone(&self.claims),
-        )
-        .unwrap();
-        let registrar = Registrar::start(RegistrarConfig::new(
-            name,
-            self.dir.path().join("plugins_registry"),
-            self.endpoint(),
-        ))
-        .unwrap();
-        self.watcher
-            .wait_until(LIMIT, |v| v.plugins.contains_key(DRIVER))
-            .await
-            .unwrap();
-        (server, registrar)
-    }
-}
 
 /// Device nodes are numbered anew at every boot: a record of another boot
 /// is never written back; its claims are prepared again in full (the
