@@ -1,5 +1,5 @@
 //! `cargo xtask soak [--duration D] [--quick] [--seed N]`: builds the
-//! release binaries and the soak driver (`crates/soak`), runs it, merges
+//! release binaries and the soak driver (`testkit/soak`), runs it, merges
 //! its parts into `target/soak/report.json` and prints a table that judges
 //! each figure against the goals of the soak issue. Fails when the driver
 //! saw a failure or a goal is missed, naming the seed that replays the

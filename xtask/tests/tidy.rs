@@ -53,7 +53,7 @@ fn rel(path: &Path) -> String {
 /// The manifests of every workspace member.
 fn member_manifests() -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for group in ["crates", "bins"] {
+    for group in ["crates", "testkit", "bins"] {
         for entry in std::fs::read_dir(root().join(group)).unwrap().flatten() {
             let m = entry.path().join("Cargo.toml");
             if m.exists() {
@@ -91,6 +91,7 @@ fn assert_none(rule: &str, offenders: Vec<String>) {
 fn every_lib_rs_opens_with_a_crate_doc() {
     let offenders = files("crates", "/src/lib.rs")
         .into_iter()
+        .chain(files("testkit", "/src/lib.rs"))
         .filter(|p| !read(p).starts_with("//!"))
         .map(|p| rel(&p))
         .collect();
@@ -155,12 +156,9 @@ fn every_dependency_version_is_set_once_in_the_workspace() {
 fn libraries_do_not_use_binary_only_crates() {
     const BINARY_ONLY: &[&str] = &["anyhow", "clap", "tracing-subscriber"];
     let mut offenders = Vec::new();
+    // Shipped libraries only: test kits (testkit/) such as the demo
+    // driver may report errors with anyhow.
     for path in files("crates", "Cargo.toml") {
-        // Only library crates: a test-kit binary such as the demo driver
-        // may report errors with anyhow.
-        if !path.parent().unwrap().join("src/lib.rs").exists() {
-            continue;
-        }
         let m = manifest(&path);
         if let Some(deps) = m.get("dependencies").and_then(toml::Value::as_table) {
             for name in BINARY_ONLY {
@@ -176,16 +174,54 @@ fn libraries_do_not_use_binary_only_crates() {
     );
 }
 
-/// Crates that exist for tests, benchmarks and the demo only.
-const TEST_ONLY_CRATES: &[&str] = &[
-    "bench-report",
-    "fake-gpu-node",
-    "kubelet-emulator",
-    "apiserver-emulator",
-    "demo",
-    "soak",
-    "null-dra",
-];
+/// Crates that exist for tests, benchmarks and the demo only: every
+/// member under `testkit/`.
+fn test_kits() -> Vec<String> {
+    std::fs::read_dir(root().join("testkit"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("Cargo.toml").exists())
+        .map(|e| {
+            let m = manifest(&e.path().join("Cargo.toml"));
+            m["package"]["name"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn the_folder_tells_the_role() {
+    // Shipped libraries in crates/, test kits and dev tools in testkit/:
+    // a member whose name says emulator, fake, soak, demo, bench or
+    // null is a test kit and must live there; and no crate in crates/
+    // depends on a test kit outside its dev-dependencies.
+    let kits = test_kits();
+    assert!(kits.len() >= 7, "testkit/ holds the test kits: {kits:?}");
+    let mut offenders = Vec::new();
+    for path in files("crates", "Cargo.toml") {
+        let m = manifest(&path);
+        let name = m["package"]["name"].as_str().unwrap_or_default();
+        if ["emulator", "fake", "soak", "demo", "bench", "null"]
+            .iter()
+            .any(|w| name.contains(w))
+        {
+            offenders.push(format!("{}: a test kit in crates/", rel(&path)));
+        }
+        for (table, deps) in dependency_tables(&m) {
+            if table == "dev-dependencies" {
+                continue;
+            }
+            for dep in deps.keys() {
+                if kits.contains(dep) {
+                    offenders.push(format!("{}: {table} on test kit {dep}", rel(&path)));
+                }
+            }
+        }
+    }
+    assert_none(
+        "shipped crates live in crates/ and never depend on a test kit",
+        offenders,
+    );
+}
 
 #[test]
 fn shipped_binaries_carry_no_test_code() {
@@ -194,7 +230,7 @@ fn shipped_binaries_carry_no_test_code() {
         let m = manifest(&path);
         let deps = m.get("dependencies").and_then(toml::Value::as_table);
         for (name, spec) in deps.into_iter().flatten() {
-            if TEST_ONLY_CRATES.contains(&name.as_str()) {
+            if test_kits().contains(name) {
                 offenders.push(format!("{}: depends on test-only crate {name}", rel(&path)));
             }
             let features = spec.get("features").and_then(toml::Value::as_array);
@@ -215,7 +251,7 @@ fn shipped_binaries_carry_no_test_code() {
 #[test]
 fn no_unfinished_code_markers() {
     let mut offenders = Vec::new();
-    for dir in ["crates", "bins", "xtask/src"] {
+    for dir in ["crates", "testkit", "bins", "xtask/src"] {
         for path in files(dir, ".rs") {
             for (i, line) in read(&path).lines().enumerate() {
                 for marker in ["todo!(", "unimplemented!(", "dbg!("] {
@@ -232,7 +268,7 @@ fn no_unfinished_code_markers() {
 #[test]
 fn unsafe_blocks_carry_a_safety_comment() {
     let mut offenders = Vec::new();
-    for dir in ["crates", "bins", "xtask/src"] {
+    for dir in ["crates", "testkit", "bins", "xtask/src"] {
         for path in files(dir, ".rs") {
             let text = read(&path);
             let lines: Vec<&str> = text.lines().collect();
@@ -264,7 +300,7 @@ fn library_code_takes_filesystem_roots_as_parameters() {
         "\"/etc/",
     ];
     let mut offenders = Vec::new();
-    for path in files("crates", ".rs") {
+    for path in files("crates", ".rs").into_iter().chain(files("testkit", ".rs")) {
         if !rel(&path).contains("/src/") {
             continue;
         }
@@ -338,7 +374,9 @@ fn code_spans(text: &str) -> Vec<&str> {
 /// Whether `span` is meant as a file or directory of the repository: it
 /// starts with a top-level directory, or is a Rust file name.
 fn names_a_path(span: &str) -> bool {
-    const TOP: &[&str] = &["crates/", "bins/", "xtask/", "deploy/", "docs/", ".ci/"];
+    const TOP: &[&str] = &[
+        "crates/", "testkit/", "bins/", "xtask/", "deploy/", "docs/", ".ci/",
+    ];
     !span.contains(|c: char| c.is_whitespace() || "*<>{}$".contains(c))
         && (TOP.iter().any(|t| span.starts_with(t)) || span.ends_with(".rs"))
 }
@@ -356,7 +394,12 @@ fn every_path_the_docs_map_names_exists() {
                 member = rest
                     .split('`')
                     .next()
-                    .filter(|m| m.starts_with("crates/") || m.starts_with("bins/") || *m == "xtask")
+                    .filter(|m| {
+                        m.starts_with("crates/")
+                            || m.starts_with("testkit/")
+                            || m.starts_with("bins/")
+                            || *m == "xtask"
+                    })
                     .map(str::to_owned);
             } else if !line.starts_with("  ") {
                 member = None;
@@ -426,7 +469,7 @@ fn unix_socket_grpc_servers_accept_any_authority() {
     // `:authority` of kubelets before 1.26 and of grpc-core clients; every
     // server of ours goes through `devplugin_api::uds::incoming`.
     let mut offenders = Vec::new();
-    for dir in ["crates", "bins"] {
+    for dir in ["crates", "testkit", "bins"] {
         for path in files(dir, ".rs") {
             let r = rel(&path);
             // `uds::incoming` itself wraps the listener.
