@@ -300,7 +300,10 @@ fn library_code_takes_filesystem_roots_as_parameters() {
         "\"/etc/",
     ];
     let mut offenders = Vec::new();
-    for path in files("crates", ".rs").into_iter().chain(files("testkit", ".rs")) {
+    for path in files("crates", ".rs")
+        .into_iter()
+        .chain(files("testkit", ".rs"))
+    {
         if !rel(&path).contains("/src/") {
             continue;
         }
@@ -473,7 +476,7 @@ fn unix_socket_grpc_servers_accept_any_authority() {
         for path in files(dir, ".rs") {
             let r = rel(&path);
             // `uds::incoming` itself wraps the listener.
-            if !r.contains("/src/") || r == "crates/devplugin-api/src/uds.rs" {
+            if !r.contains("/src/") || r == "crates/kubelet-plumbing/src/uds.rs" {
                 continue;
             }
             let text = read(&path);
@@ -487,7 +490,7 @@ fn unix_socket_grpc_servers_accept_any_authority() {
         }
     }
     assert_none(
-        "Unix-socket gRPC servers use devplugin_api::uds::incoming (any :authority)",
+        "Unix-socket gRPC servers use kubelet_plumbing::uds::incoming (any :authority)",
         offenders,
     );
 }

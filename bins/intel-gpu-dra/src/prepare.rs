@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use devplugin_api::cdi::{ContainerEdits, DeviceNode, SpecMount};
 use dra_api::cdi::ClaimSpecs;
 use dra_api::{Allocated, ClaimRef, DevicePrepared, Driver, DriverError, PreparedClaim};
+use kubelet_plumbing::cdi::{ContainerEdits, DeviceNode, SpecMount};
 use tokio::sync::watch;
 
 use crate::devices::{CDI_KIND, DRIVER, DeviceFacts};

@@ -431,7 +431,7 @@ fn resolves_on_disk(dir: &Path, ids: &[String]) {
     let mut on_disk = Vec::new();
     for entry in std::fs::read_dir(dir.join("cdi")).unwrap() {
         let text = std::fs::read(entry.unwrap().path()).unwrap();
-        let spec = devplugin_api::cdi::Spec::from_json(&text).unwrap();
+        let spec = kubelet_plumbing::cdi::Spec::from_json(&text).unwrap();
         on_disk.extend(
             spec.devices
                 .iter()

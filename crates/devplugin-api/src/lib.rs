@@ -45,7 +45,7 @@
 //! emulator for tests is the separate `kubelet-emulator` crate. This crate
 //! knows nothing about GPUs.
 
-pub mod authority;
+pub use kubelet_plumbing::authority;
 pub mod cdi;
 mod lifecycle;
 mod metrics;
@@ -53,7 +53,7 @@ pub mod pb;
 mod plugin;
 mod service;
 mod types;
-pub mod uds;
+pub use kubelet_plumbing::uds;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -18,8 +18,7 @@ use crate::service::{Published, Service, StreamCount};
 use crate::types::{API_VERSION, ResourceName};
 use crate::{FrameworkConfig, RegistrationStatus, uds};
 
-/// The longest socket path (`sun_path` holds 108 bytes with the NUL).
-pub const MAX_SOCKET_PATH: usize = 107;
+pub use kubelet_plumbing::uds::MAX_SOCKET_PATH;
 /// The kubelet's registration socket name.
 pub const KUBELET_SOCKET: &str = "kubelet.sock";
 

@@ -57,7 +57,7 @@ impl Driver for Null {
                 requests: vec![d.request.clone()],
                 pool: d.pool.clone(),
                 device: d.device.clone(),
-                edits: devplugin_api::cdi::ContainerEdits {
+                edits: kubelet_plumbing::cdi::ContainerEdits {
                     env: vec![format!("NULL={}", d.device)],
                     ..Default::default()
                 },

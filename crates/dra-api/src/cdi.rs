@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use devplugin_api::cdi::{CdiError, ContainerEdits, MAX_SPEC_SIZE, Spec, SpecDevice, SpecDir};
+use kubelet_plumbing::cdi::{CdiError, ContainerEdits, MAX_SPEC_SIZE, Spec, SpecDevice, SpecDir};
 
 use crate::names::{ClaimRefError, check_uid};
 

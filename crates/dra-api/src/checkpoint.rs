@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use devplugin_api::cdi::SpecDevice;
+use kubelet_plumbing::cdi::SpecDevice;
 use serde::{Deserialize, Serialize};
 
 /// The checkpoint format this code writes.

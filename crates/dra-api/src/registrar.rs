@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use devplugin_api::MAX_SOCKET_PATH;
 use dir_watch::{DirWatch, Mask};
+use kubelet_plumbing::uds::MAX_SOCKET_PATH;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -311,7 +311,7 @@ async fn run(
         }
         let _ = std::fs::create_dir_all(&config.registry_dir);
         let _ = std::fs::remove_file(&socket);
-        let listener = match devplugin_api::uds::bind_private(&socket) {
+        let listener = match kubelet_plumbing::uds::bind_private(&socket) {
             Ok(l) => l,
             Err(e) => {
                 let error = format!("cannot listen on {}: {e}", socket.display());
@@ -336,9 +336,12 @@ async fn run(
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(reg::registration_server::RegistrationServer::new(service))
-                .serve_with_incoming_shutdown(devplugin_api::uds::incoming(listener), async move {
-                    let _ = shutdown_rx.wait_for(|s| *s).await;
-                }),
+                .serve_with_incoming_shutdown(
+                    kubelet_plumbing::uds::incoming(listener),
+                    async move {
+                        let _ = shutdown_rx.wait_for(|s| *s).await;
+                    },
+                ),
         );
         // Until stopped or the socket is gone (deleted, or replaced by
         // someone else's file).
@@ -395,7 +398,7 @@ async fn run(
 /// are kept, and so is everything else.
 async fn remove_stale(dir: &Path, driver: &DriverName) {
     let (single, prefix) = (format!("{driver}-reg.sock"), format!("{driver}-"));
-    devplugin_api::uds::remove_refusing(dir, |name| {
+    kubelet_plumbing::uds::remove_refusing(dir, |name| {
         name.ends_with("-reg.sock") && (name == single || name.starts_with(&prefix))
     })
     .await;

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, watch};
 use tonic::{Request, Response, Status};
 
-use devplugin_api::cdi::{ContainerEdits, SpecDevice};
+use kubelet_plumbing::cdi::{ContainerEdits, SpecDevice};
 
 use crate::cdi::ClaimSpecs;
 use crate::checkpoint::{Checkpoint, CheckpointError, Loaded, PreparedClaim, PreparedDevice};
@@ -817,7 +817,7 @@ impl DraServer {
             std::fs::create_dir_all(dir).map_err(listen)?;
         }
         remove_file(&config.endpoint);
-        let listener = devplugin_api::uds::bind_private(&config.endpoint).map_err(listen)?;
+        let listener = kubelet_plumbing::uds::bind_private(&config.endpoint).map_err(listen)?;
         let initial = checkpoint.claims().clone();
         // Before the socket exists: the first call already sees the
         // devices in use.
@@ -846,9 +846,12 @@ impl DraServer {
                 )))
                 .add_service(v1beta1::dra_plugin_server::DraPluginServer::new(core))
                 .add_service(DraResourceHealthServer::new(health_service))
-                .serve_with_incoming_shutdown(devplugin_api::uds::incoming(listener), async move {
-                    let _ = stop_rx.wait_for(|s| *s).await;
-                })
+                .serve_with_incoming_shutdown(
+                    kubelet_plumbing::uds::incoming(listener),
+                    async move {
+                        let _ = stop_rx.wait_for(|s| *s).await;
+                    },
+                )
                 .await;
             if let Err(error) = result {
                 tracing::warn!(%error, "the DRA service ended with an error");

@@ -80,7 +80,7 @@ impl Driver for NullDriver {
                 requests: vec![d.request.clone()],
                 pool: d.pool.clone(),
                 device: d.device.clone(),
-                edits: devplugin_api::cdi::ContainerEdits {
+                edits: kubelet_plumbing::cdi::ContainerEdits {
                     env: vec![format!("NULL={}", d.device)],
                     ..Default::default()
                 },
@@ -495,7 +495,7 @@ fn resolves_on_disk(node: &Node, answer: &kubelet_emulator::ClaimAnswer) {
     let mut on_disk = Vec::new();
     for entry in std::fs::read_dir(node.cdi_dir()).unwrap() {
         let text = std::fs::read(entry.unwrap().path()).unwrap();
-        let spec = devplugin_api::cdi::Spec::from_json(&text).unwrap();
+        let spec = kubelet_plumbing::cdi::Spec::from_json(&text).unwrap();
         on_disk.extend(
             spec.devices
                 .iter()

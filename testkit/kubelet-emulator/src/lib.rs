@@ -51,10 +51,10 @@ pub use plugin_watcher::{
     PreparedView, WatcherView, grpc_go_authority,
 };
 
-use devplugin_api::authority::AuthorityRule;
 use devplugin_api::pb::device_plugin_client::DevicePluginClient;
 use devplugin_api::pb::registration_server::{Registration, RegistrationServer};
 use devplugin_api::{API_VERSION, DeviceList, Health, KUBELET_SOCKET, ResourceName, pb, uds};
+use kubelet_plumbing::authority::AuthorityRule;
 use tokio::net::UnixListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;

@@ -31,10 +31,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use devplugin_api::authority::AuthorityRule;
-use devplugin_api::uds;
 use dir_watch::{DirWatch, Mask};
 use dra_api::pb::pluginregistration as reg;
+use kubelet_plumbing::authority::AuthorityRule;
+use kubelet_plumbing::uds;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::Status;

@@ -21,13 +21,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
-use devplugin_api::cdi::ContainerEdits;
 use dra_api::cdi::ClaimSpecs;
 use dra_api::slices::{Attribute, DeviceSet, PublisherConfig, SliceDevice, SlicePublisher};
 use dra_api::{
     Allocated, ClaimRef, DevicePrepared, DraConfig, DraServer, Driver, DriverError, DriverName,
     KubeClaims, PreparedClaim, Registrar, RegistrarConfig,
 };
+use kubelet_plumbing::cdi::ContainerEdits;
 
 /// The CDI kind of the fake devices.
 const CDI_KIND: &str = "example.com/null";

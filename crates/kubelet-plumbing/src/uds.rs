@@ -9,6 +9,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::authority::{AuthorityRule, SendAuthority};
 
+/// The longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
 /// Why a socket could not be dialled.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
