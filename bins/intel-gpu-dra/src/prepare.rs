@@ -200,6 +200,12 @@ impl Driver for GpuDriver {
                 distinct.push((d.device.as_str(), edits(facts, distinct.len())));
             }
         }
+        // A claim prepared again (after a reboot, or over an older
+        // record) holds exactly its devices now: none of its earlier ones.
+        map.retain(|_, uids| {
+            uids.remove(&claim.uid);
+            !uids.is_empty()
+        });
         for d in devices {
             map.entry(d.device.clone())
                 .or_default()

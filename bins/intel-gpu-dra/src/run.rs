@@ -434,11 +434,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     match read_boot_id(&config.boot_id_file) {
         Ok(id) => dra_config = dra_config.boot_id(id),
-        Err(error) => tracing::warn!(
-            file = %config.boot_id_file.display(),
-            %error,
-            "cannot read the boot ID: a reboot cannot be told from a restart, recorded CDI specs are written back as they are"
-        ),
+        Err(error) => {
+            tracing::warn!(
+                file = %config.boot_id_file.display(),
+                %error,
+                "cannot read the boot ID: a reboot cannot be told from a restart, so no recorded CDI spec is written back; each claim is prepared again in full"
+            );
+            // A boot no record was made in: nothing is trusted.
+            dra_config = dra_config.boot_id(format!("unknown-{:016x}", fastrand::u64(..)));
+        }
     }
     // The driver learns the record's claims inside `start`, before the
     // socket exists.

@@ -30,6 +30,10 @@ pub(crate) async fn daemon(
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let stats = Arc::new(Stats::new(cli.stall_limit));
+    if cli.output == Output::NfdFeaturesFile {
+        // A labeller killed while writing left its temporary.
+        node_labeler::engine::remove_stale_features_temporaries(&cli.nfd_features_dir);
+    }
     // While the loop waits for something to do it beats this often: only
     // a round that does not come back (a write that hangs, a stuck read)
     // stops the beats and fails /healthz.

@@ -86,14 +86,20 @@ enum Job {
 }
 
 impl CdiKeeper {
-    /// Specs in `dir`; a card absent from the plan keeps its spec for
-    /// `grace`. Temporaries of a plugin killed mid-write go first.
-    #[must_use]
-    pub fn new(dir: SpecDir, grace: Duration) -> Self {
-        let stale = dir.remove_stale_temporaries();
+    /// Removes the temporaries of a plugin killed mid-write. Call it once
+    /// this process owns the node's GPUs (a second instance's live
+    /// temporaries must not go).
+    pub fn remove_stale_temporaries(&self) {
+        let stale = self.dir.remove_stale_temporaries();
         if stale > 0 {
             tracing::info!(files = stale, "temporaries of a killed write removed");
         }
+    }
+
+    /// Specs in `dir`; a card absent from the plan keeps its spec for
+    /// `grace`.
+    #[must_use]
+    pub fn new(dir: SpecDir, grace: Duration) -> Self {
         Self {
             dir,
             grace,

@@ -450,6 +450,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // The node's GPUs are ours now: a killed instance's temporaries go.
+    cdi.remove_stale_temporaries();
     let mut state = State {
         options: Arc::new(config.options.clone()),
         cdi,

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use kubelet_plumbing::cdi::{CdiError, ContainerEdits, MAX_SPEC_SIZE, Spec, SpecDevice, SpecDir};
+use kubelet_plumbing::cdi::{CdiError, ContainerEdits, Spec, SpecDevice, SpecDir};
 
 use crate::names::{ClaimRefError, check_uid};
 
@@ -179,15 +179,18 @@ impl ClaimSpecs {
         Ok(self.dir.retain(&keep)?.removed)
     }
 
-    /// Every claim spec of this driver on disk, by claim UID: its devices,
-    /// or why it cannot be read back (a link, a file too large, not our
-    /// format). Files whose name does not hold a valid UID are skipped.
+    /// The claim specs of this driver on disk whose UID `skip` does not
+    /// reject, by claim UID, at most `limit` of them: what each holds (see
+    /// [`Listed`]). Files whose name does not hold a valid UID are not
+    /// looked at.
     ///
     /// # Errors
     /// When the directory cannot be listed (a missing one holds nothing).
     pub fn list(
         &self,
-    ) -> Result<BTreeMap<String, Result<Vec<SpecDevice>, String>>, ClaimSpecError> {
+        limit: usize,
+        skip: impl Fn(&str) -> bool,
+    ) -> Result<BTreeMap<String, Listed>, ClaimSpecError> {
         let entries = match std::fs::read_dir(self.dir.dir()) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
@@ -202,6 +205,9 @@ impl ClaimSpecs {
         };
         let mut out = BTreeMap::new();
         for entry in entries.flatten() {
+            if out.len() >= limit {
+                break;
+            }
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
@@ -211,7 +217,7 @@ impl ClaimSpecs {
             else {
                 continue;
             };
-            if check_uid(uid).is_err() {
+            if check_uid(uid).is_err() || skip(uid) {
                 continue;
             }
             out.insert(uid.to_owned(), self.read_devices(uid, &name));
@@ -219,19 +225,44 @@ impl ClaimSpecs {
         Ok(out)
     }
 
-    fn read_devices(&self, uid: &str, file: &str) -> Result<Vec<SpecDevice>, String> {
-        let bytes = ops_kit::fs::read_capped(self.dir.dir(), file, MAX_SPEC_SIZE)
-            .map_err(|e| ops_kit::Chain(&e).to_string())?;
-        let spec = Spec::from_json(&bytes).map_err(|e| e.to_string())?;
+    fn read_devices(&self, uid: &str, file: &str) -> Listed {
+        let bytes = match ops_kit::fs::read_capped(self.dir.dir(), file, MAX_CLAIM_SPEC) {
+            Ok(b) => b,
+            Err(
+                e @ (ops_kit::fs::FsError::NotRegular { .. }
+                | ops_kit::fs::FsError::TooLarge { .. }),
+            ) => return Listed::NotOurs(e.to_string()),
+            Err(e) => return Listed::Unreadable(ops_kit::Chain(&e).to_string()),
+        };
+        let spec = match Spec::from_json(&bytes) {
+            Ok(s) => s,
+            Err(e) => return Listed::NotOurs(format!("not a CDI spec of ours: {e}")),
+        };
         if spec.kind != self.kind {
-            return Err(format!("its kind is {}, not {}", spec.kind, self.kind));
+            return Listed::NotOurs(format!("its kind is {}, not {}", spec.kind, self.kind));
         }
         let own = format!("{uid}-");
         if let Some(d) = spec.devices.iter().find(|d| !d.name.starts_with(&own)) {
-            return Err(format!("device {} is not named for claim {uid}", d.name));
+            return Listed::NotOurs(format!("device {} is not named for claim {uid}", d.name));
         }
-        Ok(spec.devices)
+        Listed::Ours(spec.devices)
     }
+}
+
+/// The largest claim spec this driver writes (a few KiB): a larger file
+/// with a claim spec's name is not ours.
+pub const MAX_CLAIM_SPEC: u64 = 256 << 10;
+
+/// What a file with a claim spec's name holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listed {
+    /// A spec this driver could have written: its devices.
+    Ours(Vec<SpecDevice>),
+    /// Not one this driver writes (a link, a FIFO, too large, another
+    /// kind, devices not named for the claim, not JSON): why.
+    NotOurs(String),
+    /// It could not be read (an I/O error): it may be a running pod's.
+    Unreadable(String),
 }
 
 #[cfg(test)]
@@ -268,9 +299,9 @@ mod tests {
             text.contains(&format!("\"{UID1}-gpu-1\"")) && text.contains("GPU=1"),
             "{text}"
         );
-        let listed = specs.list().unwrap();
+        let listed = specs.list(10, |_| false).unwrap();
         assert_eq!(listed.len(), 2);
-        assert_eq!(listed[UID1].as_ref().unwrap().len(), 2);
+        assert!(matches!(&listed[UID1], Listed::Ours(d) if d.len() == 2));
         specs.remove(UID1).unwrap();
         specs.remove(UID1).unwrap();
         assert!(!file1.exists());
@@ -307,14 +338,16 @@ mod tests {
         std::os::unix::fs::symlink("/etc/hostname", dir.path().join(format!("p_{UID2}.json")))
             .unwrap();
         std::fs::write(dir.path().join("p_not-a-uid.json"), "{}").unwrap();
-        let listed = specs.list().unwrap();
+        let listed = specs.list(10, |_| false).unwrap();
         assert_eq!(listed.len(), 2, "{listed:?}");
-        assert!(listed[UID1].is_err());
+        assert!(matches!(&listed[UID1], Listed::NotOurs(_)));
         assert!(
-            listed[UID2]
-                .as_ref()
-                .unwrap_err()
-                .contains("not a regular file")
+            matches!(&listed[UID2], Listed::NotOurs(why) if why.contains("not a regular file"))
+        );
+        assert_eq!(specs.list(1, |_| false).unwrap().len(), 1, "limited");
+        assert!(
+            !specs.list(10, |u| u == UID1).unwrap().contains_key(UID1),
+            "skipped"
         );
         assert!(!specs.exists(UID2), "a link is not a spec");
     }

@@ -256,11 +256,13 @@ impl Checkpoint {
         self.rebuild_incomplete
     }
 
-    /// Moves the record into boot `boot_id`: when it was made in another
-    /// boot, every record is marked for a full prepare (`rebuilt`: the
-    /// devices' nodes may be numbered differently now), and the new boot
-    /// and `incomplete` are recorded; on disk before it returns. Returns
-    /// whether the boot changed.
+    /// Moves the record into boot `boot_id`. A record made in another
+    /// boot — or whose boot is not known (written by an older version) —
+    /// is not trusted for device nodes: every claim is marked for a full prepare
+    /// (`rebuilt`; nodes are numbered anew at every boot). The boot and
+    /// `incomplete` are recorded; on disk before it returns. With `None`
+    /// (the driver does not track boots) the record is trusted. Returns
+    /// whether the record was of another (or an unknown) boot.
     ///
     /// # Errors
     /// When the file cannot be written (the record is unchanged then).
@@ -269,16 +271,23 @@ impl Checkpoint {
         boot_id: Option<&str>,
         incomplete: bool,
     ) -> Result<bool, CheckpointError> {
-        let changed =
-            boot_id.is_some() && self.boot_id.is_some() && self.boot_id.as_deref() != boot_id;
+        let other = match (boot_id, self.boot_id.as_deref()) {
+            // The driver does not track boots: the record is trusted.
+            (None, _) => false,
+            (Some(now), Some(then)) => now != then,
+            // Written before boots were recorded: not trusted.
+            (Some(_), None) => !self.claims.is_empty(),
+        };
         let before = (
             self.claims.clone(),
             self.boot_id.clone(),
             self.rebuild_incomplete,
         );
-        if changed && self.boot_id.is_some() {
+        if other {
             for claim in self.claims.values_mut() {
                 claim.rebuilt = true;
+                // Another boot's edits are never written again.
+                claim.cdi_devices.clear();
             }
         }
         if boot_id.is_some() {
@@ -291,12 +300,18 @@ impl Checkpoint {
             self.rebuild_incomplete,
         ) == before
         {
-            return Ok(false);
+            return Ok(other);
         }
         self.save().inspect_err(|_| {
             (self.claims, self.boot_id, self.rebuild_incomplete) = before.clone();
         })?;
-        Ok(changed)
+        Ok(other)
+    }
+
+    /// How many records are rebuilt (unverified) ones.
+    #[must_use]
+    pub fn rebuilt_count(&self) -> usize {
+        self.claims.values().filter(|c| c.rebuilt).count()
     }
 
     /// Records claims rebuilt from their CDI specs (those already

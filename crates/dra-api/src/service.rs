@@ -539,8 +539,8 @@ impl<D: Driver, S: ClaimSource> Core<D, S> {
     }
 }
 
-/// The most claim specs adopted when a record is rebuilt (a node holds a
-/// few hundred claims at most; more is someone filling the directory).
+/// The most unverified (rebuilt) records held in all (a node holds a few
+/// hundred claims at most; more is someone filling the directory).
 const MAX_REBUILT: usize = 4096;
 
 /// Brings the record and the CDI specs in step at start (see
@@ -577,6 +577,11 @@ fn reconcile(
     report.new_boot = checkpoint.enter_boot(boot_id, checkpoint.rebuild_incomplete())?;
     if !report.new_boot {
         for (uid, claim) in checkpoint.claims() {
+            // Unverified, or of an earlier boot: never written again; the
+            // kubelet's next prepare is done in full.
+            if claim.rebuilt {
+                continue;
+            }
             if claim.cdi_devices.is_empty() {
                 if !specs.exists(uid) {
                     report.problems.push(format!(
@@ -613,13 +618,20 @@ fn reconcile(
 }
 
 /// Adopts the claim specs on disk that the record does not hold, as
-/// rebuilt (unverified) records. Returns whether every one could be read.
+/// rebuilt (unverified) records naming their devices — never their edits,
+/// which are not written again. Files that cannot be ours (not a regular
+/// file, too large, not our kind or device names: our writer never makes
+/// them) are skipped; only a spec that cannot be read at all, or a
+/// directory that cannot be listed, leaves the adoption incomplete.
+/// At most [`MAX_REBUILT`] rebuilt records are held in all. Returns
+/// whether every candidate was looked at.
 fn adopt(
     checkpoint: &mut Checkpoint,
     specs: &ClaimSpecs,
     report: &mut StartReport,
 ) -> Result<bool, CheckpointError> {
-    let found = match specs.list() {
+    let room = MAX_REBUILT.saturating_sub(checkpoint.rebuilt_count());
+    let found = match specs.list(room.saturating_add(1), |uid| checkpoint.get(uid).is_some()) {
         Ok(found) => found,
         Err(e) => {
             report.problems.push(format!(
@@ -632,21 +644,22 @@ fn adopt(
     let mut complete = true;
     let mut rebuilt = BTreeMap::new();
     for (uid, devices) in found {
-        if checkpoint.get(&uid).is_some() {
-            continue;
-        }
-        if rebuilt.len() >= MAX_REBUILT {
+        if rebuilt.len() >= room {
             report.problems.push(format!(
-                "more than {MAX_REBUILT} claim specs to adopt; the rest are left as they are"
+                "more than {MAX_REBUILT} unverified claims; the rest of the claim specs are left as they are"
             ));
             complete = false;
             break;
         }
         let devices = match devices {
-            Ok(d) => d,
-            Err(why) => {
+            crate::cdi::Listed::Ours(d) => d,
+            crate::cdi::Listed::NotOurs(why) => {
+                tracing::warn!(claim = %uid, reason = %why, "a file with a claim spec's name that this driver never wrote; ignored");
+                continue;
+            }
+            crate::cdi::Listed::Unreadable(why) => {
                 report.problems.push(format!(
-                    "claim {uid}: its CDI spec cannot be read back ({why}); left as it is"
+                    "claim {uid}: its CDI spec cannot be read ({why}); left as it is"
                 ));
                 complete = false;
                 continue;
@@ -665,7 +678,7 @@ fn adopt(
                     cdi_device_ids: vec![specs.qualified(&d.name)],
                 })
                 .collect(),
-            cdi_devices: devices,
+            cdi_devices: Vec::new(),
             rebuilt: true,
         };
         rebuilt.insert(uid, claim);
@@ -819,7 +832,7 @@ impl DraServer {
         remove_file(&config.endpoint);
         let listener = kubelet_plumbing::uds::bind_private(&config.endpoint).map_err(listen)?;
         let initial = checkpoint.claims().clone();
-        // Before the socket exists: the first call already sees the
+        // Before anything is served: the first call already sees the
         // devices in use.
         driver.restore(&initial);
         let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -744,6 +744,17 @@ async fn a_record_of_another_boot_is_prepared_again_not_written_back() {
         server.initial_claims()[UID_A].rebuilt,
         "marked for a full prepare"
     );
+    // Restarted again in the new boot before the kubelet asked: still
+    // nothing written from the old boot's record.
+    drop(registrar);
+    drop(server);
+    node.watcher
+        .wait_until(LIMIT, |v| v.plugins.is_empty())
+        .await
+        .unwrap();
+    let (server, registrar) = node.start_driver_in_boot(BOOT_2).await;
+    assert!(server.start_report().rewritten.is_empty());
+    assert!(!node.cdi_dir().exists() || std::fs::read_dir(node.cdi_dir()).unwrap().count() == 0);
     node.kubelet_restarts().await;
     let again = node
         .watcher
@@ -760,21 +771,59 @@ async fn a_record_of_another_boot_is_prepared_again_not_written_back() {
     server.stop().await;
 }
 
-/// A rebuild that could not read every spec leaves a mark: no later start
-/// sweeps the specs it could not read (they may be running pods').
+/// Files with a claim spec's name that this driver never wrote (too
+/// large, a link, another kind) are not adopted as claims, do not stop
+/// later sweeps, and hold no device; many of them cannot grow the
+/// checkpoint: rebuilt records keep no edits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn specs_a_rebuild_could_not_read_are_never_swept_later() {
-    let mut node = Node::new(KubeletVersion::V1_34);
+async fn planted_files_are_not_adopted_and_cannot_grow_the_record() {
+    let node = Node::new(KubeletVersion::V1_34);
+    std::fs::create_dir_all(node.cdi_dir()).unwrap();
+    let name = |uid: &str| {
+        node.cdi_dir()
+            .join(format!("null.example.com-claim_{uid}.json"))
+    };
+    std::fs::write(name(UID_A), vec![b' '; 2 << 20]).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", name(UID_B)).unwrap();
+    // Planted specs of our kind: adopted as unverified claims, without
+    // their edits.
+    for i in 0..50u32 {
+        let uid = format!("{i:08x}-0000-4000-8000-000000000000");
+        let big = "x".repeat(4000);
+        std::fs::write(
+            name(&uid),
+            format!(
+                r#"{{"cdiVersion":"0.5.0","kind":"example.com/null","devices":[{{"name":"{uid}-dev-0","containerEdits":{{"env":["A={big}"]}}}}]}}"#
+            ),
+        )
+        .unwrap();
+    }
+    let (server, registrar) = node.start_driver().await;
+    let report = server.start_report().clone();
+    assert_eq!(report.rebuilt.len(), 50, "{:?}", report.problems);
+    assert!(
+        !report.rebuilt.contains(&UID_A.to_owned()) && !report.rebuilt.contains(&UID_B.to_owned())
+    );
+    let (c, _) = dra_api::checkpoint::Checkpoint::load(&node.checkpoint()).unwrap();
+    assert!(
+        !c.rebuild_incomplete(),
+        "files not ours do not block sweeps"
+    );
+    assert!(c.claims().values().all(|r| r.cdi_devices.is_empty()));
+    let size = std::fs::metadata(node.checkpoint()).unwrap().len();
+    assert!(size < 64 << 10, "the record stays small: {size} bytes");
+    registrar.stop().await;
+    server.stop().await;
+}
+
+/// A record written before boots were recorded (an older version) is not
+/// trusted once the driver knows its boot: prepared again in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_without_a_boot_is_not_trusted_once_boots_are_known() {
+    let node = Node::new(KubeletVersion::V1_34);
     node.claims
         .put("a", UID_A, Some(vec![result(DRIVER, "r", "dev-0")]));
-    std::fs::create_dir_all(node.cdi_dir()).unwrap();
-    // A spec of a running pod that cannot be read back (too large here).
-    let unreadable = node
-        .cdi_dir()
-        .join(format!("null.example.com-claim_{UID_B}.json"));
-    std::fs::write(&unreadable, vec![b' '; 2 << 20]).unwrap();
     let (server, registrar) = node.start_driver().await;
-    assert!(!server.start_report().problems.is_empty());
     node.watcher
         .prepare(DRIVER, &[id("a", UID_A)])
         .await
@@ -785,25 +834,11 @@ async fn specs_a_rebuild_could_not_read_are_never_swept_later() {
         .wait_until(LIMIT, |v| v.plugins.is_empty())
         .await
         .unwrap();
-    let (server, registrar) = node.start_driver().await;
-    assert!(
-        server.start_report().removed.is_empty(),
-        "{:?}",
-        server.start_report()
-    );
-    assert!(unreadable.exists(), "never swept");
-    drop(registrar);
-    drop(server);
-    node.watcher
-        .wait_until(LIMIT, |v| v.plugins.is_empty())
-        .await
-        .unwrap();
-    // Readable again (the operator fixed it): adopted, and the mark goes.
-    std::fs::remove_file(&unreadable).unwrap();
-    let (server, registrar) = node.start_driver().await;
-    let (c, _) = dra_api::checkpoint::Checkpoint::load(&node.checkpoint()).unwrap();
-    assert!(!c.rebuild_incomplete());
-    node.kubelet_restarts().await;
+    std::fs::remove_dir_all(node.cdi_dir()).unwrap();
+    let (server, registrar) = node.start_driver_in_boot(BOOT_1).await;
+    assert!(server.start_report().new_boot);
+    assert!(server.start_report().rewritten.is_empty());
+    assert!(server.initial_claims()[UID_A].rebuilt);
     registrar.stop().await;
     server.stop().await;
 }

@@ -416,6 +416,12 @@ fn read_features(dir: &Path) -> (NodeView, Option<i64>) {
     (view, expiry)
 }
 
+/// Removes the temporaries of a labeller killed while writing the NFD
+/// feature file in `dir`; call it once at start. Returns how many went.
+pub fn remove_stale_features_temporaries(dir: &Path) -> usize {
+    ops_kit::fs::remove_stale_temporaries(dir, NFD_FILE)
+}
+
 /// Writes the NFD feature file atomically (`key=value` lines; NFD prefixes
 /// unprefixed keys with `feature.node.kubernetes.io/`).
 ///
@@ -439,8 +445,6 @@ pub fn write_features_file(
     }
     // NFD's features.d is shared with other feature sources: written
     // without following anything planted there.
-    // A labeller killed mid-write left its temporary: gone first.
-    ops_kit::fs::remove_stale_temporaries(dir, NFD_FILE);
     ops_kit::fs::write_atomic(dir, NFD_FILE, text.as_bytes(), 0o644).map_err(std::io::Error::other)
 }
 

@@ -252,12 +252,12 @@ pub fn read_capped(dir: &Path, name: &str, limit: u64) -> Result<Vec<u8>, FsErro
 }
 
 /// Opens `name` in `dirfd` only if it is a regular file, and only that
-/// file: looked at first without following anything (opening a device
-/// node has effects of its own — a watchdog arms, a tty becomes the
-/// controlling terminal — so nothing but a regular file is ever opened),
-/// then opened `O_NOFOLLOW | O_NOCTTY | O_NONBLOCK` and checked to be the
-/// same inode. With `create`, a missing file is created with that mode,
-/// `O_EXCL`.
+/// file: first as a path (`O_PATH | O_NOFOLLOW`, which opens nothing —
+/// opening a device node has effects of its own: a watchdog arms, a tty
+/// becomes the controlling terminal; a FIFO blocks), then, once `fstat`
+/// of that descriptor shows a regular file, that same inode is opened
+/// through `/proc/self/fd` — no other file can be swapped in between.
+/// With `create`, a missing file is created with that mode, `O_EXCL`.
 fn open_regular(
     dirfd: &OwnedFd,
     name: &str,
@@ -266,50 +266,41 @@ fn open_regular(
     create: Option<Mode>,
 ) -> Result<OwnedFd, FsError> {
     let flags = access | OFlag::O_NOFOLLOW | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-    let seen = match fstatat(dirfd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) => Some(st),
-        Err(Errno::ENOENT) if create.is_some() => None,
-        Err(e) => return Err(io("inspect", path)(e)),
-    };
-    let fd = match (seen, create) {
-        (Some(st), _) => {
-            if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-                return Err(FsError::NotRegular {
-                    path: path.to_owned(),
-                });
-            }
-            let fd = match openat(dirfd, name, flags, Mode::empty()) {
-                Ok(fd) => fd,
-                Err(Errno::ELOOP) => {
-                    return Err(FsError::NotRegular {
-                        path: path.to_owned(),
-                    });
-                }
-                Err(e) => return Err(io("open", path)(e)),
-            };
-            let now = fstat(fd.as_fd()).map_err(io("inspect", path))?;
-            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
-                return Err(FsError::NotRegular {
-                    path: path.to_owned(),
-                });
-            }
-            fd
-        }
-        (None, Some(mode)) => {
-            match openat(dirfd, name, flags | OFlag::O_CREAT | OFlag::O_EXCL, mode) {
-                Ok(fd) => fd,
+    let pinned = match openat(
+        dirfd,
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) if create.is_some() => {
+            let mode = create.unwrap_or(Mode::empty());
+            return match openat(dirfd, name, flags | OFlag::O_CREAT | OFlag::O_EXCL, mode) {
+                Ok(fd) => Ok(fd),
                 // Someone created it meanwhile: whatever it is, not ours.
-                Err(Errno::EEXIST | Errno::ELOOP) => {
-                    return Err(FsError::NotRegular {
-                        path: path.to_owned(),
-                    });
-                }
-                Err(e) => return Err(io("create", path)(e)),
-            }
+                Err(Errno::EEXIST | Errno::ELOOP) => Err(FsError::NotRegular {
+                    path: path.to_owned(),
+                }),
+                Err(e) => Err(io("create", path)(e)),
+            };
         }
-        (None, None) => return Err(io("inspect", path)(Errno::ENOENT)),
+        Err(e) => return Err(io("open", path)(e)),
     };
-    Ok(fd)
+    reopen_regular(&pinned, path, flags & !OFlag::O_NOFOLLOW)
+}
+
+/// Opens the inode `pinned` (an `O_PATH` descriptor) for real, if it is
+/// a regular file.
+fn reopen_regular(pinned: &OwnedFd, path: &Path, flags: OFlag) -> Result<OwnedFd, FsError> {
+    use std::os::fd::AsRawFd as _;
+    let st = fstat(pinned.as_fd()).map_err(io("inspect", path))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+        return Err(FsError::NotRegular {
+            path: path.to_owned(),
+        });
+    }
+    let magic = format!("/proc/self/fd/{}", pinned.as_raw_fd());
+    nix::fcntl::open(magic.as_str(), flags, Mode::empty()).map_err(io("open", path))
 }
 
 /// Opens (creating it, mode `mode`, if missing; the directory must
@@ -340,27 +331,26 @@ pub fn open_owned(dir: &Path, name: &str, mode: u32) -> Result<std::fs::File, Fs
 
 /// Opens the file at `path` for reading, following links (sysfs and
 /// ConfigMap volumes are made of them), but only if what it leads to is a
-/// regular file: looked at first, then opened `O_NONBLOCK | O_NOCTTY`
-/// and checked to be the same inode. `Ok(None)`: it is not a regular file
-/// (a FIFO, a device, a directory) and was never opened.
+/// regular file: opened first as a path (`O_PATH`, which opens nothing),
+/// then that same inode through `/proc/self/fd`, `O_NONBLOCK | O_NOCTTY`.
+/// `Ok(None)`: it is not a regular file (a FIFO, a device, a directory)
+/// and was never opened.
 ///
 /// # Errors
 /// When it cannot be looked at or opened (`NotFound` for a missing one).
 pub fn open_regular_following(path: &Path) -> std::io::Result<Option<std::fs::File>> {
-    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
-    let seen = std::fs::metadata(path)?;
-    if !seen.file_type().is_file() {
-        return Ok(None);
+    let pinned = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(std::io::Error::from)?;
+    match reopen_regular(
+        &pinned,
+        path,
+        OFlag::O_RDONLY | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+    ) {
+        Ok(fd) => Ok(Some(std::fs::File::from(fd))),
+        Err(FsError::NotRegular { .. }) => Ok(None),
+        Err(FsError::Io { source, .. }) => Err(source),
+        Err(e) => Err(std::io::Error::other(e)),
     }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
-        .open(path)?;
-    let now = file.metadata()?;
-    if (now.dev(), now.ino()) != (seen.dev(), seen.ino()) || !now.file_type().is_file() {
-        return Ok(None);
-    }
-    Ok(Some(file))
 }
 
 /// Removes the temporaries this module's writer leaves in `dir` when the
