@@ -165,6 +165,17 @@ impl Node {
             .join("prepared-claims.json")
     }
 
+    /// The driver goes away without a clean stop, as after a kill -9; the
+    /// kubelet sees it gone.
+    async fn crash(&self, server: DraServer, registrar: Registrar) {
+        drop(registrar);
+        drop(server);
+        self.watcher
+            .wait_until(LIMIT, |v| v.plugins.is_empty())
+            .await
+            .unwrap();
+    }
+
     /// The kubelet restarts and registers the driver again.
     async fn kubelet_restarts(&mut self) {
         self.watcher.restart().await.unwrap();
@@ -540,12 +551,7 @@ async fn a_reboot_that_empties_the_cdi_directory_loses_no_spec() {
     // A reboot: the driver dies without stopping (kill -9), /var/run/cdi
     // (a tmpfs) comes back empty, the checkpoint (on disk) stays, the
     // kubelet restarts and prepares its pods' claims again.
-    drop(registrar);
-    drop(server);
-    node.watcher
-        .wait_until(LIMIT, |v| v.plugins.is_empty())
-        .await
-        .unwrap();
+    node.crash(server, registrar).await;
     std::fs::remove_dir_all(node.cdi_dir()).unwrap();
     node.claims.0.lock().unwrap().clear();
     let (server, registrar) = node.start_driver().await;
@@ -582,12 +588,7 @@ async fn a_lost_or_corrupt_checkpoint_is_rebuilt_from_the_specs_and_nothing_is_s
             .prepare(DRIVER, &[id("a", UID_A), id("b", UID_B)])
             .await
             .unwrap();
-        drop(registrar);
-        drop(server);
-        node.watcher
-            .wait_until(LIMIT, |v| v.plugins.is_empty())
-            .await
-            .unwrap();
+        node.crash(server, registrar).await;
         match lose {
             "corrupt" => std::fs::write(node.checkpoint(), "{\"version\": 1, \"cla").unwrap(),
             _ => std::fs::remove_file(node.checkpoint()).unwrap(),
@@ -717,23 +718,13 @@ async fn a_record_of_another_boot_is_prepared_again_not_written_back() {
         .prepare(DRIVER, &[id("a", UID_A)])
         .await
         .unwrap();
-    drop(registrar);
-    drop(server);
-    node.watcher
-        .wait_until(LIMIT, |v| v.plugins.is_empty())
-        .await
-        .unwrap();
+    node.crash(server, registrar).await;
     // The same boot: written back.
     std::fs::remove_dir_all(node.cdi_dir()).unwrap();
     let (server, registrar) = node.start_driver_in_boot(BOOT_1).await;
     assert!(!server.start_report().new_boot);
     assert_eq!(server.start_report().rewritten, [UID_A]);
-    drop(registrar);
-    drop(server);
-    node.watcher
-        .wait_until(LIMIT, |v| v.plugins.is_empty())
-        .await
-        .unwrap();
+    node.crash(server, registrar).await;
     // A reboot: nothing written from the record.
     std::fs::remove_dir_all(node.cdi_dir()).unwrap();
     let (server, registrar) = node.start_driver_in_boot(BOOT_2).await;
@@ -746,12 +737,7 @@ async fn a_record_of_another_boot_is_prepared_again_not_written_back() {
     );
     // Restarted again in the new boot before the kubelet asked: still
     // nothing written from the old boot's record.
-    drop(registrar);
-    drop(server);
-    node.watcher
-        .wait_until(LIMIT, |v| v.plugins.is_empty())
-        .await
-        .unwrap();
+    node.crash(server, registrar).await;
     let (server, registrar) = node.start_driver_in_boot(BOOT_2).await;
     assert!(server.start_report().rewritten.is_empty());
     assert!(!node.cdi_dir().exists() || std::fs::read_dir(node.cdi_dir()).unwrap().count() == 0);
@@ -828,12 +814,7 @@ async fn a_record_without_a_boot_is_not_trusted_once_boots_are_known() {
         .prepare(DRIVER, &[id("a", UID_A)])
         .await
         .unwrap();
-    drop(registrar);
-    drop(server);
-    node.watcher
-        .wait_until(LIMIT, |v| v.plugins.is_empty())
-        .await
-        .unwrap();
+    node.crash(server, registrar).await;
     std::fs::remove_dir_all(node.cdi_dir()).unwrap();
     let (server, registrar) = node.start_driver_in_boot(BOOT_1).await;
     assert!(server.start_report().new_boot);
