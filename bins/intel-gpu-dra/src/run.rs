@@ -493,7 +493,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .store(server.refused_claims(), Ordering::Relaxed);
         report_hostile(&mut hostile_seen, ops.hostile(), &events, &node_uid);
         let ready = matches!(*published.borrow(), PublishState::Published { .. })
-            && matches!(*registered.borrow(), dra_api::RegistrationState::Registered);
+            && matches!(
+                *registered.borrow(),
+                dra_api::RegistrationStatus::Registered
+            );
         ops.ready.store(ready, Ordering::Relaxed);
         if !ready {
             set_state(format!(

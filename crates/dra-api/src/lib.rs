@@ -51,7 +51,7 @@ pub use names::{
     ClaimRefError, DraService, DriverName, MAX_DRIVER_NAME, NameError, check_claim_ref, check_uid,
 };
 pub use registrar::{
-    DRA_PLUGIN_TYPE, REGISTRY_DIR, Registrar, RegistrarConfig, RegistrarError, RegistrationState,
+    DRA_PLUGIN_TYPE, REGISTRY_DIR, Registrar, RegistrarConfig, RegistrarError, RegistrationStatus,
 };
 pub use service::{
     Allocated, AllocationResult, ClaimError, ClaimRef, ClaimSource, DevicePrepared, DraConfig,

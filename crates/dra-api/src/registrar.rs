@@ -148,18 +148,19 @@ pub enum RegistrarError {
 /// Where a registration stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum RegistrationState {
+pub enum RegistrationStatus {
     /// Not serving yet (starting, or serving again after the socket was
     /// deleted).
     Starting,
-    /// The socket is served; the kubelet has not answered (yet).
-    Waiting,
+    /// The socket is served; the kubelet has not answered (yet). (The
+    /// device-plugin framework's name for waiting on the kubelet.)
+    WaitingForKubelet,
     /// The kubelet registered the plugin.
     Registered,
     /// The kubelet refused, with its reason.
-    Refused {
+    Rejected {
         /// The kubelet's error text.
-        error: String,
+        reason: String,
     },
     /// The socket cannot be served; retrying.
     Retrying {
@@ -173,7 +174,7 @@ pub enum RegistrationState {
 /// Serves the registration socket of one driver until stopped.
 #[derive(Debug)]
 pub struct Registrar {
-    status: watch::Receiver<RegistrationState>,
+    status: watch::Receiver<RegistrationStatus>,
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
     socket: PathBuf,
@@ -195,7 +196,7 @@ impl Registrar {
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(RegistrarError::PathTooLong(socket));
         }
-        let (status_tx, status) = watch::channel(RegistrationState::Starting);
+        let (status_tx, status) = watch::channel(RegistrationStatus::Starting);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(config, Arc::new(status_tx), stop_rx));
         Ok(Self {
@@ -214,13 +215,13 @@ impl Registrar {
 
     /// Where the registration stands now.
     #[must_use]
-    pub fn status(&self) -> RegistrationState {
+    pub fn status(&self) -> RegistrationStatus {
         self.status.borrow().clone()
     }
 
     /// Follows the registration state.
     #[must_use]
-    pub fn watch_status(&self) -> watch::Receiver<RegistrationState> {
+    pub fn watch_status(&self) -> watch::Receiver<RegistrationStatus> {
         self.status.clone()
     }
 
@@ -242,7 +243,7 @@ impl Drop for Registrar {
 
 struct Service {
     info: reg::PluginInfo,
-    status: Arc<watch::Sender<RegistrationState>>,
+    status: Arc<watch::Sender<RegistrationStatus>>,
 }
 
 #[tonic::async_trait]
@@ -261,10 +262,10 @@ impl reg::registration_server::Registration for Service {
         let r = request.into_inner();
         let state = if r.plugin_registered {
             tracing::info!(driver = %self.info.name, "registered with the kubelet");
-            RegistrationState::Registered
+            RegistrationStatus::Registered
         } else {
             tracing::error!(driver = %self.info.name, error = %r.error, "the kubelet refused the registration");
-            RegistrationState::Refused { error: r.error }
+            RegistrationStatus::Rejected { reason: r.error }
         };
         self.status.send_replace(state);
         // The kubelet only logs what this returns: acknowledging a refusal
@@ -282,7 +283,7 @@ fn identity(path: &Path) -> Option<(u64, u64)> {
 
 async fn run(
     config: RegistrarConfig,
-    status: Arc<watch::Sender<RegistrationState>>,
+    status: Arc<watch::Sender<RegistrationStatus>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let name = config.socket_name();
@@ -316,7 +317,7 @@ async fn run(
             Err(e) => {
                 let error = format!("cannot listen on {}: {e}", socket.display());
                 tracing::warn!(%error, "retrying");
-                status.send_replace(RegistrationState::Retrying { error });
+                status.send_replace(RegistrationStatus::Retrying { error });
                 let delay = config.backoff.delay(attempt);
                 attempt = attempt.saturating_add(1);
                 tokio::select! {
@@ -327,7 +328,7 @@ async fn run(
         };
         attempt = 0;
         served = identity(&socket);
-        status.send_replace(RegistrationState::Waiting);
+        status.send_replace(RegistrationStatus::WaitingForKubelet);
         let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
         let service = Service {
             info: config.info(),
@@ -383,13 +384,13 @@ async fn run(
         if stopped {
             break;
         }
-        status.send_replace(RegistrationState::Starting);
+        status.send_replace(RegistrationStatus::Starting);
     }
     // Ours only: a socket someone else put at the path since is theirs.
     if served.is_some() && identity(&socket) == served {
         let _ = std::fs::remove_file(&socket);
     }
-    status.send_replace(RegistrationState::Stopped);
+    status.send_replace(RegistrationStatus::Stopped);
 }
 
 /// Removes registration sockets named for this driver (`<driver>-reg.sock`,

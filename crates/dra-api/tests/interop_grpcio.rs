@@ -52,7 +52,7 @@ async fn a_grpcio_plugin_watcher_registers_us_with_every_authority() {
     let mut status = registrar.watch_status();
     tokio::time::timeout(
         Duration::from_secs(10),
-        status.wait_for(|s| *s == RegistrationState::Waiting),
+        status.wait_for(|s| *s == RegistrationStatus::WaitingForKubelet),
     )
     .await
     .unwrap()
@@ -82,7 +82,7 @@ async fn a_grpcio_plugin_watcher_registers_us_with_every_authority() {
             v["versions"],
             serde_json::json!(["v1.DRAPlugin", "v1beta1.DRAPlugin"])
         );
-        assert_eq!(registrar.status(), RegistrationState::Registered, "{mode}");
+        assert_eq!(registrar.status(), RegistrationStatus::Registered, "{mode}");
     }
     registrar.stop().await;
 }

@@ -20,14 +20,14 @@ fn config(dir: &std::path::Path) -> RegistrarConfig {
     )
 }
 
-async fn registered(registrar: &Registrar) -> RegistrationState {
+async fn registered(registrar: &Registrar) -> RegistrationStatus {
     let mut rx = registrar.watch_status();
     tokio::time::timeout(
         LIMIT,
         rx.wait_for(|s| {
             matches!(
                 s,
-                RegistrationState::Registered | RegistrationState::Refused { .. }
+                RegistrationStatus::Registered | RegistrationStatus::Rejected { .. }
             )
         }),
     )
@@ -57,7 +57,7 @@ async fn each_kubelet_version_gets_the_service_it_takes() {
         let dir = tempfile::tempdir().unwrap();
         let watcher = PluginWatcher::start(&dir.path().join("plugins_registry"), version).unwrap();
         let registrar = Registrar::start(config(dir.path()).services(services)).unwrap();
-        assert_eq!(registered(&registrar).await, RegistrationState::Registered);
+        assert_eq!(registered(&registrar).await, RegistrationStatus::Registered);
         let v = watcher
             .wait_until(LIMIT, |v| v.plugins.contains_key(DRIVER))
             .await
@@ -86,10 +86,10 @@ async fn a_kubelet_without_the_dra_handler_refuses_and_says_why() {
         PluginWatcher::start(&dir.path().join("plugins_registry"), KubeletVersion::V1_25).unwrap();
     let registrar = Registrar::start(config(dir.path())).unwrap();
     match registered(&registrar).await {
-        RegistrationState::Refused { error } => {
+        RegistrationStatus::Rejected { reason } => {
             assert!(
-                error.contains("no handler registered for plugin type: DRAPlugin"),
-                "{error}"
+                reason.contains("no handler registered for plugin type: DRAPlugin"),
+                "{reason}"
             );
         }
         other => panic!("{other:?}"),
@@ -115,7 +115,7 @@ async fn a_deleted_socket_is_served_again_and_a_kubelet_restart_registers_again(
     watcher.restart().await.unwrap();
     watcher.wait_until(LIMIT, once(3)).await.unwrap();
     assert!(registrar.socket().exists());
-    assert_eq!(registrar.status(), RegistrationState::Registered);
+    assert_eq!(registrar.status(), RegistrationStatus::Registered);
     registrar.stop().await;
     assert!(
         !dir.path()
@@ -137,10 +137,13 @@ async fn stale_sockets_of_a_killed_instance_go_live_ones_stay() {
     drop(std::os::unix::net::UnixListener::bind(&foreign).unwrap());
     let registrar = Registrar::start(config(dir.path()).instance("new")).unwrap();
     let mut rx = registrar.watch_status();
-    tokio::time::timeout(LIMIT, rx.wait_for(|s| *s == RegistrationState::Waiting))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(
+        LIMIT,
+        rx.wait_for(|s| *s == RegistrationStatus::WaitingForKubelet),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert!(!dead.exists(), "a dead socket of ours is removed");
     assert!(live.exists(), "another live instance's socket stays");
     assert!(foreign.exists(), "another driver's socket stays");

@@ -218,7 +218,7 @@ impl Node {
         let mut status = registrar.watch_status();
         tokio::time::timeout(
             LIMIT,
-            status.wait_for(|s| *s == RegistrationState::Registered),
+            status.wait_for(|s| *s == RegistrationStatus::Registered),
         )
         .await
         .unwrap()
