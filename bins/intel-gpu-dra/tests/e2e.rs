@@ -6,8 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+
 use std::time::Duration;
+use test_support::ChildGuard;
 
 use apiserver_emulator::{ApiServer, DeviceRequest, DraApi};
 use fake_gpu_node::{FakeNode, GpuSpec, NodeSpec};
@@ -22,7 +24,7 @@ const LIMIT: Duration = Duration::from_secs(15);
 const PF: &str = "0000-4d-00-0-0x56c0";
 const B580: &str = "0000-8a-00-0-0xe20b";
 
-struct Driver(Child);
+struct Driver(ChildGuard);
 
 impl Driver {
     fn start(dir: &Path, node: &FakeNode, extra: &[&str]) -> Self {
@@ -31,7 +33,8 @@ impl Driver {
         } else {
             &["--http-address", "none"]
         };
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        let command = command
             .args(["--node-name", NODE])
             .args(http)
             .arg("--kubeconfig")
@@ -48,38 +51,18 @@ impl Driver {
             .arg(dir.join("cdi"))
             .arg("--owner-lock")
             .arg(dir.join("owner.lock"))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("E2E_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .unwrap();
-        Self(child)
+            .args(extra);
+        Self(ChildGuard::spawn(command))
     }
 
-    fn stop(mut self) {
-        let pid = self.0.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let _ = self.0.wait();
+    /// SIGTERM, then waits for it to exit.
+    fn stop(self) {
+        self.0.stop();
     }
 }
 
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn until(what: &str, f: impl FnMut() -> bool) {
+    test_support::until(what, LIMIT, f).await;
 }
 
 /// The devices of the newest published pool.

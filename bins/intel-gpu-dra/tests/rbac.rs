@@ -6,9 +6,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+
 use std::time::Duration;
+use test_support::ChildGuard;
 
 use apiserver_emulator::rbac::{Access, Grants};
 use apiserver_emulator::{ApiServer, DeviceRequest, DraApi};
@@ -25,35 +26,11 @@ const STALE: &str = "edge-0-gpu.intel.com-7";
 /// `deploy/<dir>` rendered by `kubectl kustomize` (the machine image has
 /// kubectl; CI's manifest step needs it too).
 fn render(dir: &str) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(root.join("deploy").join(dir))
-        .output()
-        .expect("kubectl is needed to render deploy/");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    test_support::render_deploy(dir)
 }
 
-struct Driver(Child);
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn until(what: &str, f: impl FnMut() -> bool) {
+    test_support::until(what, LIMIT, f).await;
 }
 
 /// A slice of an earlier run of this node's driver, which the driver must
@@ -116,7 +93,7 @@ async fn rbac_is_exactly_what_the_dra_driver_uses() {
     let kubelet =
         PluginWatcher::start(&dir.path().join("plugins_registry"), KubeletVersion::V1_34).unwrap();
     let start = || {
-        Driver(
+        ChildGuard::spawn(
             Command::new(BIN)
                 .args([
                     "--node-name",
@@ -137,11 +114,7 @@ async fn rbac_is_exactly_what_the_dra_driver_uses() {
                 .arg("--cdi-dir")
                 .arg(dir.path().join("cdi"))
                 .arg("--owner-lock")
-                .arg(dir.path().join("owner.lock"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
+                .arg(dir.path().join("owner.lock")),
         )
     };
     let driver = start();

@@ -227,11 +227,7 @@ async fn nfd_mode_honours_the_opt_out() {
 }
 
 fn wait(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    test_support::wait_blocking(what, Duration::from_secs(20), f);
 }
 
 fn has(api: &ApiServer, key: &str) -> bool {

@@ -16,21 +16,9 @@ use fake_gpu_node::{FakeNode, NodeSpec};
 const BIN: &str = env!("CARGO_BIN_EXE_intel-gpu-labeler");
 const NODE: &str = "edge-0";
 
-/// `deploy/<dir>` rendered by `kubectl kustomize` (the machine image has
-/// kubectl; CI's manifest step needs it too).
+/// `deploy/<dir>` rendered by `kubectl kustomize`.
 fn render(dir: &str) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(root.join("deploy").join(dir))
-        .output()
-        .expect("kubectl is needed to render deploy/");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    test_support::render_deploy(dir)
 }
 
 fn text(o: &Output) -> String {

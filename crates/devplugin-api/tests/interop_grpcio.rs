@@ -29,25 +29,7 @@ fn peer_script() -> PathBuf {
 
 /// The Python to run, or None (with the reason printed) when there is none.
 fn python() -> Option<PathBuf> {
-    let candidate = std::env::var_os("DEVPLUGIN_INTEROP_PYTHON").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/ci-venv/bin/python"),
-        PathBuf::from,
-    );
-    let works = Command::new(&candidate)
-        .args(["-c", "import grpc, grpc_tools"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if works {
-        return Some(candidate);
-    }
-    let why = format!(
-        "no Python with grpcio and grpcio-tools at {} (set DEVPLUGIN_INTEROP_PYTHON, or run `cargo xtask ci test`, which installs them)",
-        candidate.display()
-    );
-    assert!(std::env::var_os("INTEROP_REQUIRED").is_none(), "{why}");
-    eprintln!("SKIPPED: {why}");
-    None
+    test_support::interop_python()
 }
 
 fn lines(out: &[u8]) -> Vec<Value> {

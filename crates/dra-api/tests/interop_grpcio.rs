@@ -11,31 +11,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use dra_api::*;
 
 fn python() -> Option<PathBuf> {
-    let candidate = std::env::var_os("DEVPLUGIN_INTEROP_PYTHON").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/ci-venv/bin/python"),
-        PathBuf::from,
-    );
-    let works = Command::new(&candidate)
-        .args(["-c", "import grpc, grpc_tools"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if works {
-        return Some(candidate);
-    }
-    let why = format!(
-        "no Python with grpcio and grpcio-tools at {} (set DEVPLUGIN_INTEROP_PYTHON, or run `cargo xtask ci test`, which installs them)",
-        candidate.display()
-    );
-    assert!(std::env::var_os("INTEROP_REQUIRED").is_none(), "{why}");
-    eprintln!("SKIPPED: {why}");
-    None
+    test_support::interop_python()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

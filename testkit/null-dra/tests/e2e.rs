@@ -5,8 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+
 use std::time::Duration;
+use test_support::ChildGuard;
 
 use apiserver_emulator::ApiServer;
 use kubelet_emulator::{ClaimId, KubeletVersion, PluginWatcher};
@@ -16,11 +18,12 @@ const NODE: &str = "worker-0";
 const DRIVER: &str = "null.example.com";
 const LIMIT: Duration = Duration::from_secs(15);
 
-struct Driver(Child);
+struct Driver(ChildGuard);
 
 impl Driver {
     fn start(dir: &Path) -> Self {
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        let command = command
             .args(["--node-name", NODE, "--devices", "3", "--kubeconfig"])
             .arg(dir.join("kubeconfig"))
             .arg("--registry-dir")
@@ -28,39 +31,18 @@ impl Driver {
             .arg("--plugin-dir")
             .arg(dir.join("plugins").join(DRIVER))
             .arg("--cdi-dir")
-            .arg(dir.join("cdi"))
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("E2E_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .unwrap();
-        Self(child)
+            .arg(dir.join("cdi"));
+        Self(ChildGuard::spawn(command))
     }
 
     /// SIGTERM, then waits for it to exit.
-    fn stop(mut self) {
-        let pid = self.0.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let _ = self.0.wait();
+    fn stop(self) {
+        self.0.stop();
     }
 }
 
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn until(what: &str, f: impl FnMut() -> bool) {
+    test_support::until(what, LIMIT, f).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
