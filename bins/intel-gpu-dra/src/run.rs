@@ -562,12 +562,7 @@ pub fn kubelet_known_issue(version: &str) -> Option<(&'static str, &'static str)
 
 /// Reads the boot ID (`/proc/sys/kernel/random/boot_id`), capped.
 fn read_boot_id(file: &std::path::Path) -> anyhow::Result<String> {
-    let (dir, name) = (
-        file.parent().unwrap_or(std::path::Path::new("/")),
-        file.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default(),
-    );
+    let (dir, name) = ops_kit::fs::split(file)?;
     let bytes = ops_kit::fs::read_capped(dir, name, 64)?;
     let id = String::from_utf8_lossy(&bytes).trim().to_owned();
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {

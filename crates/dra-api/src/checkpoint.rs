@@ -146,8 +146,12 @@ impl Checkpoint {
             boot_id: None,
             rebuild_incomplete: false,
         };
-        let (dir, name) = split(path);
-        let bytes = match ops_kit::fs::read_capped(dir, &name, MAX_CHECKPOINT_SIZE) {
+        let (dir, name) = ops_kit::fs::split(path).map_err(|source| CheckpointError::File {
+            action: "read",
+            path: path.to_owned(),
+            source,
+        })?;
+        let bytes = match ops_kit::fs::read_capped(dir, name, MAX_CHECKPOINT_SIZE) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Ok((empty(), Loaded::Fresh)),
             // A link, a FIFO, a file too large: not a checkpoint of ours.
@@ -278,34 +282,44 @@ impl Checkpoint {
             // Written before boots were recorded: not trusted.
             (Some(_), None) => !self.claims.is_empty(),
         };
+        // Kept to put back if the file cannot be written.
         let before = (
             self.claims.clone(),
             self.boot_id.clone(),
             self.rebuild_incomplete,
         );
+        let mut changed = self.rebuild_incomplete != incomplete;
         if other {
             for claim in self.claims.values_mut() {
+                changed |= !claim.rebuilt || !claim.cdi_devices.is_empty();
                 claim.rebuilt = true;
                 // Another boot's edits are never written again.
                 claim.cdi_devices.clear();
             }
         }
-        if boot_id.is_some() {
-            self.boot_id = boot_id.map(str::to_owned);
+        if let Some(now) = boot_id
+            && self.boot_id.as_deref() != Some(now)
+        {
+            self.boot_id = Some(now.to_owned());
+            changed = true;
         }
         self.rebuild_incomplete = incomplete;
-        if (
-            self.claims.clone(),
-            self.boot_id.clone(),
-            self.rebuild_incomplete,
-        ) == before
-        {
+        if !changed {
             return Ok(other);
         }
         self.save().inspect_err(|_| {
             (self.claims, self.boot_id, self.rebuild_incomplete) = before.clone();
         })?;
         Ok(other)
+    }
+
+    /// Removes the temporaries a writer killed mid-write left beside the
+    /// checkpoint at `path`; returns how many.
+    #[must_use]
+    pub fn remove_stale_temporaries(path: &Path) -> usize {
+        ops_kit::fs::split(path).map_or(0, |(dir, name)| {
+            ops_kit::fs::remove_stale_temporaries(dir, name)
+        })
     }
 
     /// How many records are rebuilt (unverified) ones.
@@ -342,24 +356,14 @@ impl Checkpoint {
             path: self.path.clone(),
             source: std::io::Error::other(e),
         })?;
-        let (dir, name) = split(&self.path);
-        ops_kit::fs::write_atomic(dir, &name, &text, 0o600).map_err(|source| {
-            CheckpointError::File {
-                action: "write",
-                path: self.path.clone(),
-                source,
-            }
-        })
+        let file_error = |source| CheckpointError::File {
+            action: "write",
+            path: self.path.clone(),
+            source,
+        };
+        let (dir, name) = ops_kit::fs::split(&self.path).map_err(file_error)?;
+        ops_kit::fs::write_atomic(dir, name, &text, 0o600).map_err(file_error)
     }
-}
-
-fn split(path: &Path) -> (&Path, String) {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    (dir.unwrap_or(Path::new(".")), name)
 }
 
 #[cfg(test)]

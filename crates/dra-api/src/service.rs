@@ -803,14 +803,7 @@ impl DraServer {
     ) -> Result<Self, DraError> {
         // Temporaries of writers killed mid-write (this driver's only).
         let stale = config.specs.remove_stale_temporaries()
-            + config.checkpoint.parent().map_or(0, |dir| {
-                let name = config
-                    .checkpoint
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                ops_kit::fs::remove_stale_temporaries(dir, &name)
-            });
+            + Checkpoint::remove_stale_temporaries(&config.checkpoint);
         if stale > 0 {
             tracing::info!(files = stale, "temporaries of a killed write removed");
         }

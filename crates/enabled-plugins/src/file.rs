@@ -1,6 +1,6 @@
 //! Reading the file from disk, and where StarlingX keeps it.
 
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::model::EnabledPlugins;
@@ -112,16 +112,11 @@ pub fn read_bytes(path: &Path) -> Result<Vec<u8>, ReadError> {
 pub(crate) fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
     // Looked at before it is opened: a device node is never opened, a
     // FIFO never waited on.
-    let file = ops_kit::fs::open_regular_following(path)
+    ops_kit::fs::read_following_capped(path, limit)
         .map_err(|source| classify(path, source))?
         .ok_or_else(|| ReadError::NotRegular {
             path: path.to_owned(),
-        })?;
-    let mut bytes = Vec::new();
-    file.take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(|source| classify(path, source))?;
-    Ok(bytes)
+        })
 }
 
 fn classify(path: &Path, source: io::Error) -> ReadError {

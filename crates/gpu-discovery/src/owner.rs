@@ -80,14 +80,7 @@ impl OwnerLock {
             path: path.to_owned(),
             source,
         };
-        let (dir, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
-            (Some(dir), Some(name)) => (dir, name),
-            _ => {
-                return Err(open_error(ops_kit::fs::FsError::BadName {
-                    name: path.display().to_string(),
-                }));
-            }
-        };
+        let (dir, name) = ops_kit::fs::split(path).map_err(open_error)?;
         let file = ops_kit::fs::open_owned(dir, name, 0o644).map_err(open_error)?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(mut lock) => {

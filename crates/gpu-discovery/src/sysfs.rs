@@ -4,7 +4,6 @@
 //! file (a FIFO planted where an attribute belongs would otherwise hold
 //! `inspect` or the scanner for ever).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The most bytes read from one attribute file.
@@ -47,7 +46,7 @@ pub enum AttrError {
 pub(crate) fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, AttrError> {
     // Looked at before it is opened: a device node is never opened (that
     // alone has effects), a FIFO never waited on.
-    let file = ops_kit::fs::open_regular_following(path)
+    let bytes = ops_kit::fs::read_following_capped(path, limit)
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 AttrError::Missing(path.to_owned())
@@ -56,10 +55,6 @@ pub(crate) fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, AttrError>
             }
         })?
         .ok_or_else(|| AttrError::NotRegular(path.to_owned()))?;
-    let mut bytes = Vec::new();
-    file.take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(|e| AttrError::Unreadable(path.to_owned(), e.to_string()))?;
     if bytes.len() as u64 > limit {
         return Err(AttrError::TooLarge(path.to_owned()));
     }

@@ -119,6 +119,25 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(Errno) -> FsError + use<
     }
 }
 
+/// `path` as the directory and the plain file name the functions here
+/// take (a path without a directory is in `.`).
+///
+/// # Errors
+/// [`FsError::BadName`] when it has no file name or one that is not UTF-8.
+pub fn split(path: &Path) -> Result<(&Path, &str), FsError> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| FsError::BadName {
+            name: path.display().to_string(),
+        })?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok((dir, name))
+}
+
 fn check_name(name: &str) -> Result<(), FsError> {
     if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
         return Err(FsError::BadName {
@@ -351,6 +370,21 @@ pub fn open_regular_following(path: &Path) -> std::io::Result<Option<std::fs::Fi
         Err(FsError::Io { source, .. }) => Err(source),
         Err(e) => Err(std::io::Error::other(e)),
     }
+}
+
+/// The bytes of the regular file `path` leads to (links followed, see
+/// [`open_regular_following`]), at most `limit + 1` of them: the caller
+/// tells "too large" by the length. `Ok(None)`: not a regular file.
+///
+/// # Errors
+/// When it cannot be looked at, opened or read.
+pub fn read_following_capped(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let Some(file) = open_regular_following(path)? else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    file.take(limit.saturating_add(1)).read_to_end(&mut out)?;
+    Ok(Some(out))
 }
 
 /// Removes the temporaries this module's writer leaves in `dir` when the
